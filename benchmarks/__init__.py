@@ -1,0 +1,1 @@
+"""clipfuse.benchmarks: latency/throughput of every backend against the PyTorch reference."""

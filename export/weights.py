@@ -1,0 +1,172 @@
+"""Load an unmodified open_clip CLIP: by open_clip tag, from a local checkpoint, or random.
+
+Every dense head reuses these weights as they are. The one decision made here is the activation:
+OpenAI weights need QuickGELU, LAION weights GELU, and open_clip 3.x only warns on a mismatch.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import QUICKGELU_TAGS
+
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
+_registered = False
+# Keys the OpenAI release stores beside the weights; open_clip drops them too.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+@dataclass
+class LoadedClip:
+    model: torch.nn.Module
+    model_name: str
+    pretrained_id: str      # what the manifest records: tag, "file:NAME@sha256:...", or "none"
+    quick_gelu: bool
+    checkpoint_format: str  # "tag", "open_clip", "openai-jit", "openai-state-dict", "random"
+
+
+def _open_clip():
+    global _registered
+    import open_clip
+    if not _registered:
+        # ViT-T-16-test: a tiny real-architecture ViT for smoke tests and CI.
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+    return open_clip
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """open_clip and huggingface_hub log retries and 'initialized randomly' at WARNING/ERROR;
+    clipfuse reports the outcome itself in one line."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def _check_model_name(open_clip, model_name: str) -> dict:
+    names = open_clip.list_models()
+    if model_name not in names:
+        close = difflib.get_close_matches(model_name, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ClipfuseError(f"unknown model {model_name!r}{hint} (`python -c \"import open_clip; "
+                            f"print(open_clip.list_models())\"` lists all)")
+    cfg = open_clip.get_model_config(model_name)
+    vision = cfg.get("vision_cfg", {})
+    if "timm_model_name" in vision or not isinstance(vision.get("layers"), int) \
+            or cfg.get("custom_text") is not None and "hf_model_name" in cfg.get("text_cfg", {}):
+        raise ClipfuseError(f"model {model_name!r} is not a plain open_clip ViT; dense heads need "
+                            "the VisionTransformer tower (e.g. ViT-B-16, ViT-L-14)")
+    return cfg
+
+
+def _file_id(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"file:{path.name}@sha256:{digest.hexdigest()[:16]}"
+
+
+def read_checkpoint(path: Path) -> "tuple[Dict[str, torch.Tensor], str]":
+    """State dict + format name of an open_clip or OpenAI checkpoint file."""
+    if zipfile.is_zipfile(path):
+        try:  # OpenAI's release is a TorchScript archive
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "openai-jit"
+        except Exception:
+            pass
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ClipfuseError(f"cannot read checkpoint {path}: not a torch checkpoint "
+                            f"({type(exc).__name__})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ClipfuseError(f"checkpoint {path} holds no state dict of tensors")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    fmt = "openai-state-dict" if any(k in obj for k in _OPENAI_EXTRA_KEYS) else "open_clip"
+    return obj, fmt
+
+
+def check_state_dict(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor], source: str) -> None:
+    """Strict key and shape check with a one-line error naming the first offending key."""
+    for key, ref in expected.items():
+        if key not in got:
+            raise ClipfuseError(f"{source}: missing key {key!r} (expected shape {list(ref.shape)})")
+        if tuple(got[key].shape) != tuple(ref.shape):
+            raise ClipfuseError(f"{source}: key {key!r} has shape {list(got[key].shape)}, "
+                                f"expected {list(ref.shape)}")
+    extra = sorted(set(got) - set(expected))
+    if extra:
+        raise ClipfuseError(f"{source}: unexpected key {extra[0]!r} ({len(extra)} unexpected in all); "
+                            "is this a checkpoint of another architecture?")
+
+
+def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
+              quick_gelu: Optional[bool] = None) -> LoadedClip:
+    """Build `model_name` and fill it from `pretrained` (tag, checkpoint path, or "none").
+
+    `quick_gelu=None` decides by the weights: True for OpenAI weights (tag `openai`, OpenAI-format
+    files), else the architecture config's own setting (`*-quickgelu` names set it).
+    """
+    open_clip = _open_clip()
+    cfg = _check_model_name(open_clip, model_name)
+    config_qg = bool(cfg.get("quick_gelu", False))
+    path = Path(pretrained)
+
+    if pretrained.lower() == "none":
+        qg = config_qg if quick_gelu is None else quick_gelu
+        with _quiet_logging():
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg)
+        source_id, fmt = "none", "random"
+    elif path.is_file():
+        state, fmt = read_checkpoint(path)
+        openai_fmt = fmt.startswith("openai")
+        qg = (openai_fmt or config_qg) if quick_gelu is None else quick_gelu
+        for key in _OPENAI_EXTRA_KEYS:
+            state.pop(key, None)
+        with _quiet_logging():
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg)
+        expected = model.state_dict()
+        # OpenAI ships fp16 weights; open_clip's format may lack logit_bias-free extras. Shapes decide.
+        check_state_dict(expected, state, f"checkpoint {path.name}")
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        source_id = _file_id(path)
+    else:
+        if any(sep in pretrained for sep in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+            raise ClipfuseError(f"checkpoint file not found: {pretrained}")
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if pretrained not in tags:
+            raise ClipfuseError(f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: "
+                                f"{', '.join(tags) or '(none)'}; or pass a checkpoint file, or 'none'")
+        tag_qg = pretrained in QUICKGELU_TAGS or bool(
+            open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
+        qg = tag_qg if quick_gelu is None else quick_gelu
+        try:
+            with _quiet_logging():
+                model = open_clip.create_model(model_name, pretrained=pretrained, force_quick_gelu=qg)
+        except Exception as exc:
+            reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            raise ClipfuseError(f"could not fetch weights {model_name}/{pretrained} ({reason}); on an offline "
+                                "machine pass a local checkpoint file to --pretrained, or 'none'") from None
+        source_id, fmt = pretrained, "tag"
+
+    model = model.float().eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return LoadedClip(model=model, model_name=model_name, pretrained_id=source_id, quick_gelu=qg,
+                      checkpoint_format=fmt)
