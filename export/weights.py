@@ -32,6 +32,7 @@ class LoadedClip:
     pretrained_id: str      # what the manifest records: tag, "file:NAME@sha256:...", or "none"
     quick_gelu: bool
     checkpoint_format: str  # "tag", "open_clip", "openai-jit", "openai-state-dict", "random"
+    seed: int = 0
 
 
 def _open_clip():
@@ -117,13 +118,17 @@ def check_state_dict(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Ten
 
 
 def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
-              quick_gelu: Optional[bool] = None) -> LoadedClip:
+              quick_gelu: Optional[bool] = None, seed: int = 0) -> LoadedClip:
     """Build `model_name` and fill it from `pretrained` (tag, checkpoint path, or "none").
+
+    `seed` makes random init ("none") reproducible: the manifest records it, so any later stage
+    (the PyTorch reference backend, a text graph export) rebuilds the very same random weights.
 
     `quick_gelu=None` decides by the weights: True for OpenAI weights (tag `openai`, OpenAI-format
     files), else the architecture config's own setting (`*-quickgelu` names set it).
     """
     open_clip = _open_clip()
+    torch.manual_seed(seed)
     cfg = _check_model_name(open_clip, model_name)
     config_qg = bool(cfg.get("quick_gelu", False))
     path = Path(pretrained)
@@ -169,4 +174,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
     for param in model.parameters():
         param.requires_grad_(False)
     return LoadedClip(model=model, model_name=model_name, pretrained_id=source_id, quick_gelu=qg,
-                      checkpoint_format=fmt)
+                      checkpoint_format=fmt, seed=seed)
+
+
+seeded_load_clip = load_clip

@@ -1,0 +1,349 @@
+"""FP32 ONNX -> FP16 ONNX with FP32 islands and explicit Casts (precision decided in the graph).
+
+TensorRT 11 dropped the weak-typed FP16 builder flag: an engine is built strongly typed from a
+graph whose tensors already carry their precision. This pass makes that graph:
+
+* every float tensor is FP16, except the islands that overflow or lose accuracy in FP16:
+  LayerNormalization (and its decomposed ReduceMean/Sub/Pow/Sqrt/Div form), Softmax, every
+  reduction (L2 norms, pooling sums, statistics) and the elementwise ops that consume a reduction
+  (x / ||x||, x - mean, var + eps), the MatMul whose sums are divided by such a statistic
+  (CLIP-DINOiser's guided pooling, the projection feeding an L2 norm), and everything downstream of
+  the cosine classifier (the MatMul of L2-normalised features with the class embeddings: synonym
+  max, softmax, background rule);
+* graph inputs and outputs keep their dtypes (uint8 image in, float32 scores out);
+* a Cast sits at every boundary between the two, so TensorRT, ONNX Runtime and a reader of the
+  graph all see the same precision decisions.
+
+Why our own pass and not onnxconverter-common or ModelOpt AutoCast: both were tried on the same
+graphs (see the project README): onnxconverter-common's block list works per op TYPE, and the
+islands here are patterns of ordinary Div/Mul/Sub/MatMul nodes (blocking Div or MatMul by type
+keeps half the network in FP32); AutoCast picks islands from activation ranges of calibration data
+and its ONNX extra pulls onnxruntime-gpu. This pass is deterministic, dependency-free and the same
+rules are re-checked by clipfuse.export.graph_checks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Set
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from clipfuse.runtime.errors import ClipfuseError
+
+FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
+
+# Always computed in FP32 (overflow or accuracy: statistics, exp-normalisations).
+FP32_OPS = frozenset({
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
+    "Softmax", "LogSoftmax", "LpNormalization", "MeanVarianceNormalization",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceL1", "ReduceLogSum",
+    "ReduceLogSumExp", "ReduceMax", "ReduceMin", "ReduceProd",
+    "Pow", "Sqrt", "Reciprocal",
+    # float inputs that are not data (scales, ranges) must stay float32 by the ONNX spec
+    "Resize", "Upsample", "Range", "ConstantOfShape",
+})
+REDUCE_OPS = frozenset(op for op in FP32_OPS if op.startswith("Reduce"))
+# Ops that carry a statistic (mean, norm, variance) unchanged in size class, e.g. norm.clamp(eps).
+STAT_CARRIERS = frozenset({"Add", "Sub", "Mul", "Div", "Sqrt", "Reciprocal", "Clip", "Max", "Min",
+                           "Expand", "Pow", "Abs", "Neg", "Identity", "Cast", "Unsqueeze",
+                           "Reshape", "Transpose", "Squeeze"})
+ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Max", "Min", "Expand", "Where"})
+SUM_REDUCE_OPS = frozenset({"ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceL1"})
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
+MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+
+
+@dataclass
+class Fp16Report:
+    """What the pass did, for the manifest and the build log."""
+
+    nodes: int = 0
+    fp32_nodes: int = 0
+    casts_inserted: int = 0
+    initializers_fp16: int = 0
+    fp32_by_reason: Dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"tool": "clipfuse.export.fp16", "nodes": self.nodes, "fp32_nodes": self.fp32_nodes,
+                "casts_inserted": self.casts_inserted, "initializers_fp16": self.initializers_fp16,
+                "fp32_by_reason": dict(sorted(self.fp32_by_reason.items()))}
+
+
+def _consumers(graph: onnx.GraphProto) -> Dict[str, List[int]]:
+    out: Dict[str, List[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(i)
+    return out
+
+
+def _producers(graph: onnx.GraphProto) -> Dict[str, int]:
+    return {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+
+
+def _constant_names(graph: onnx.GraphProto) -> Set[str]:
+    names = {init.name for init in graph.initializer}
+    names.update(n.output[0] for n in graph.node if n.op_type == "Constant")
+    return names
+
+
+def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> Dict[int, str]:
+    """Node index -> reason, for every node that must compute in FP32.
+
+    The rules are structural (no calibration data), so the same graph always gives the same islands.
+    """
+    graph = model.graph
+    nodes = graph.node
+    consumers, producers = _consumers(graph), _producers(graph)
+    constants = _constant_names(graph)
+    fp32_ops = FP32_OPS | frozenset(extra_fp32_ops)
+    islands: Dict[int, str] = {}
+
+    # 1. op types that are always FP32
+    for i, node in enumerate(nodes):
+        if node.op_type in fp32_ops:
+            islands[i] = node.op_type
+
+    # 2. statistic tensors: outputs of reductions, carried through elementwise ops whose other
+    #    inputs are constants or statistics (mean + eps, sqrt(var), clamp(norm, eps), expand(norm)).
+    #    `sum_stats` are the sum-based ones (L2 norms, pooling denominators), not means/variances.
+    stats: Set[str] = set()
+    sum_stats: Set[str] = set()
+    for node in nodes:  # graph order is topological
+        if node.op_type in REDUCE_OPS:
+            stats.update(node.output)
+            if node.op_type in SUM_REDUCE_OPS:
+                sum_stats.update(node.output)
+        elif node.op_type in STAT_CARRIERS:
+            data = [x for x in node.input if x and x not in constants]
+            if node.op_type in LAYOUT_OPS | {"Expand", "Cast"}:
+                data = data[:1]  # shape/axes inputs may be computed tensors
+            if data and all(x in stats for x in data):
+                stats.update(node.output)
+                if any(x in sum_stats for x in data):
+                    sum_stats.update(node.output)
+
+    # 3. elementwise ops that combine a statistic with data: x - mean, x / std, x / ||x||, x * rsqrt
+    normalisers: Set[int] = set()
+    l2_normalised: Set[str] = set()
+    for i, node in enumerate(nodes):
+        if node.op_type in ELEMENTWISE | STAT_CARRIERS and any(x in stats for x in node.input):
+            islands.setdefault(i, "statistic")
+            divisor = node.input[1] if len(node.input) > 1 else ""
+            if node.op_type in ("Div", "Mul") and divisor in stats and node.input[0] not in stats:
+                normalisers.add(i)
+                if divisor in sum_stats:
+                    l2_normalised.update(node.output)
+
+    # 4. a MatMul whose sums are divided by a statistic: pooling sums (CLIP-DINOiser), and the
+    #    projection whose output is L2-normalised. Look through layout ops.
+    for i in normalisers:
+        src = _source(nodes[i].input[0], producers, nodes)
+        if src is not None and nodes[src].op_type in MATMUL_OPS:
+            islands.setdefault(src, "pooling-sum")
+
+    # 5. cosine MatMuls: L2-normalised features against class embeddings (a constant or the
+    #    `class_embeddings` input) or against other L2-normalised features (CLIP-DINOiser's patch
+    #    correlation). They and everything downstream (pooling, synonym max, softmax, background
+    #    rule) stay FP32.
+    graph_inputs = {x.name for x in graph.input}
+    for i, node in enumerate(nodes):
+        if node.op_type not in MATMUL_OPS | {"Einsum"}:
+            continue
+        kinds = []
+        for x in node.input[:2]:
+            src_name = _source_name(x, producers, nodes)
+            if src_name in l2_normalised:
+                kinds.append("l2")
+            elif src_name in constants or src_name in graph_inputs:
+                kinds.append("const")
+            else:
+                kinds.append("data")
+        if "l2" in kinds and "data" not in kinds:
+            _mark_downstream(i, nodes, consumers, islands)
+    return islands
+
+
+def _source_name(name: str, producers: Dict[str, int], nodes) -> str:
+    """Follow layout-only ops (reshape, transpose, cast) back to the tensor that holds the values."""
+    while name in producers and nodes[producers[name]].op_type in LAYOUT_OPS | {"Cast"}:
+        name = nodes[producers[name]].input[0]
+    return name
+
+
+def _source(name: str, producers: Dict[str, int], nodes) -> Optional[int]:
+    return producers.get(_source_name(name, producers, nodes))
+
+
+def _mark_downstream(start: int, nodes, consumers, islands: Dict[int, str]) -> None:
+    todo = [start]
+    while todo:
+        i = todo.pop()
+        if islands.get(i) == "classifier":
+            continue
+        islands[i] = "classifier"
+        for out in nodes[i].output:
+            todo.extend(consumers.get(out, ()))
+
+
+def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types: Dict[str, int] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.output) + list(g.value_info):
+        types[vi.name] = vi.type.tensor_type.elem_type
+    for init in g.initializer:
+        types[init.name] = init.data_type
+    for node in g.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+    return types
+
+
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
+    """Return (FP16 model with FP32 islands, report). The input model is not modified."""
+    src = model
+    for node in src.graph.node:
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            raise ClipfuseError(f"node {node.name or node.op_type} has a subgraph ({node.op_type}); "
+                                "the FP16 pass handles flat graphs only")
+    types = _elem_types(src)
+    islands = fp32_islands(src, extra_fp32_ops)
+
+    model = onnx.ModelProto()
+    model.CopyFrom(src)
+    graph = model.graph
+    old_nodes = list(graph.node)
+    report = Fp16Report(nodes=len(old_nodes), fp32_nodes=len(islands))
+    for reason in islands.values():
+        report.fp32_by_reason[reason] = report.fp32_by_reason.get(reason, 0) + 1
+
+    consumers = _consumers(graph)
+    inits = {init.name: init for init in graph.initializer}
+    const_nodes = {n.output[0]: n for n in old_nodes if n.op_type == "Constant"}
+    io_names = {x.name for x in graph.input} | {x.name for x in graph.output}
+
+    # Current precision of every float tensor as the new graph computes it.
+    precision: Dict[str, int] = {}
+    for x in graph.input:
+        precision[x.name] = x.type.tensor_type.elem_type
+
+    # Constants: FP16 when every consumer is an FP16 node, otherwise kept FP32 (+ an FP16 copy).
+    fp16_copies: Dict[str, str] = {}
+    new_inits: List[onnx.TensorProto] = []
+
+    def wants_fp16(node_index: int) -> bool:
+        return node_index not in islands
+
+    for name, init in inits.items():
+        if init.data_type != FLOAT or name in io_names:
+            continue
+        users = consumers.get(name, [])
+        users16 = [u for u in users if wants_fp16(u)]
+        if users and len(users16) == len(users):
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            init.CopyFrom(numpy_helper.from_array(arr, name))
+            report.initializers_fp16 += 1
+        elif users16:
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            copy_name = f"{name}__fp16"
+            new_inits.append(numpy_helper.from_array(arr, copy_name))
+            fp16_copies[name] = copy_name
+            report.initializers_fp16 += 1
+        precision[name] = init.data_type
+    graph.initializer.extend(new_inits)
+    for name, init in inits.items():
+        precision[name] = init.data_type
+    for t in new_inits:
+        precision[t.name] = FLOAT16
+
+    new_nodes: List[onnx.NodeProto] = []
+    casts: Dict[tuple, str] = {}
+
+    def cast_to(name: str, to: int) -> str:
+        key = (name, to)
+        if key not in casts:
+            suffix = "fp16" if to == FLOAT16 else "fp32"
+            out = f"{name}__{suffix}"
+            new_nodes.append(helper.make_node("Cast", [name], [out], to=to,
+                                              name=f"cast_{suffix}/{name}"))
+            precision[out] = to
+            casts[key] = out
+            report.casts_inserted += 1
+        return casts[key]
+
+    for i, node in enumerate(old_nodes):
+        target = FLOAT if i in islands else FLOAT16
+        if node.op_type == "Constant":
+            users = consumers.get(node.output[0], [])
+            attr = next((a for a in node.attribute if a.name == "value"), None)
+            if attr is not None and attr.t.data_type == FLOAT and users and all(wants_fp16(u) for u in users):
+                arr = numpy_helper.to_array(attr.t).astype(np.float16)
+                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
+            new_nodes.append(node)
+            if attr is not None:
+                precision[node.output[0]] = attr.t.data_type
+            continue
+        for k, name in enumerate(node.input):
+            cur = precision.get(name, types.get(name))
+            if not name or cur not in (FLOAT, FLOAT16) or cur == target:
+                continue
+            if target == FLOAT16 and name in fp16_copies:
+                node.input[k] = fp16_copies[name]
+            else:
+                node.input[k] = cast_to(name, target)
+        if node.op_type == "Cast":
+            to = next(a for a in node.attribute if a.name == "to")
+            if to.i in (FLOAT, FLOAT16):
+                to.i = target
+        new_nodes.append(node)
+        for out in node.output:
+            t = types.get(out)
+            if t in (FLOAT, FLOAT16):
+                precision[out] = target
+            elif node.op_type == "Cast":
+                precision[out] = next(a.i for a in node.attribute if a.name == "to")
+            elif t is not None:
+                precision[out] = t
+
+    # Outputs keep their declared dtype: rename the producer's tensor, cast back to the output name.
+    renames: Dict[str, str] = {}
+    for out in graph.output:
+        want = out.type.tensor_type.elem_type
+        if precision.get(out.name) == want or want not in (FLOAT, FLOAT16):
+            continue
+        inner = f"{out.name}__{'fp16' if precision.get(out.name) == FLOAT16 else 'fp32'}"
+        renames[out.name] = inner
+    if renames:
+        for node in new_nodes:
+            node.output[:] = [renames.get(o, o) for o in node.output]
+            node.input[:] = [renames.get(x, x) for x in node.input]
+        for orig, inner in renames.items():
+            new_nodes.append(helper.make_node("Cast", [inner], [orig], to=FLOAT, name=f"cast_out/{orig}"))
+            report.casts_inserted += 1
+
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]
+    graph.initializer[:] = [t for t in graph.initializer if consumers.get(t.name) or
+                            any(t.name in n.input for n in new_nodes)]
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model)
+    return model, report
+
+
+def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = ()) -> Fp16Report:
+    """FP32 ONNX file -> FP16 ONNX file (written atomically)."""
+    from clipfuse.runtime.fileio import atomic_path
+
+    model = onnx.load(str(src))
+    fp16, report = convert_to_fp16(model, extra_fp32_ops)
+    with atomic_path(dst) as tmp:
+        onnx.save(fp16, str(tmp))
+    return report

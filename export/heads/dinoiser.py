@@ -1,0 +1,106 @@
+"""CLIP-DINOiser (methods.md section 3): MaskCLIP features pooled by a learned patch correlation.
+
+    G     = ln_2 output of block L-3 (patch tokens)           [B, D, h, w]
+    P     = l2n(obj_proj(G));  A = P^T P;  A[A < 0.2] = 0       [B, N, N]
+    F_hat = sum_m A[n,m] F[:,m] / (sum_m A[n,m] + 1e-6)        (F: MaskCLIP features)
+    prob  = softmax(100 * l2n(F_hat) . T^T)
+    background (class 0 named 'background'): where max prob < 0.99 and sigmoid(bkg(l2n(G))) <= 0.5,
+    prob[0] = 1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipfuse.runtime.errors import ClipfuseError
+
+from .base import DenseHead
+from .selfcorr import SelfCorrelationHead
+
+CORRELATION_THRESHOLD = 0.2
+POOL_EPS = 1e-6
+LOGIT_SCALE = 100.0
+CONFIDENCE = 0.99
+CHECKPOINT_KEYS = ("obj_proj.weight", "obj_proj.bias", "bkg_decoder.weight", "bkg_decoder.bias")
+
+
+class DinoiserConvHeads(nn.Module):
+    """The two trained heads, named as in the public checkpoint's model_state_dict."""
+
+    def __init__(self, width: int, proj_dim: int = 256) -> None:
+        super().__init__()
+        self.obj_proj = nn.Conv2d(width, proj_dim, 3, padding=1, padding_mode="replicate")
+        self.bkg_decoder = nn.Conv2d(width, 1, 1)
+
+
+def load_dinoiser_heads(path: Optional[str], width: int) -> Tuple[DinoiserConvHeads, str]:
+    """Heads from CLIP-DINOiser's `last.pt` ({'epoch', 'model_state_dict'}), or random for None."""
+    heads = DinoiserConvHeads(width)
+    if path is None or str(path).lower() == "none":
+        return heads.eval(), "none"
+    ckpt = Path(path)
+    if not ckpt.is_file():
+        raise ClipfuseError(f"CLIP-DINOiser heads checkpoint not found: {ckpt}")
+    try:
+        obj = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ClipfuseError(f"cannot read heads checkpoint {ckpt}: not a torch checkpoint "
+                            f"({type(exc).__name__})") from None
+    state = obj.get("model_state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ClipfuseError(f"heads checkpoint {ckpt} has no 'model_state_dict' "
+                            "(expected CLIP-DINOiser's checkpoints/last.pt format)")
+    from ..weights import check_state_dict
+    expected = heads.state_dict()
+    check_state_dict(expected, state, f"heads checkpoint {ckpt.name}")
+    heads.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    from clipfuse.runtime.fileio import sha256_file
+    return heads.eval(), f"file:{ckpt.name}@sha256:{sha256_file(ckpt)[:16]}"
+
+
+def l2n(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return F.normalize(x, dim=dim)
+
+
+class ClipDinoiserHead(DenseHead):
+    score_type = "probability"
+
+    def __init__(self, visual: nn.Module, grid: Tuple[int, int], conv_heads: DinoiserConvHeads,
+                 background_rule: bool = True) -> None:
+        super().__init__(visual, grid)
+        self.maskclip = SelfCorrelationHead(visual, grid, attn="identity", residual=True, ffn=True)
+        self.heads = conv_heads
+        self.guide_block = len(visual.transformer.resblocks) - 3
+        self.background_rule = background_rule
+
+    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        feats, _ = self.maskclip.features(x, None)                      # [B, E, h, w]
+        b, e = feats.shape[:2]
+        g = guide[:, 1:].transpose(1, 2).reshape(b, -1, *self.grid)    # [B, D, h, w]
+        p = l2n(self.heads.obj_proj(g), dim=1).flatten(2)              # [B, 256, N]
+        corr = torch.matmul(p.transpose(1, 2), p)                      # [B, N, N]
+        corr = torch.where(corr < CORRELATION_THRESHOLD, torch.zeros_like(corr), corr)
+        pooled = torch.matmul(feats.flatten(2), corr.transpose(1, 2))  # [B, E, N]
+        pooled = pooled / (corr.sum(dim=-1).unsqueeze(1) + POOL_EPS)
+        background_logit = self.heads.bkg_decoder(l2n(g, dim=1))       # [B, 1, h, w]
+        return pooled.reshape(b, e, *self.grid), {"background_logit": background_logit}
+
+    def name_scores(self, cosine: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(LOGIT_SCALE * cosine, dim=1)
+
+    def finalize(self, scores: torch.Tensor, extras: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if not self.background_rule:
+            return scores
+        # sigmoid(s) > 0.5  <=>  s > 0
+        unsure = (scores.max(dim=1, keepdim=True).values < CONFIDENCE) & (extras["background_logit"] <= 0)
+        first = torch.where(unsure, torch.ones_like(scores[:, :1]), scores[:, :1])
+        return torch.cat([first, scores[:, 1:]], dim=1)
+
+    def params(self) -> dict:
+        return {"correlation_threshold": CORRELATION_THRESHOLD, "logit_scale": LOGIT_SCALE,
+                "confidence": CONFIDENCE, "guide_block": self.guide_block,
+                "background_rule": self.background_rule}
