@@ -82,7 +82,7 @@ def build_fused(head: str, model: str = "ViT-B-16", pretrained: Optional[str] = 
     visual = clip.model.visual
     patch = visual.conv1.kernel_size[0]
     grid = (size // patch, size // patch)
-    dense_head, weights_info = build_head(head, visual, grid, head_params, heads_ckpt)
+    dense_head, weights_info = build_head(head, visual, grid, head_params, heads_ckpt, seed=clip.seed)
     trunk = VisionTrunk(visual, (size, size), POS_RULES[head], guide_block=dense_head.guide_block)
 
     names = flat_names(vocabulary)

@@ -37,7 +37,7 @@ def head_defaults(name: str) -> dict:
 
 
 def build_head(name: str, visual: nn.Module, grid: Tuple[int, int], params: Optional[dict] = None,
-               heads_ckpt: Optional[str] = None) -> Tuple[DenseHead, dict]:
+               heads_ckpt: Optional[str] = None, seed: int = 0) -> Tuple[DenseHead, dict]:
     """Instantiate head `name` on `visual`'s weights; `params` override the method's preset.
 
     Returns the head and a dict describing its weights source (for the manifest).
@@ -49,7 +49,7 @@ def build_head(name: str, visual: nn.Module, grid: Tuple[int, int], params: Opti
                             f"it takes: {', '.join(merged)}")
     merged.update(params or {})
     if name == "clip-dinoiser":
-        conv_heads, source = load_dinoiser_heads(heads_ckpt, visual.conv1.out_channels)
+        conv_heads, source = load_dinoiser_heads(heads_ckpt, visual.conv1.out_channels, seed)
         return ClipDinoiserHead(visual, grid, conv_heads, **merged), {"heads_checkpoint": source}
     if heads_ckpt not in (None, "none"):
         raise ClipfuseError(f"--heads only applies to clip-dinoiser, not {name!r}")

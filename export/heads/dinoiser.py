@@ -37,9 +37,14 @@ class DinoiserConvHeads(nn.Module):
         self.bkg_decoder = nn.Conv2d(width, 1, 1)
 
 
-def load_dinoiser_heads(path: Optional[str], width: int) -> Tuple[DinoiserConvHeads, str]:
-    """Heads from CLIP-DINOiser's `last.pt` ({'epoch', 'model_state_dict'}), or random for None."""
-    heads = DinoiserConvHeads(width)
+def load_dinoiser_heads(path: Optional[str], width: int, seed: int = 0) -> Tuple[DinoiserConvHeads, str]:
+    """Heads from CLIP-DINOiser's `last.pt` ({'epoch', 'model_state_dict'}), or random for None.
+
+    Random heads come from their own seeded generator so a manifest reproduces them exactly.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        heads = DinoiserConvHeads(width)
     if path is None or str(path).lower() == "none":
         return heads.eval(), "none"
     ckpt = Path(path)

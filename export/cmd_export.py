@@ -1,0 +1,105 @@
+"""`clipfuse export`: one fused ONNX graph (+ manifest) per head, model, vocabulary and size."""
+from __future__ import annotations
+
+import argparse
+
+HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
+DESCRIPTION = """\
+Fuse the modified last CLIP block of a dense head, its extra modules (CLIP-DINOiser's conv heads)
+and a cosine classifier over precomputed, L2-normalised class embeddings into ONE ONNX graph
+(opset 17), with a JSON manifest beside it (I/O contract, vocabulary, protocol defaults, sha256).
+
+graph I/O:  image uint8 [batch, S, S, 3] (RGB, NHWC)  ->  scores float32 [batch, K, S/p, S/p]
+            (cosine logits; CLIP-DINOiser: probabilities with its background rule)
+
+examples:
+  clipfuse export --head sclip --classes "sky,tree,road,car" -o engines/sclip-street
+  clipfuse export --head clip-dinoiser --heads last.pt --classes-file voc21.txt -o engines/dino-voc
+  clipfuse export --head naclip --pretrained ~/ckpt/ViT-B-16.pt --size 336 --classes "a,b" -o engines/x
+  clipfuse export --head maskclip --pretrained none --templates single --classes "a,b" -o /tmp/smoke
+
+classes: --classes "a,b,c" (one name per class) or "bg;person,people;car" (';' between classes,
+',' between synonyms); --classes-file: one class per line, synonyms comma-separated, # comments.
+"""
+
+
+def _bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipfuse.runtime.methods import METHODS
+
+    parser.add_argument("--head", required=True, choices=list(METHODS), help="dense head (see `clipfuse heads`)")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture name (default: %(default)s)")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip tag (e.g. openai, laion2b_s34b_b88k), a local checkpoint file in "
+                             "open_clip or OpenAI format, or 'none' for random init (default: the head's "
+                             "published weights, see `clipfuse heads`)")
+    vocab = parser.add_mutually_exclusive_group(required=True)
+    vocab.add_argument("--classes", help='class names, e.g. "sky,tree,road" or "bg;person,people;car"')
+    vocab.add_argument("--classes-file", help="file with one class per line, synonyms comma-separated")
+    parser.add_argument("--size", type=int, default=None,
+                        help="input height = width in pixels, a multiple of the patch size; this is the "
+                             "sliding-window size (default: the head's, e.g. 224 sclip, 448 clip-dinoiser)")
+    parser.add_argument("--templates", choices=["imagenet80", "single"], default="imagenet80",
+                        help="prompt templates averaged per class name (default: %(default)s)")
+    parser.add_argument("--vocab", choices=["baked", "dynamic"], default="baked",
+                        help="baked: class embeddings are graph constants; dynamic: an input "
+                             "class_embeddings [K, E] so the vocabulary can change on the device")
+    parser.add_argument("--heads", default=None,
+                        help="clip-dinoiser: CLIP-DINOiser checkpoint (checkpoints/last.pt), or 'none' for "
+                             "random conv heads (tests only)")
+    parser.add_argument("--quick-gelu", type=_bool, default=None, metavar="on|off",
+                        help="force the activation; default: decided by the weights (on for OpenAI)")
+    parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
+                        help="self-correlation heads: override the attention form")
+    parser.add_argument("--gaussian-sigma", type=float, default=None,
+                        help="self-correlation heads: Gaussian spatial bias sigma (0 = none)")
+    parser.add_argument("--residual", type=_bool, default=None, metavar="on|off",
+                        help="self-correlation heads: keep the last block's residual")
+    parser.add_argument("--ffn", type=_bool, default=None, metavar="on|off",
+                        help="self-correlation heads: keep the last block's FFN")
+    parser.add_argument("--no-background-rule", action="store_true",
+                        help="clip-dinoiser: do not apply the background rule in the graph")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("-o", "--output", required=True,
+                        help="output path without suffix: writes OUTPUT.onnx and OUTPUT.json")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def head_overrides(args: argparse.Namespace) -> dict:
+    params = {}
+    if args.attn is not None:
+        params["attn"] = args.attn
+    if args.gaussian_sigma is not None:
+        params["gaussian_sigma"] = args.gaussian_sigma or None
+    if args.residual is not None:
+        params["residual"] = args.residual
+    if args.ffn is not None:
+        params["ffn"] = args.ffn
+    if args.no_background_rule:
+        params["background_rule"] = False
+    return params
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipfuse.runtime.errors import ClipfuseError
+    from clipfuse.runtime.vocab import parse_classes, read_classes_file
+
+    vocab = parse_classes(args.classes) if args.classes is not None else read_classes_file(args.classes_file)
+    if args.opset < 17:
+        raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
+    from clipfuse.export.api import export_image_graph
+
+    export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
+                       classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
+                       heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
+                       seed=args.seed, opset=args.opset, quiet=args.quiet)
+    return 0

@@ -1,0 +1,60 @@
+"""`clipfuse heads`: the dense heads, their defaults and protocols."""
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "list the dense heads with their default weights, export size and protocol"
+DESCRIPTION = """\
+List every dense head clipfuse can export, with the open_clip weights its method was published
+with, the default export size (= sliding-window size) and the inference protocol the runtime
+applies (short side, window, stride, logit scale, thresholds) plus per-dataset overrides.
+
+example:
+  clipfuse heads
+  clipfuse heads --json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def run(args: argparse.Namespace) -> int:
+    from clipfuse.runtime.methods import METHODS
+
+    # The block presets need torch; show them when it's there, the rest is torch-free.
+    try:
+        from clipfuse.export.heads import POS_RULES, head_defaults
+    except ImportError:
+        head_defaults, POS_RULES = None, {}
+    rows = []
+    for name, spec in METHODS.items():
+        rows.append({
+            "head": name,
+            "summary": spec.summary,
+            "default_pretrained": spec.default_pretrained,
+            "default_size": spec.default_size,
+            "block": head_defaults(name) if head_defaults else None,
+            "pos_embed_rule": POS_RULES.get(name),
+            "protocol": spec.protocol.to_dict(),
+            "dataset_overrides": spec.dataset_protocol,
+        })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        p = row["protocol"]
+        print(f"{row['head']}")
+        print(f"  {row['summary']}")
+        print(f"  weights: --pretrained {row['default_pretrained']}   export size: {row['default_size']}"
+              f"   pos-embed rule: {row['pos_embed_rule']}")
+        if row["block"]:
+            print("  block:   " + ", ".join(f"{k}={v}" for k, v in row["block"].items()))
+        long_cap = f", long side <= {p['long_side_max']}" if p["long_side_max"] else ""
+        print(f"  protocol: short side {p['short_side']}{long_cap}, window {p['window']}, stride {p['stride']}, "
+              f"scores {p['score_type']}, logit_scale {p['logit_scale']}, prob_thd {p['prob_thd']}, "
+              f"area_thd {p['area_thd']}")
+        for ds, over in row["dataset_overrides"].items():
+            print(f"    {ds}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
+    return 0
