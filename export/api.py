@@ -75,6 +75,13 @@ def build_fused(head: str, model: str = "ViT-B-16", pretrained: Optional[str] = 
     template_list = get_templates(templates)
     vocabulary = validate([list(names) for names in (classes or [])], "vocabulary")
     check_size(size, patch_size_of(model))
+    from .weights import check_pretrained
+    check_pretrained(model, pretrained)
+    if heads_ckpt not in (None, "none"):
+        if head != "clip-dinoiser":
+            raise ClipfuseError(f"--heads only applies to clip-dinoiser, not {head!r}")
+        if not Path(heads_ckpt).is_file():
+            raise ClipfuseError(f"CLIP-DINOiser heads checkpoint not found: {heads_ckpt}")
 
     if clip is None:
         _log(f"loading {model} (pretrained: {pretrained})", quiet)
@@ -158,6 +165,23 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
             torch.onnx.export(module, args, str(path), **kwargs)
 
 
+def _declare_output_shape(path: Path, dims: list) -> None:
+    """Write the manifest's output shape into the graph: the exporter leaves some dims symbolic
+    (e.g. after the synonym reshape), and consumers (TensorRT, C++) want them static."""
+    import onnx
+
+    model = onnx.load(str(path))
+    shape = model.graph.output[0].type.tensor_type.shape
+    for dim, value in zip(shape.dim, dims):
+        if isinstance(value, int):
+            dim.ClearField("dim_param")
+            dim.dim_value = value
+        else:
+            dim.ClearField("dim_value")
+            dim.dim_param = value
+    onnx.save(model, str(path))
+
+
 def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pretrained: Optional[str] = None,
                        classes: Optional[Vocabulary] = None, size: Optional[int] = None,
                        templates: str = "imagenet80", vocab: str = "baked", heads_ckpt: Optional[str] = None,
@@ -191,6 +215,7 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
     with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
         with torch.no_grad():
             _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset)
+        _declare_output_shape(tmp_onnx, manifest["outputs"][0]["shape"])
         onnx.checker.check_model(str(tmp_onnx))
         manifest["onnx_sha256"] = sha256_file(tmp_onnx)
         write_manifest(tmp_json, manifest)

@@ -117,6 +117,20 @@ def check_state_dict(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Ten
                             "is this a checkpoint of another architecture?")
 
 
+def check_pretrained(model_name: str, pretrained: str) -> None:
+    """Cheap validation of `pretrained` (before any weights are loaded or downloaded)."""
+    open_clip = _open_clip()
+    _check_model_name(open_clip, model_name)
+    if pretrained.lower() == "none" or Path(pretrained).is_file():
+        return
+    if any(sep in pretrained for sep in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
+        raise ClipfuseError(f"checkpoint file not found: {pretrained}")
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if pretrained not in tags:
+        raise ClipfuseError(f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: "
+                            f"{', '.join(tags) or '(none)'}; or pass a checkpoint file, or 'none'")
+
+
 def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
               quick_gelu: Optional[bool] = None, seed: int = 0) -> LoadedClip:
     """Build `model_name` and fill it from `pretrained` (tag, checkpoint path, or "none").
@@ -147,17 +161,15 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
         with _quiet_logging():
             model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg)
         expected = model.state_dict()
+        # TorchScript archives also hold non-persistent buffers (the text causal attn_mask)
+        transient = {name for name, _ in model.named_buffers()} - set(expected)
+        state = {k: v for k, v in state.items() if k not in transient}
         # OpenAI ships fp16 weights; open_clip's format may lack logit_bias-free extras. Shapes decide.
         check_state_dict(expected, state, f"checkpoint {path.name}")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         source_id = _file_id(path)
     else:
-        if any(sep in pretrained for sep in "/\\") or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-            raise ClipfuseError(f"checkpoint file not found: {pretrained}")
-        tags = open_clip.list_pretrained_tags_by_model(model_name)
-        if pretrained not in tags:
-            raise ClipfuseError(f"unknown pretrained tag {pretrained!r} for {model_name}; known tags: "
-                                f"{', '.join(tags) or '(none)'}; or pass a checkpoint file, or 'none'")
+        check_pretrained(model_name, pretrained)
         tag_qg = pretrained in QUICKGELU_TAGS or bool(
             open_clip.get_pretrained_cfg(model_name, pretrained).get("quick_gelu", False))
         qg = tag_qg if quick_gelu is None else quick_gelu

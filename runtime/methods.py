@@ -65,7 +65,7 @@ METHODS: Dict[str, MethodSpec] = {
         summary="SCLIP correlative self-attention softmax(qq^T)+softmax(kk^T), residual+FFN kept",
         default_pretrained="openai",
         default_size=224,
-        protocol=Protocol(short_side=336, window=224, stride=112, score_type="cosine",
+        protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                           logit_scale=40.0, prob_thd=0.0),
         dataset_protocol={
             "voc21": {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1},
@@ -88,7 +88,7 @@ METHODS: Dict[str, MethodSpec] = {
         summary="ClearCLIP: softmax(qq^T) attention, no residual, no FFN",
         default_pretrained="openai",
         default_size=448,
-        protocol=Protocol(short_side=448, window=448, stride=224, score_type="cosine",
+        protocol=Protocol(short_side=448, long_side_max=2048, window=448, stride=224, score_type="cosine",
                           logit_scale=50.0),
     ),
     "naclip": MethodSpec(
@@ -96,7 +96,7 @@ METHODS: Dict[str, MethodSpec] = {
         summary="NACLIP: softmax(kk^T + Gaussian neighbourhood bias), no residual, no FFN",
         default_pretrained="openai",
         default_size=224,
-        protocol=Protocol(short_side=336, window=224, stride=112, score_type="cosine",
+        protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                           logit_scale=40.0),
         dataset_protocol={"cityscapes": {"short_side": 560}},
     ),
