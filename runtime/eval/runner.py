@@ -1,0 +1,124 @@
+"""The evaluation loop and the checks around it (vocabulary vs dataset, per-dataset protocol).
+
+Segmenters are passed in (anything with `.segment(image) -> result.labels`), so the loop is the
+same for the deployed backend, the PyTorch reference and the fakes of the tests.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..errors import ClipfuseError
+from ..methods import METHODS
+from .datasets import DatasetSpec, EvalDataset, classes_file, first_names
+from .metrics import mean_iou
+from .report import EvalRecord
+
+
+def protocol_overrides(head: Optional[str], dataset: str) -> Dict[str, object]:
+    """The head's per-dataset protocol settings (methods.py), e.g. SCLIP's logit_scale 65 on VOC21."""
+    spec = METHODS.get(head or "")
+    if spec is None:
+        return {}
+    overrides = dict(spec.dataset_protocol.get(dataset, {}))
+    spec.protocol_for(dataset)  # raises on a key Protocol does not know: a table bug, fail early
+    return overrides
+
+
+def export_hint(spec: DatasetSpec, head: Optional[str]) -> str:
+    head_arg = head or "HEAD"
+    return (f"clipfuse export --head {head_arg} --classes-file {classes_file(spec.key, head)} "
+            f"-o engines/{head_arg}-{spec.key}  (path printed by `clipfuse eval "
+            f"--print-classes-file {spec.key}" + (f" --head {head}" if head else "") + "`)")
+
+
+# CLIP-DINOiser's published evaluation applies its background rule on these datasets only.
+BACKGROUND_RULE_DATASETS = frozenset({"voc21", "coco-object"})
+
+
+def background_rule_warning(head: Optional[str], dataset: str, protocol: dict) -> Optional[str]:
+    """A warning when a CLIP-DINOiser graph's background rule differs from the paper's evaluation."""
+    if head != "clip-dinoiser" or "background_rule" not in protocol:
+        return None
+    wanted = dataset in BACKGROUND_RULE_DATASETS
+    if bool(protocol["background_rule"]) == wanted:
+        return None
+    if wanted:
+        return (f"the paper applies CLIP-DINOiser's background rule on {dataset} but this graph does "
+                f"not (class 0 must be 'background' and --no-background-rule absent at export)")
+    return (f"this graph applies CLIP-DINOiser's background rule, which the paper does not use on "
+            f"{dataset}; re-export with --no-background-rule to match the published protocol")
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def check_vocabulary(model_classes: Optional[Sequence[Sequence[str]]], spec: DatasetSpec,
+                     head: Optional[str]) -> List[int]:
+    """Raise if the class count differs; return the class indices whose names look different.
+
+    Names are compared loosely (case, spaces, hyphens) against both shipped files, because a
+    reordered vocabulary scores every class against the wrong ground truth without any error.
+    """
+    if model_classes is None:
+        raise ClipfuseError("the model's manifest lists no classes; cannot check it against "
+                            f"{spec.title}. Export one with: {export_hint(spec, head)}")
+    if len(model_classes) != spec.num_classes:
+        raise ClipfuseError(
+            f"the model has {len(model_classes)} classes but {spec.title} has {spec.num_classes}; "
+            f"export a matching model: {export_hint(spec, head)}")
+    known = [first_names(classes_file(spec.key, h)) for h in (None, "sclip")]
+    suspicious = []
+    for idx, names in enumerate(model_classes):
+        accepted = {_norm(ref[idx]) for ref in known}
+        if not any(_norm(n) in accepted for n in names):
+            suspicious.append(idx)
+    return suspicious
+
+
+def _labels_of(result, image: np.ndarray, run: str, num_classes: int) -> np.ndarray:
+    labels = np.asarray(getattr(result, "labels", result))
+    if labels.shape != image.shape[:2]:
+        raise ClipfuseError(f"{run} segmenter returned labels of shape {labels.shape} for an image "
+                            f"of {image.shape[:2]}; expected one label per image pixel")
+    names = getattr(result, "class_names", None)
+    if names is not None and len(names) != num_classes:
+        raise ClipfuseError(f"{run} segmenter has {len(names)} classes, the dataset "
+                            f"{num_classes}")
+    return labels
+
+
+def evaluate(dataset: EvalDataset, segmenters: Dict[str, object], record: EvalRecord,
+             limit: Optional[int] = None, progress: bool = True) -> EvalRecord:
+    """Score the first `limit` images (all when None) not yet in `record`; save when done.
+
+    The record is saved on the way out also after an error or Ctrl-C, so --resume loses nothing.
+    """
+    from tqdm import tqdm
+
+    count = len(dataset) if limit is None else max(0, min(int(limit), len(dataset)))
+    ids = dataset.ids
+    todo = [i for i in range(count) if not record.is_done(ids[i])]
+    first_run = next(iter(segmenters))
+    complete = False
+    bar = tqdm(total=count, initial=count - len(todo), desc=dataset.spec.title, unit="img",
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        for index in todo:
+            sample = dataset.load(index)
+            predictions = {run: _labels_of(seg.segment(sample.image), sample.image, run,
+                                           dataset.num_classes)
+                           for run, seg in segmenters.items()}
+            record.add(sample.id, predictions, sample.label)
+            bar.set_postfix_str(f"mIoU {100 * mean_iou(record.matrices[first_run].counts):.2f}",
+                                refresh=False)
+            bar.update(1)
+        complete = True
+    finally:
+        bar.close()
+        record.save(finished=complete)
+    return record
