@@ -65,7 +65,7 @@ def build_fused(head: str, model: str = "ViT-B-16", pretrained: Optional[str] = 
                 classes: Optional[Vocabulary] = None, size: Optional[int] = None, templates: str = "imagenet80",
                 vocab: str = "baked", heads_ckpt: Optional[str] = None, head_params: Optional[dict] = None,
                 quick_gelu: Optional[bool] = None, seed: int = 0, quiet: bool = True,
-                clip: Optional[LoadedClip] = None) -> FusedBuild:
+                clip: Optional[LoadedClip] = None, allow_duplicates: bool = False) -> FusedBuild:
     """Validate everything cheap first, then load weights and assemble the fused module."""
     spec = get_method(head)
     pretrained = spec.default_pretrained if pretrained is None else pretrained
@@ -73,7 +73,7 @@ def build_fused(head: str, model: str = "ViT-B-16", pretrained: Optional[str] = 
     if vocab not in VOCAB_MODES:
         raise ClipfuseError(f"--vocab must be one of {', '.join(VOCAB_MODES)}, not {vocab!r}")
     template_list = get_templates(templates)
-    vocabulary = validate([list(names) for names in (classes or [])], "vocabulary")
+    vocabulary = validate([list(names) for names in (classes or [])], "vocabulary", allow_duplicates)
     check_size(size, patch_size_of(model))
     from .weights import check_pretrained
     check_pretrained(model, pretrained)
@@ -186,7 +186,7 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
                        classes: Optional[Vocabulary] = None, size: Optional[int] = None,
                        templates: str = "imagenet80", vocab: str = "baked", heads_ckpt: Optional[str] = None,
                        head_params: Optional[dict] = None, quick_gelu: Optional[bool] = None, seed: int = 0,
-                       opset: int = OPSET, quiet: bool = True) -> Path:
+                       opset: int = OPSET, quiet: bool = True, allow_duplicates: bool = False) -> Path:
     """Write `out`.onnx + `out`.json; returns the .onnx path. Nothing is left behind on failure."""
     import onnx
 
@@ -198,7 +198,7 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
     pretrained_arg = spec.default_pretrained if pretrained is None else pretrained
     t0 = time.time()
     build = build_fused(head, model, pretrained_arg, classes, size, templates, vocab, heads_ckpt, head_params,
-                        quick_gelu, seed, quiet)
+                        quick_gelu, seed, quiet, allow_duplicates=allow_duplicates)
     image = torch.randint(0, 256, (2, build.size, build.size, 3), dtype=torch.uint8)
     args: tuple = (image,)
     input_names = ["image"]

@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="self-correlation heads: keep the last block's FFN")
     parser.add_argument("--no-background-rule", action="store_true",
                         help="clip-dinoiser: do not apply the background rule in the graph")
+    parser.add_argument("--allow-duplicate-names", action="store_true",
+                        help="accept one name in two classes (SCLIP's COCO-Object file lists 'bed' as a "
+                             "background synonym too); the first class wins ties, as in SCLIP")
     parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.errors import ClipfuseError
     from clipfuse.runtime.vocab import parse_classes, read_classes_file
 
-    vocab = parse_classes(args.classes) if args.classes is not None else read_classes_file(args.classes_file)
+    vocab = (parse_classes(args.classes) if args.classes is not None
+             else read_classes_file(args.classes_file, args.allow_duplicate_names))
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import export_image_graph
@@ -101,5 +105,6 @@ def run(args: argparse.Namespace) -> int:
     export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
                        classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
                        heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
-                       seed=args.seed, opset=args.opset, quiet=args.quiet)
+                       seed=args.seed, opset=args.opset, quiet=args.quiet,
+                       allow_duplicates=args.allow_duplicate_names)
     return 0

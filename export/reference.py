@@ -188,5 +188,5 @@ class ReferenceModel:
         build = build_fused(manifest["head"]["name"], manifest["model"], manifest.get("pretrained_source")
                             or manifest["pretrained"], manifest["classes"], manifest["input_size"][0],
                             manifest["templates"], "baked", manifest.get("heads_checkpoint_source"), params,
-                            manifest.get("quick_gelu"), manifest.get("seed", 0))
+                            manifest.get("quick_gelu"), manifest.get("seed", 0), allow_duplicates=True)
         return cls.from_build(build)

@@ -19,7 +19,13 @@ def _clean(names: Sequence[str]) -> List[str]:
     return [" ".join(n.split()) for n in names if n.strip()]
 
 
-def validate(vocab: Vocabulary, source: str = "vocabulary") -> Vocabulary:
+def validate(vocab: Vocabulary, source: str = "vocabulary", allow_duplicates: bool = False) -> Vocabulary:
+    """Reject empty vocabularies and repeated names.
+
+    `allow_duplicates` admits one name in two DIFFERENT classes, as SCLIP's published COCO-Object
+    file does ('bed' is also a background synonym); the first class then wins the argmax tie,
+    exactly as in SCLIP's code. A name twice within one class is always an error.
+    """
     if not vocab:
         raise ClipfuseError(f"{source} is empty: give at least one class name")
     seen = {}
@@ -28,9 +34,10 @@ def validate(vocab: Vocabulary, source: str = "vocabulary") -> Vocabulary:
             raise ClipfuseError(f"{source}: class {idx} has no name")
         for name in names:
             key = name.lower()
-            if key in seen:
-                raise ClipfuseError(f"{source}: duplicate name {name!r} (classes {seen[key]} and {idx})")
-            seen[key] = idx
+            if key in seen and (seen[key] == idx or not allow_duplicates):
+                hint = "" if seen[key] == idx else " (--allow-duplicate-names accepts this)"
+                raise ClipfuseError(f"{source}: duplicate name {name!r} (classes {seen[key]} and {idx}){hint}")
+            seen.setdefault(key, idx)
     return vocab
 
 
@@ -43,7 +50,7 @@ def parse_classes(text: str, source: str = "--classes") -> Vocabulary:
     return validate(vocab, source)
 
 
-def read_classes_file(path: "str | Path") -> Vocabulary:
+def read_classes_file(path: "str | Path", allow_duplicates: bool = False) -> Vocabulary:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -53,7 +60,7 @@ def read_classes_file(path: "str | Path") -> Vocabulary:
         raise ClipfuseError(f"cannot read classes file {path}: {exc}") from None
     vocab = [_clean(line.split(",")) for line in text.splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
-    return validate(vocab, f"classes file {path}")
+    return validate(vocab, f"classes file {path}", allow_duplicates)
 
 
 def flat_names(vocab: Vocabulary) -> List[str]:
