@@ -1,0 +1,276 @@
+"""The sliding-window inference protocol of the dense-CLIP methods, in numpy (methods.md §2-§4).
+
+image -> short-side resize (long side capped) -> window grid -> ALL windows in one batched backend
+call (chunked to the backend's max batch) -> per-window bilinear upsampling to the window ->
+sum + count -> average -> bilinear resize to the original size -> post-processing by score type:
+  cosine:      x logit_scale, softmax over classes, area_thd, prob_thd, argmax   (SCLIP's rule)
+  probability: argmax (CLIP-DINOiser: the graph already applied softmax and its background rule)
+
+Every resize is bilinear with align_corners=False and no antialiasing, which is what the methods'
+code does (mmcv/cv2 INTER_LINEAR for the image, torch F.interpolate for score maps). Bilinear is
+written once, as two taps per output index (`linear_taps`); it is applied as a small dense matrix
+where the maps are small (window upsampling) and as a two-tap gather where they are large.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import ClipfuseError
+from .methods import Protocol
+
+# Rows of the full-size score map processed at once: bounds memory to K x ROWS x W floats.
+_TARGET_BLOCK_FLOATS = 1 << 24  # 64 MB of float32
+# Float64 noise of the two-tap sums is ~1e-13; anything within this of x.5 is a tie.
+_TIE_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Bilinear resize (align_corners=False, no antialias) as two taps per output index
+# ---------------------------------------------------------------------------------------------
+def linear_taps(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Indices i0, i1 and weights w0, w1 with out[j] = w0[j] * in[i0[j]] + w1[j] * in[i1[j]].
+
+    Same rule as torch's upsample_bilinear2d / cv2 INTER_LINEAR: src = (j + 0.5) * in/out - 0.5,
+    clamped at 0; the right neighbour is clamped at the last index.
+    """
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    w1 = src - i0
+    w1[i0 == in_size - 1] = 0.0  # beyond the last source pixel: copy it
+    w0 = 1.0 - w1
+    return i0, i1, w0, w1
+
+
+def interpolation_matrix(in_size: int, out_size: int, dtype=np.float32) -> np.ndarray:
+    """[out_size, in_size] matrix M with out = M @ in (bilinear, align_corners=False)."""
+    i0, i1, w0, w1 = linear_taps(in_size, out_size)
+    mat = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    np.add.at(mat, (rows, i0), w0)
+    np.add.at(mat, (rows, i1), w1)
+    return mat.astype(dtype)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """w0 * a + w1 * b with w0 = 1 - w1, as a + w1 * (b - a) in place (two passes fewer)."""
+    b -= a
+    b *= w1
+    a += b
+    return a
+
+
+def _resize_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    i0, i1, _, w1 = linear_taps(x.shape[axis], out_size)
+    shape = [1] * x.ndim
+    shape[axis] = out_size
+    return _lerp(np.take(x, i0, axis=axis), np.take(x, i1, axis=axis), w1.astype(x.dtype).reshape(shape))
+
+
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """H x W x 3 uint8 -> size (h, w) uint8, bilinear in float64, rounded half up.
+
+    Exact ties (x.5) are common (e.g. 1024 -> 672 has dyadic weights) and float order decides
+    them at random, so ties round up explicitly, as cv2's fixed-point INTER_LINEAR does.
+    """
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    x = _resize_axis(image.astype(np.float64), 1, size[1])
+    x = _resize_axis(x, 0, size[0])
+    return np.clip(np.floor(x + (0.5 + _TIE_EPS)), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry: processing size and window grid
+# ---------------------------------------------------------------------------------------------
+def processing_size(height: int, width: int, short_side: int,
+                    long_side_max: Optional[int] = None) -> Tuple[int, int]:
+    """mmcv's keep-ratio rescale: scale = min(short/short_edge, long_max/long_edge), round half up."""
+    scale = short_side / min(height, width)
+    if long_side_max:
+        scale = min(scale, long_side_max / max(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def window_starts(length: int, window: int, stride: int) -> List[int]:
+    """Starts of the windows along one axis (methods.md §3 'Window grid'; mmseg slide_inference).
+
+    n = max(L - win + stride - 1, 0) // stride + 1; the last window is shifted back inside the
+    image. When L < window there is one window at 0 (the image is padded, see `extract_windows`).
+    """
+    if window <= 0 or stride <= 0:
+        raise ClipfuseError(f"window ({window}) and stride ({stride}) must be positive")
+    count = max(length - window + stride - 1, 0) // stride + 1
+    starts = []
+    for i in range(count):
+        end = min(i * stride + window, length)
+        starts.append(max(end - window, 0))
+    return starts
+
+
+def window_boxes(height: int, width: int, window: int, stride: int) -> List[Tuple[int, int]]:
+    """(y0, x0) of every window, row-major (the order of mmseg's loops)."""
+    return [(y, x) for y in window_starts(height, window, stride)
+            for x in window_starts(width, window, stride)]
+
+
+def extract_windows(image: np.ndarray, boxes: Sequence[Tuple[int, int]], window: int) -> np.ndarray:
+    """[B, window, window, 3] uint8 crops. An image smaller than the window on an axis is padded
+    with black on the bottom/right; only the valid part of the scores is used afterwards."""
+    h, w = image.shape[:2]
+    if h < window or w < window:
+        padded = np.zeros((max(h, window), max(w, window), 3), dtype=np.uint8)
+        padded[:h, :w] = image
+        image = padded
+    return np.stack([image[y:y + window, x:x + window] for y, x in boxes])
+
+
+# ---------------------------------------------------------------------------------------------
+# Window scores -> averaged score map
+# ---------------------------------------------------------------------------------------------
+def average_window_scores(scores: np.ndarray, boxes: Sequence[Tuple[int, int]],
+                          size: Tuple[int, int], window: int) -> np.ndarray:
+    """[B, K, g, g] window scores -> [K, h, w] average over the windows covering each pixel.
+
+    Each window's scores are upsampled bilinearly to window x window first (as every method does
+    per crop), then summed where the windows overlap and divided by the overlap count.
+    """
+    h, w = size
+    gy, gx = scores.shape[2:]
+    up_y = interpolation_matrix(gy, window)
+    up_x = interpolation_matrix(gx, window)
+    full_h, full_w = max(h, window), max(w, window)
+    total = np.zeros((scores.shape[1], full_h, full_w), dtype=np.float32)
+    count = np.zeros((full_h, full_w), dtype=np.float32)
+    for idx, (y, x) in enumerate(boxes):
+        up = up_y @ scores[idx].astype(np.float32) @ up_x.T  # [K, window, window]
+        total[:, y:y + window, x:x + window] += up
+        count[y:y + window, x:x + window] += 1.0
+    return (total[:, :h, :w] / count[:h, :w]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing at the original size, in row blocks (bounded memory)
+# ---------------------------------------------------------------------------------------------
+def _row_blocks(height: int, width: int, classes: int) -> Iterator[Tuple[int, int]]:
+    rows = max(1, _TARGET_BLOCK_FLOATS // max(1, classes * width))
+    for r0 in range(0, height, rows):
+        yield r0, min(height, r0 + rows)
+
+
+def _resized_rows(avg: np.ndarray, size: Tuple[int, int], r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of `avg` [K, h, w] resized bilinearly to `size` (H, W): [K, r1-r0, W].
+
+    Width first, on only the source rows these output rows read (fewer rows than the output when
+    upsampling), then rows blended by whole-row gathers, which are contiguous and fast.
+    """
+    i0, i1, _, w1 = linear_taps(avg.shape[1], size[0])
+    sl = slice(r0, r1)
+    lo, hi = int(i0[sl].min()), int(i1[sl].max()) + 1
+    src = _resize_axis(avg[:, lo:hi, :], 2, size[1])
+    return _lerp(np.take(src, i0[sl] - lo, axis=1), np.take(src, i1[sl] - lo, axis=1),
+                 w1[sl].astype(avg.dtype)[None, :, None])
+
+
+def _argmax0(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(argmax, max) over axis 0 of [K, ...] as K contiguous passes (np.argmax(axis=0) is strided
+    and several times slower); ties keep the first class, like np.argmax."""
+    best = x[0].copy()
+    index = np.zeros(best.shape, dtype=np.int32)
+    for k in range(1, x.shape[0]):
+        better = x[k] > best
+        index[better] = k
+        np.maximum(best, x[k], out=best)
+    return index, best
+
+
+def resize_scores(avg: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """[K, h, w] -> [K, H, W] bilinear (the full map at once; for tests and small images)."""
+    return _resized_rows(avg, size, 0, size[0])
+
+
+def _softmax(logits: np.ndarray, axis: int = 0) -> np.ndarray:
+    shifted = logits - logits.max(axis=axis, keepdims=True)
+    np.exp(shifted, out=shifted)
+    shifted /= shifted.sum(axis=axis, keepdims=True)
+    return shifted
+
+
+def class_scores(block: np.ndarray, protocol: Protocol) -> np.ndarray:
+    """Averaged, resized scores -> per-class probabilities (cosine) or the scores as they are."""
+    if protocol.score_type == "cosine":
+        return _softmax(block * np.float32(protocol.logit_scale), axis=0)
+    if protocol.score_type == "probability":
+        return block
+    raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
+
+
+def labels_from_scores(avg: np.ndarray, size: Tuple[int, int], protocol: Protocol) -> np.ndarray:
+    """Averaged scores [K, h, w] -> label map [H, W] int32 at the original size.
+
+    Cosine heads follow SCLIP's post-processing: probabilities = softmax(logit_scale x cosine);
+    area_thd zeroes every non-background class whose argmax area is <= area_thd x (all
+    non-background argmax pixels); pixels whose remaining max probability < prob_thd become class 0.
+    """
+    height, width = size
+    num_classes = avg.shape[0]
+    labels = np.empty((height, width), dtype=np.int32)
+    cosine = protocol.score_type == "cosine"
+    keep = None
+    if cosine and protocol.area_thd is not None and num_classes > 1:
+        area = np.zeros(num_classes, dtype=np.int64)
+        for r0, r1 in _row_blocks(height, width, num_classes):
+            probs = class_scores(_resized_rows(avg, size, r0, r1), protocol)
+            area += np.bincount(_argmax0(probs)[0].ravel(), minlength=num_classes)
+        foreground = area[1:]
+        keep = np.ones(num_classes, dtype=np.float32)
+        keep[1:] = (foreground > protocol.area_thd * foreground.sum()).astype(np.float32)
+    for r0, r1 in _row_blocks(height, width, num_classes):
+        probs = class_scores(_resized_rows(avg, size, r0, r1), protocol)
+        if keep is not None:
+            probs *= keep[:, None, None]
+        block, top = _argmax0(probs)
+        if cosine and protocol.prob_thd:
+            block[top < protocol.prob_thd] = 0
+        labels[r0:r1] = block
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole protocol
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ProtocolOutput:
+    labels: np.ndarray           # [H, W] int32 at the original image size
+    scores: np.ndarray           # [K, h, w] float32 averaged window scores at the processing size
+    processing_size: Tuple[int, int]
+    num_windows: int
+
+
+def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], protocol: Protocol,
+                 window: int, max_batch: Optional[int] = None) -> ProtocolOutput:
+    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
+    if protocol.window != window:
+        # The graph's input size fixes the window; the manifest protocol must agree with it.
+        raise ClipfuseError(f"protocol window {protocol.window} differs from the graph's input size "
+                            f"{window}; windows cannot be overridden without re-exporting")
+    height, width = image.shape[:2]
+    size = processing_size(height, width, protocol.short_side, protocol.long_side_max)
+    resized = resize_image(image, size)
+    boxes = window_boxes(size[0], size[1], window, protocol.stride)
+    crops = extract_windows(resized, boxes, window)
+    chunk = len(boxes) if not max_batch else max(1, int(max_batch))
+    scores = np.concatenate([np.asarray(infer(crops[i:i + chunk]), dtype=np.float32)
+                             for i in range(0, len(boxes), chunk)], axis=0)
+    if scores.ndim != 4 or scores.shape[0] != len(boxes):
+        raise ClipfuseError(f"backend returned scores of shape {scores.shape}, "
+                            f"expected [{len(boxes)}, K, h, w]")
+    avg = average_window_scores(scores, boxes, size, window)
+    labels = labels_from_scores(avg, (height, width), protocol)
+    return ProtocolOutput(labels=labels, scores=avg, processing_size=size, num_windows=len(boxes))

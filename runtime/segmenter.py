@@ -1,0 +1,177 @@
+"""Segmenter: an exported graph (.onnx) or built engine (.engine) + its manifest, ready to segment.
+
+    seg = Segmenter.open("engines/sclip.onnx")                 # backend picked by suffix
+    result = seg.segment(rgb_uint8)                            # result.labels: [H, W] int32
+    seg.class_names[result.labels[0, 0]]
+
+Opening checks that the artifact and its manifest belong together (SHA-256 of the file against
+the manifest), so a re-exported graph with a stale manifest is refused instead of mislabelled.
+The protocol defaults come from the manifest; keyword overrides replace single fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .backends.base import Backend, open_backend
+from .errors import ClipfuseError
+from .fileio import sha256_file
+from .manifest import manifest_path_for, read_manifest
+from .methods import Protocol
+from .protocol import ProtocolOutput, run_protocol
+
+ARTIFACT_SUFFIXES = (".onnx", ".engine")
+# Fields of Protocol a user may override at run time (window is fixed by the graph's input size).
+OVERRIDABLE = ("short_side", "stride", "long_side_max", "logit_scale", "prob_thd", "area_thd")
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray                   # [H, W] int32 class indices into class_names
+    class_names: List[str]               # first name of each class
+    scores: Optional[np.ndarray] = None  # [K, h, w] averaged window scores at processing_size
+    processing_size: tuple = ()
+    num_windows: int = 0
+
+
+def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
+    if not expected:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ClipfuseError(f"{path.name} does not match its manifest ({what} sha256 {actual[:12]}... "
+                            f"!= {expected[:12]}...): re-export, or copy the matching .json beside it")
+
+
+class Segmenter:
+    def __init__(self, artifact: Path, manifest: dict, backend: Backend, protocol: Protocol,
+                 batch: Optional[int] = None) -> None:
+        self.artifact = artifact
+        self.manifest = manifest
+        self.backend = backend
+        self.protocol = protocol
+        self.window = int(manifest["input_size"][0])
+        limits = [b for b in (batch, backend.max_batch) if b]
+        self.batch: Optional[int] = min(limits) if limits else None
+        self.classes: List[List[str]] = [list(names) for names in manifest.get("classes", [])]
+        self.dynamic_vocab = manifest.get("vocab") == "dynamic"
+        # Text-path hook: with a dynamic vocabulary the graph takes `class_embeddings` [R, E]
+        # (L2-normalised rows); row r belongs to class row_class[r] and a class's score is the max
+        # over its rows (synonyms), taken per window before averaging, as the baked graph does.
+        self.class_embeddings: Optional[np.ndarray] = None
+        self.row_class: Optional[np.ndarray] = None
+
+    # -- opening --------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, artifact: Union[str, Path], backend: str = "auto", batch: Optional[int] = None,
+             backend_options: Optional[Dict] = None, verify: bool = True,
+             **protocol_overrides) -> "Segmenter":
+        """Open `artifact` (.onnx or .engine) with its manifest `artifact.json`.
+
+        `protocol_overrides`: any of OVERRIDABLE; None values are ignored (CLI defaults).
+        `verify=False` skips the SHA-256 check (hashing a big engine on a slow SD card costs time).
+        """
+        artifact = Path(artifact)
+        if not artifact.exists():
+            raise ClipfuseError(f"model not found: {artifact}")
+        if artifact.suffix not in ARTIFACT_SUFFIXES:
+            raise ClipfuseError(f"{artifact.name}: expected a .onnx graph or a .engine file")
+        manifest = read_manifest(manifest_path_for(artifact))
+        if manifest.get("kind") != "image":
+            raise ClipfuseError(f"{artifact.name} is a {manifest.get('kind')!r} artifact; "
+                                "`run` needs an image graph (clipfuse export)")
+        if verify:
+            if artifact.suffix == ".onnx":
+                _check_hash(artifact, manifest.get("onnx_sha256"), "onnx")
+            else:
+                _check_hash(artifact, (manifest.get("engine") or {}).get("sha256"), "engine")
+        protocol = protocol_from_manifest(manifest, **protocol_overrides)
+        be = open_backend(artifact, manifest, backend, **(backend_options or {}))
+        return cls(artifact, manifest, be, protocol, batch=batch)
+
+    # -- vocabulary -----------------------------------------------------------------------------
+    @property
+    def class_names(self) -> List[str]:
+        return [names[0] for names in self.classes]
+
+    def set_class_embeddings(self, embeddings: np.ndarray,
+                             classes: Optional[Sequence[Sequence[str]]] = None) -> None:
+        """Dynamic vocabulary: one L2-normalised row per NAME of `classes` (flattened in order).
+
+        `classes` defaults to the manifest's; passing new classes changes the vocabulary.
+        """
+        if not self.dynamic_vocab:
+            raise ClipfuseError(f"{self.artifact.name} has a baked vocabulary; re-export with "
+                                "--vocab dynamic to change classes at run time")
+        classes = [list(c) for c in (classes if classes is not None else self.classes)]
+        row_class = np.array([k for k, names in enumerate(classes) for _ in names], dtype=np.int64)
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(row_class):
+            raise ClipfuseError(f"class_embeddings must be [{len(row_class)}, E] (one row per class "
+                                f"name), got {list(embeddings.shape)}")
+        embed_dim = self.manifest.get("embed_dim")
+        if embed_dim and embeddings.shape[1] != int(embed_dim):
+            raise ClipfuseError(f"class_embeddings have width {embeddings.shape[1]}, "
+                                f"the model needs {embed_dim}")
+        self.classes, self.class_embeddings, self.row_class = classes, embeddings, row_class
+
+    # -- inference ------------------------------------------------------------------------------
+    def infer_windows(self, crops: np.ndarray) -> np.ndarray:
+        """[B, S, S, 3] uint8 windows -> [B, K, g, g] class scores (one backend call)."""
+        feeds = {"image": crops}
+        if self.dynamic_vocab:
+            if self.class_embeddings is None:
+                raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
+                                    "embeddings first (Segmenter.set_class_embeddings)")
+            feeds["class_embeddings"] = self.class_embeddings
+        outputs = self.backend.run(feeds)
+        scores = outputs.get("scores", next(iter(outputs.values())))
+        if self.dynamic_vocab and self.row_class is not None and len(self.row_class) != len(self.classes):
+            reduced = np.full((scores.shape[0], len(self.classes)) + scores.shape[2:], -np.inf, np.float32)
+            for row, k in enumerate(self.row_class):
+                np.maximum(reduced[:, k], scores[:, row], out=reduced[:, k])
+            scores = reduced
+        return scores
+
+    def segment(self, image: np.ndarray, return_scores: bool = False) -> SegmentationResult:
+        """Segment one H x W x 3 uint8 RGB image with the protocol (see clipfuse.runtime.protocol)."""
+        out: ProtocolOutput = run_protocol(np.asarray(image), self.infer_windows, self.protocol,
+                                           self.window, self.batch)
+        if out.scores.shape[0] != len(self.classes):
+            raise ClipfuseError(f"graph returned {out.scores.shape[0]} classes but the manifest "
+                                f"lists {len(self.classes)}")
+        return SegmentationResult(labels=out.labels, class_names=self.class_names,
+                                  scores=out.scores if return_scores else None,
+                                  processing_size=out.processing_size, num_windows=out.num_windows)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def protocol_from_manifest(manifest: dict, **overrides) -> Protocol:
+    """The manifest's protocol with the non-None `overrides` applied and validated."""
+    if "protocol" not in manifest:
+        raise ClipfuseError("manifest has no protocol section; re-export the model")
+    protocol = Protocol.from_dict(manifest["protocol"])
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ClipfuseError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    protocol = replace(protocol, **changes)
+    if protocol.short_side <= 0 or protocol.stride <= 0:
+        raise ClipfuseError("short side and window stride must be positive")
+    if protocol.stride > protocol.window:
+        raise ClipfuseError(f"window stride {protocol.stride} > window {protocol.window} would leave "
+                            "pixels uncovered")
+    if protocol.prob_thd < 0 or protocol.prob_thd > 1:
+        raise ClipfuseError(f"prob_thd must be in [0, 1], got {protocol.prob_thd}")
+    return protocol
