@@ -54,6 +54,7 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Max", "Min", "Expa
 SUM_REDUCE_OPS = frozenset({"ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceL1"})
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+MOVE_OPS = LAYOUT_OPS | {"Slice", "Gather", "Concat", "Split", "Expand", "Tile"}
 
 
 @dataclass
@@ -87,11 +88,14 @@ def _producers(graph: onnx.GraphProto) -> Dict[str, int]:
 
 def _constant_names(graph: onnx.GraphProto) -> Set[str]:
     names = {init.name for init in graph.initializer}
-    names.update(n.output[0] for n in graph.node if n.op_type == "Constant")
+    for node in graph.node:  # topological: Identity/Cast of a constant is a constant
+        if node.op_type == "Constant" or (node.op_type in ("Identity", "Cast") and node.input[0] in names):
+            names.add(node.output[0])
     return names
 
 
-def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> Dict[int, str]:
+def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
+                 fp32_residual: bool = False) -> Dict[int, str]:
     """Node index -> reason, for every node that must compute in FP32.
 
     The rules are structural (no calibration data), so the same graph always gives the same islands.
@@ -139,12 +143,27 @@ def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> 
                 if divisor in sum_stats:
                     l2_normalised.update(node.output)
 
+    # 3b. the affine tail of a decomposed LayerNorm ((x - mean) / std * gamma + beta) joins its
+    #     island, as it does inside a LayerNormalization op (ONNX Runtime's LayerNormFusion also
+    #     mis-types a fusion split by a Cast there).
+    for i in sorted(normalisers):
+        if nodes[i].input[1] in sum_stats:
+            continue
+        tail, expect = nodes[i].output[0], ["Mul", "Add"]
+        for op in expect:
+            users = consumers.get(tail, [])
+            if len(users) != 1 or nodes[users[0]].op_type != op \
+                    or not any(x in constants for x in nodes[users[0]].input):
+                break
+            islands.setdefault(users[0], "statistic")
+            tail = nodes[users[0]].output[0]
+
     # 4. a MatMul whose sums are divided by a statistic: pooling sums (CLIP-DINOiser), and the
     #    projection whose output is L2-normalised. Look through layout ops.
     for i in normalisers:
         src = _source(nodes[i].input[0], producers, nodes)
-        if src is not None and nodes[src].op_type in MATMUL_OPS:
-            islands.setdefault(src, "pooling-sum")
+        if src is not None and nodes[src].op_type in MATMUL_OPS | {"Conv"}:
+            islands.setdefault(src, "pooling-sum" if nodes[src].op_type != "Conv" else "normalised-projection")
 
     # 5. cosine MatMuls: L2-normalised features against class embeddings (a constant or the
     #    `class_embeddings` input) or against other L2-normalised features (CLIP-DINOiser's patch
@@ -152,6 +171,11 @@ def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> 
     #    rule) stay FP32.
     graph_inputs = {x.name for x in graph.input}
     for i, node in enumerate(nodes):
+        if node.op_type == "Conv" and _source_name(node.input[0], producers, nodes) in l2_normalised:
+            # a learned head on L2-normalised features (CLIP-DINOiser's background logit): its
+            # sign is thresholded downstream, so it and its consumers stay FP32
+            _mark_downstream(i, nodes, consumers, islands)
+            continue
         if node.op_type not in MATMUL_OPS | {"Einsum"}:
             continue
         kinds = []
@@ -165,6 +189,30 @@ def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> 
                 kinds.append("data")
         if "l2" in kinds and "data" not in kinds:
             _mark_downstream(i, nodes, consumers, islands)
+
+    # 5b. optional FP32 residual stream: the x + branch(x) Adds that feed a LayerNorm or the next
+    #     residual Add accumulate in FP32 (FP16 matmuls inside each branch).
+    if fp32_residual:
+        for i in range(len(nodes) - 1, -1, -1):
+            node = nodes[i]
+            if node.op_type != "Add" or any(x in constants for x in node.input):
+                continue
+            users = [nodes[u] for u in consumers.get(node.output[0], [])]
+            if any(u.op_type == "LayerNormalization" or islands.get(j) == "residual"
+                   for u, j in zip(users, consumers.get(node.output[0], []))):
+                islands.setdefault(i, "residual")
+
+    # 6. data-movement ops compute nothing: when everything they feed is FP32, they stay FP32 too
+    #    (no FP16 round trip between an FP32 producer and an FP32 consumer, e.g. CLIP-DINOiser's
+    #    block-9 features reshaped into the correlation head). Reverse order handles chains.
+    outputs = {o.name for o in graph.output}
+    for i in range(len(nodes) - 1, -1, -1):
+        node = nodes[i]
+        if i in islands or node.op_type not in MOVE_OPS:
+            continue
+        users = [u for o in node.output for u in consumers.get(o, [])]
+        if users and all(u in islands for u in users) and not any(o in outputs for o in node.output):
+            islands[i] = "follows-consumer"
     return islands
 
 
@@ -206,18 +254,35 @@ def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
     return types
 
 
-def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
+def _drop_constant_identities(graph: onnx.GraphProto) -> None:
+    """torch.onnx shares weights through Identity nodes; read the initializer directly instead, so
+    each consumer gets the constant in its own precision (a Cast on a weight confuses fusions)."""
+    inits = {t.name for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return
+    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in kept:
+        node.input[:] = [alias.get(x, x) for x in node.input]
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
+                    fp32_residual: bool = False) -> "tuple[onnx.ModelProto, Fp16Report]":
     """Return (FP16 model with FP32 islands, report). The input model is not modified."""
     src = model
     for node in src.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ClipfuseError(f"node {node.name or node.op_type} has a subgraph ({node.op_type}); "
                                 "the FP16 pass handles flat graphs only")
-    types = _elem_types(src)
-    islands = fp32_islands(src, extra_fp32_ops)
-
     model = onnx.ModelProto()
     model.CopyFrom(src)
+    _drop_constant_identities(model.graph)
+    types = _elem_types(model)
+    islands = fp32_islands(model, extra_fp32_ops, fp32_residual)
     graph = model.graph
     old_nodes = list(graph.node)
     report = Fp16Report(nodes=len(old_nodes), fp32_nodes=len(islands))
@@ -331,19 +396,22 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) 
     del graph.node[:]
     graph.node.extend(new_nodes)
     del graph.value_info[:]
-    graph.initializer[:] = [t for t in graph.initializer if consumers.get(t.name) or
-                            any(t.name in n.input for n in new_nodes)]
+    used = {x for n in new_nodes for x in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
     onnx.checker.check_model(model)
     return model, report
 
 
-def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = ()) -> Fp16Report:
+def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = (),
+                 fp32_residual: bool = False) -> Fp16Report:
     """FP32 ONNX file -> FP16 ONNX file (written atomically)."""
     from clipfuse.runtime.fileio import atomic_path
 
     model = onnx.load(str(src))
-    fp16, report = convert_to_fp16(model, extra_fp32_ops)
+    fp16, report = convert_to_fp16(model, extra_fp32_ops, fp32_residual)
     with atomic_path(dst) as tmp:
         onnx.save(fp16, str(tmp))
     return report

@@ -13,6 +13,8 @@ resamples of a masked image, and rounding them to uint8 would move features by ~
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Dict, Sequence, Tuple
 
 import torch
@@ -116,13 +118,9 @@ def export_onnx(module: nn.Module, path: str, opset: int = 17) -> None:
         names, axes = ["image", "masks"], {"masks": {0: "masks"}, "features": {0: "masks"}}
     else:
         names, axes = ["crops"], {"crops": {0: "crops"}, "features": {0: "crops"}}
-    kwargs = {}
-    try:
-        import inspect
-        if "dynamo" in inspect.signature(torch.onnx.export).parameters:
-            kwargs["dynamo"] = False
-    except (TypeError, ValueError):
-        pass
-    with torch.no_grad():
+    # torch >= 2.9 defaults to the dynamo exporter, which breaks dynamic_axes; older has no flag
+    kwargs = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: pinned on purpose
         torch.onnx.export(module, inputs, path, input_names=names, output_names=["features"],
                           dynamic_axes=axes, opset_version=opset, do_constant_folding=True, **kwargs)

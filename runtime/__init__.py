@@ -4,5 +4,6 @@ Nothing in this package imports torch or open_clip at import time: this is what 
 """
 from ._version import __version__
 from .errors import ClipfuseError
+from .segmenter import Segmenter
 
-__all__ = ["__version__", "ClipfuseError"]
+__all__ = ["__version__", "ClipfuseError", "Segmenter"]
