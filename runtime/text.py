@@ -1,0 +1,168 @@
+"""Class embeddings on the device, without PyTorch: names -> prompts -> tokens -> text graph.
+
+For every class name: fill each template, encode with the exported text graph
+(`clipfuse export-text`), L2-normalise each prompt embedding, average over the templates,
+L2-normalise again. This is the computation the exporter bakes into an image graph
+(clipfuse.export.text_embed.encode_names), so a dynamic-vocabulary graph fed these rows gives the
+baked graph's scores.
+
+    enc = TextEncoder.open("engines/vitb16-text.onnx")           # or .engine (TensorRT)
+    emb = class_embeddings(enc, [["sky"], ["tree", "bush"]], "imagenet80")
+    segmenter.set_class_embeddings(emb.embeddings, emb.classes)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .errors import ClipfuseError
+from .fileio import sha256_file
+from .manifest import manifest_path_for, read_manifest
+from .templates import fill, get_templates
+from .tokenizer import TOKENIZER_ID, tokenize
+from .vocab import Vocabulary, class_of_name, flat_names, validate
+
+L2_EPS = 1e-12  # torch.nn.functional.normalize's eps: x / max(||x||, eps)
+DEFAULT_CHUNK = 256  # prompts per graph call (bounded by an engine's max batch)
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    norm = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=axis, keepdims=True))
+    return (x / np.maximum(norm, L2_EPS)).astype(np.float32)
+
+
+def _open_runner(artifact: Path, manifest: dict, backend: str, options: dict):
+    """The text graph's runner: any registered backend (base.Backend interface: run(feeds) -> dict).
+
+    ONNX Runtime 1.32's CPU NchwcTransformer (optimisation level ALL) segfaults while loading the
+    FP16 text graph, so an FP16 .onnx on ort-cpu gets a session without that one transformer until
+    the ONNX Runtime backend does this itself.
+    """
+    from .backends import open_backend
+
+    resolved = backend if backend != "auto" else ("tensorrt" if artifact.suffix == ".engine" else "ort-cpu")
+    if resolved == "ort-cpu" and manifest.get("precision") == "fp16":
+        return _Fp16CpuSession(artifact, options)
+    return open_backend(artifact, manifest, backend, **options)
+
+
+class _Fp16CpuSession:
+    """Minimal ONNX Runtime CPU runner (same run/close/max_batch surface as base.Backend)."""
+
+    max_batch: Optional[int] = None
+
+    def __init__(self, artifact: Path, options: dict) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ClipfuseError("ONNX Runtime is not installed: pip install 'clipfuse[ort]'") from None
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if options.get("threads"):
+            so.intra_op_num_threads = int(options["threads"])
+        try:
+            self.session = ort.InferenceSession(str(artifact), sess_options=so, providers=["CPUExecutionProvider"],
+                                                disabled_optimizers=["NchwcTransformer"])
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClipfuseError(f"ONNX Runtime cannot load {artifact.name}: {first}") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TextEncoder:
+    """An exported text graph (tokens int64 [B, L] -> text_features float32 [B, E]) + the tokenizer."""
+
+    def __init__(self, artifact: Path, manifest: dict, runner) -> None:
+        self.artifact = artifact
+        self.manifest = manifest
+        self.runner = runner
+        self.context_length = int(manifest.get("context_length", 77))
+        self.embed_dim = int(manifest["embed_dim"]) if manifest.get("embed_dim") else None
+        self.input_name = manifest["inputs"][0]["name"]
+        self.output_name = manifest["outputs"][0]["name"]
+
+    @classmethod
+    def open(cls, artifact: "str | Path", backend: str = "auto", verify: bool = True,
+             backend_options: Optional[dict] = None) -> "TextEncoder":
+        """Open a text graph (.onnx, or a built .engine) with its manifest beside it."""
+        artifact = Path(artifact)
+        if not artifact.is_file():
+            raise ClipfuseError(f"text graph not found: {artifact} (make one with `clipfuse export-text`)")
+        manifest = read_manifest(manifest_path_for(artifact))
+        if manifest.get("kind") != "text":
+            raise ClipfuseError(f"{artifact.name} is a {manifest.get('kind')!r} artifact; class embeddings "
+                                "need a text graph (clipfuse export-text)")
+        if manifest.get("tokenizer") != TOKENIZER_ID:
+            raise ClipfuseError(f"{artifact.name} expects tokenizer {manifest.get('tokenizer')!r}; "
+                                f"this runtime has {TOKENIZER_ID!r}")
+        expected = manifest.get("onnx_sha256") if artifact.suffix == ".onnx" \
+            else (manifest.get("engine") or {}).get("sha256")
+        if verify and expected and sha256_file(artifact) != expected:
+            raise ClipfuseError(f"{artifact.name} does not match its manifest (sha256 differs): re-export, "
+                                "or copy the matching .json beside it")
+        return cls(artifact, manifest, _open_runner(artifact, manifest, backend, backend_options or {}))
+
+    def encode(self, texts: Sequence[str], chunk: int = DEFAULT_CHUNK, progress: bool = False) -> np.ndarray:
+        """Raw (not normalised) text features, float32 [len(texts), E]."""
+        step = max(1, min(chunk, getattr(self.runner, "max_batch", None) or chunk))
+        starts = range(0, len(texts), step)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc="text embeddings", unit="batch", leave=False)
+        outs = []
+        for start in starts:
+            tokens = tokenize(list(texts[start:start + step]), context_length=self.context_length)
+            outs.append(np.asarray(self.runner.run({self.input_name: tokens})[self.output_name], np.float32))
+        if not outs:
+            return np.zeros((0, self.embed_dim or 0), np.float32)
+        return np.concatenate(outs, axis=0)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "TextEncoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass
+class ClassEmbeddings:
+    embeddings: np.ndarray   # float32 [N_names, E], L2-normalised rows, names in vocabulary order
+    names: List[str]         # flat names, one per row
+    class_of_name: List[int]  # row -> class index
+    classes: Vocabulary      # the vocabulary they were computed for
+    templates: str
+
+
+def encode_names(encoder: TextEncoder, names: Sequence[str], templates: Sequence[str],
+                 chunk: int = DEFAULT_CHUNK, progress: bool = False) -> np.ndarray:
+    """[len(names), E]: per name, the L2-normalised mean of its L2-normalised template embeddings."""
+    templates = tuple(templates)
+    prompts = [p for name in names for p in fill(templates, name)]
+    per_prompt = l2_normalize(encoder.encode(prompts, chunk=chunk, progress=progress))
+    per_name = per_prompt.reshape(len(names), len(templates), -1).mean(axis=1)
+    return l2_normalize(per_name)
+
+
+def class_embeddings(encoder: TextEncoder, vocab: Vocabulary, templates: Union[str, Sequence[str]] = "imagenet80",
+                     chunk: int = DEFAULT_CHUNK, progress: bool = False) -> ClassEmbeddings:
+    """Embeddings of every name of `vocab` (classes of synonyms) with a template set or list."""
+    vocab = validate([list(names) for names in vocab])
+    template_list = get_templates(templates) if isinstance(templates, str) else tuple(templates)
+    if not template_list or any("{}" not in t for t in template_list):
+        raise ClipfuseError("every template needs one '{}' where the class name goes")
+    names = flat_names(vocab)
+    emb = encode_names(encoder, names, template_list, chunk=chunk, progress=progress)
+    return ClassEmbeddings(embeddings=emb, names=names, class_of_name=class_of_name(vocab), classes=vocab,
+                           templates=templates if isinstance(templates, str) else "custom")

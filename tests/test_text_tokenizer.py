@@ -1,0 +1,172 @@
+"""clipfuse.runtime.tokenizer against open_clip's own tokenizer (the reference), id for id."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from clipfuse.runtime import tokenizer as T
+
+open_clip = pytest.importorskip("open_clip")
+ftfy = pytest.importorskip("ftfy")
+
+HANDWRITTEN = [
+    "", " ", "   \t\n  ", "a", "A", "a photo of a dog.", "A PHOTO OF A DOG.", "itap of my {}.",
+    "sky", "tree, bush", "traffic light", "potted-plant", "t-shirt", "rock'n'roll",
+    "it's the dog's bone; they're here, we've gone, I'm sure, you'll see, he'd go",
+    "IT'S LOUD", "don't can't won't", "'s 't 're 've 'm 'll 'd", "'ſt and ſs", "''''", "\"quoted\"",
+    "3.14159", "2024-06-01", "1,000,000", "route 66", "R2-D2", "x²", "½ ¾ ⅓", "Ⅻ ⅻ ⑤ ⓐ",
+    "١٢٣ ٤٥٦", "१२३", "零一二三", "café", "cafe\u0301", "naïve résumé", "Ångström", "Straße",
+    "İstanbul", "ΣΊΣΥΦΟΣ", "Москва", "עברית", "العربية", "हिन्दी", "ภาษาไทย", "한국어", "日本語のテキスト",
+    "中文字符和标点。", "ｆｕｌｌｗｉｄｔｈ　ＴＥＸＴ", "ﾊﾝｶｸ", "ﬁne ﬂour ﬀ", "ĳssel",
+    "😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷🇯🇵", "❤️", "🏳️‍🌈", "a😀b", "dog🐕cat🐈",
+    "&amp;", "&amp;amp;", "&lt;b&gt;bold&lt;/b&gt;", "<b>bold</b> &amp; co", "caf&eacute;", "P&EACUTE;REZ",
+    "&#39;quote&#39;", "&#x1F600;", "&nbsp;space", "&notanentity;", "this&not that", "AT&T",
+    "\u201ccurly\u201d \u2018quotes\u2019", "line\r\nbreak\rmac\u2028sep\u2029para\x85nel",
+    "tab\tsep", "\x00\x01control\x7f\x1b[31mred\x1b[0m", "\ufeffbom", "zero\u200bwidth\u200djoin",
+    "\x80\x93\x9f c1", "a\u0345b", "<start_of_text>", "<end_of_text> tail", "x<start_of_text>y",
+    "!!!???...", "@#$%^&*()_+-=[]{}|;:,./<>?`~", "emoji🙂🙃 and punctuation!?", "https://example.com/a?b=c",
+    "CamelCaseWord", "snake_case_word", "supercalifragilisticexpialidocious",
+    "pneumonoultramicroscopicsilicovolcanoconiosis", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    "word " * 100, "😀" * 100, "日本" * 80, "a, " * 60, "x" * 1000, "1" * 200,
+]
+
+_POOLS = [
+    [chr(c) for c in range(0x61, 0x7B)] + [chr(c) for c in range(0x41, 0x5B)],        # ASCII letters
+    list("0123456789"), list(" " * 8 + "\t\n"), list(".,;:!?'\"-()[]{}/\\@#$%^&*_+=<>|~`"),
+    list("àáâãäåæçèéêëìíîïñòóôõöøùúûüýÿœšžłńśźżğışčřůőűÀÉÎÕÜÇ"),                      # accents
+    [chr(c) for c in range(0x4E00, 0x4E00 + 400)], [chr(c) for c in range(0x3041, 0x3097)],  # CJK, kana
+    [chr(c) for c in range(0xAC00, 0xAC00 + 200)], [chr(c) for c in range(0x0410, 0x0450)],  # Hangul, Cyrillic
+    [chr(c) for c in range(0x0391, 0x03CA)], [chr(c) for c in range(0x0600, 0x064B)],      # Greek, Arabic
+    [chr(c) for c in range(0x0900, 0x0970)], [chr(c) for c in range(0x0E01, 0x0E3B)],      # Devanagari, Thai
+    [chr(c) for c in range(0x1F300, 0x1F650)] + ["\u200d", "\ufe0f", "\U0001F3FD"],         # emoji + ZWJ
+    [chr(c) for c in range(0x0300, 0x0370)],                                                # combining
+    ["&amp;", "&lt;", "&gt;", "&quot;", "&#39;", "&eacute;", "&#x263A;", "&#233;", "&copy;", "&NBSP;"],
+    ["\u2018", "\u2019", "\u201c", "\u201d", "\uff21", "\uff41", "\u3000", "\ufb01", "\xa0", "\u2028"],
+    ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'LL"],
+    [chr(c) for c in range(0x2150, 0x2190)] + [chr(c) for c in range(0x2460, 0x24FF)],      # number forms
+]
+
+
+def generated_strings(n: int = 1200, seed: int = 0) -> list:
+    rng = random.Random(seed)
+    words = ["photo", "dog", "cat", "sky", "tree", "bush", "road", "the", "a", "of", "in", "video",
+             "game", "origami", "plushie", "jpeg", "corrupted", "pixelated", "itap"]
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:  # sentence-like with mixed pools
+            parts = [rng.choice(words) if rng.random() < 0.6 else
+                     "".join(rng.choice(rng.choice(_POOLS)) for _ in range(rng.randint(1, 6)))
+                     for _ in range(rng.randint(1, 12))]
+            out.append(" ".join(parts))
+        elif kind == 1:  # dense character soup from one or two pools
+            pools = rng.sample(_POOLS, 2)
+            out.append("".join(rng.choice(rng.choice(pools)) for _ in range(rng.randint(0, 40))))
+        elif kind == 2:  # random assigned-looking code points from the BMP and the SMP
+            out.append("".join(chr(rng.choice([rng.randint(0x20, 0x2FFF), rng.randint(0x3000, 0xD7FF),
+                                                 rng.randint(0xE000, 0xFFFD), rng.randint(0x10000, 0x1FAFF)]))
+                               for _ in range(rng.randint(1, 20))))
+        else:  # long: often over 77 tokens, exercising truncation
+            out.append(" ".join(rng.choice(words + ["🙂", "日本", "x1", "&amp;"])
+                                for _ in range(rng.randint(20, 150))))
+    return out
+
+
+CORPUS = HANDWRITTEN + generated_strings()
+
+
+def reference_ids(texts, context_length=77) -> np.ndarray:
+    return open_clip.tokenize(texts, context_length=context_length).numpy()
+
+
+def test_ids_identical_to_open_clip():
+    assert len(CORPUS) >= 1000
+    ours = T.tokenize(CORPUS)
+    ref = reference_ids(CORPUS)
+    assert ours.dtype == np.int64 and ours.shape == (len(CORPUS), 77)
+    bad = [CORPUS[i] for i in np.nonzero((ours != ref).any(axis=1))[0]]
+    assert not bad, f"{len(bad)} strings differ, first: {bad[:3]!r}"
+    # the corpus really covers truncation, empty text and the non-ASCII pools
+    n_truncated = sum(len(open_clip.tokenizer._tokenizer.encode(t)) + 2 > 77 for t in CORPUS)
+    assert n_truncated >= 200
+    assert (ref[:, 1] == T.get_tokenizer().eot_id).sum() >= 3  # empty after cleaning
+
+
+def _no_mojibake(text: str) -> bool:
+    return ftfy.fix_text(text, fix_encoding=False) == ftfy.fix_text(text)
+
+
+def test_ids_identical_without_ftfy_except_mojibake():
+    """The stdlib cleaner reproduces ftfy.fix_text on everything ftfy does not call mojibake."""
+    texts = [t for t in CORPUS if _no_mojibake(t)]
+    assert len(texts) >= 1000, len(texts)
+    fixer = T._StdlibFixer()
+    assert [fixer(t) for t in texts] == [ftfy.fix_text(t) for t in texts]
+    ours = T.ClipTokenizer(use_ftfy=False)(texts)
+    np.testing.assert_array_equal(ours, reference_ids(texts))
+    # and the one known difference: mojibake is left alone
+    assert T.ClipTokenizer(use_ftfy=False).clean("cafÃ©") == "cafã©"
+    assert T.ClipTokenizer(use_ftfy=True).clean("cafÃ©") == "café"
+
+
+@pytest.mark.parametrize("context_length", [2, 5, 16, 77, 100])
+def test_truncation_and_context_length(context_length):
+    texts = ["", "a photo of a dog.", "word " * 120, "😀" * 50]
+    ours = T.tokenize(texts, context_length=context_length)
+    np.testing.assert_array_equal(ours, reference_ids(texts, context_length))
+    eot = T.get_tokenizer().eot_id
+    assert ours[2, -1] == eot and ours[2, 0] == T.get_tokenizer().sot_id
+
+
+def test_known_ids():
+    # independent anchor: OpenAI CLIP's published ids for this prompt
+    np.testing.assert_array_equal(T.tokenize("a diagram")[0, :4], [49406, 320, 22697, 49407])
+    assert T.tokenize([""])[0, :3].tolist() == [49406, 49407, 0]
+
+
+def test_character_table_matches_installed_regex():
+    pytest.importorskip("regex")
+    shipped = json.loads(T.CLASSES_PATH.read_text(encoding="utf-8"))
+    derived = T.char_classes_from_regex()
+    for key in ("letters", "numbers", "others"):
+        assert shipped[key] == derived[key], f"{key}: regenerate {T.CLASSES_PATH.name}"
+
+
+def test_pretokenizer_matches_regex_on_every_code_point():
+    regex = pytest.importorskip("regex")
+    pattern = open_clip.tokenizer._tokenizer.pat
+    chars = [chr(c) for c in range(sys.maxunicode + 1)]
+    # "'" + c + "x" exercises the contractions, c's class and its run with a following letter
+    text = " ".join("'" + c + "x1" for c in chars)
+    assert T._pretokenize_pattern().findall(text) == regex.findall(pattern, text)
+
+
+def test_tokenizer_works_without_torch_regex_ftfy():
+    texts = ["a photo of a dog.", "naïve café 😀", "&amp; it's"]
+    expected = reference_ids(texts).tolist()
+    code = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split('.')[0] in ('torch', 'open_clip', 'regex', 'ftfy', 'onnx'):
+                    raise ImportError('blocked ' + name)
+        sys.meta_path.insert(0, Block())
+        from clipfuse.runtime.tokenizer import tokenize
+        assert tokenize({texts!r}).tolist() == {expected!r}
+        assert not any(m.split('.')[0] in ('torch', 'regex', 'ftfy') for m in sys.modules)
+        print('ok')
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_imagenet80_templates_equal_open_clip():
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+    from clipfuse.runtime.templates import IMAGENET80
+    assert list(IMAGENET80) == [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
