@@ -35,47 +35,10 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 def _open_runner(artifact: Path, manifest: dict, backend: str, options: dict):
-    """The text graph's runner: any registered backend (base.Backend interface: run(feeds) -> dict).
-
-    ONNX Runtime 1.32's CPU NchwcTransformer (optimisation level ALL) segfaults while loading the
-    FP16 text graph, so an FP16 .onnx on ort-cpu gets a session without that one transformer until
-    the ONNX Runtime backend does this itself.
-    """
+    """The text graph's runner: any registered backend (base.Backend interface: run(feeds) -> dict)."""
     from .backends import open_backend
 
-    resolved = backend if backend != "auto" else ("tensorrt" if artifact.suffix == ".engine" else "ort-cpu")
-    if resolved == "ort-cpu" and manifest.get("precision") == "fp16":
-        return _Fp16CpuSession(artifact, options)
     return open_backend(artifact, manifest, backend, **options)
-
-
-class _Fp16CpuSession:
-    """Minimal ONNX Runtime CPU runner (same run/close/max_batch surface as base.Backend)."""
-
-    max_batch: Optional[int] = None
-
-    def __init__(self, artifact: Path, options: dict) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ClipfuseError("ONNX Runtime is not installed: pip install 'clipfuse[ort]'") from None
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if options.get("threads"):
-            so.intra_op_num_threads = int(options["threads"])
-        try:
-            self.session = ort.InferenceSession(str(artifact), sess_options=so, providers=["CPUExecutionProvider"],
-                                                disabled_optimizers=["NchwcTransformer"])
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClipfuseError(f"ONNX Runtime cannot load {artifact.name}: {first}") from None
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-
-    def close(self) -> None:
-        self.session = None
 
 
 class TextEncoder:

@@ -98,9 +98,15 @@ class OrtBackend(Backend):
         if options.get("threads"):
             so.intra_op_num_threads = int(options["threads"])
         so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
+        extra = {}
+        if backend == "ort-cpu" and manifest.get("precision") == "fp16":
+            # ONNX Runtime 1.32's CPU NchwcTransformer segfaults while loading FP16 CLIP graphs;
+            # every other optimisation stays on.
+            extra["disabled_optimizers"] = ["NchwcTransformer"]
         try:
             self.session = ort.InferenceSession(str(artifact), sess_options=so,
-                                                providers=provider_chain(backend, self.artifact, manifest, options))
+                                                providers=provider_chain(backend, self.artifact, manifest, options),
+                                                **extra)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ClipfuseError(f"ONNX Runtime cannot load {artifact.name}: {first}") from None
