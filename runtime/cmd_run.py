@@ -32,6 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="exported graph (.onnx) or built engine (.engine); its .json must sit beside it")
     parser.add_argument("inputs", nargs="+", help="image file(s), folder(s) (searched recursively) or glob pattern(s)")
     parser.add_argument("-o", "--out", required=True, help="output folder (created)")
+    parser.add_argument("--text-model", default=None,
+                        help="--vocab dynamic graphs: the text graph from `clipfuse export-text` that "
+                             "embeds the class names on this machine")
+    parser.add_argument("--classes", default=None,
+                        help='--vocab dynamic graphs: new vocabulary, e.g. "sky,tree" or "bg;person,people" '
+                             "(default: the manifest's classes)")
+    parser.add_argument("--templates", default=None, choices=["imagenet80", "single"],
+                        help="--vocab dynamic graphs: prompt templates (default: the manifest's)")
     parser.add_argument("--backend", default="auto",
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
                              "tensorrt, torch (default: %(default)s)")
@@ -90,6 +98,26 @@ def _suffixes() -> List[str]:
     return list(IMAGE_SUFFIXES)
 
 
+def _feed_vocabulary(seg, args: argparse.Namespace) -> None:
+    """Embed the vocabulary with the exported text graph and hand it to the dynamic image graph."""
+    from .errors import ClipfuseError
+    from .text import TextEncoder, class_embeddings
+    from .vocab import parse_classes
+
+    if not args.text_model:
+        raise ClipfuseError(f"{Path(args.model).name} takes its vocabulary at run time: pass --text-model "
+                            "(made by `clipfuse export-text` with the same --model/--pretrained)")
+    vocab = parse_classes(args.classes) if args.classes else seg.classes
+    encoder = TextEncoder.open(args.text_model, backend="auto")
+    for key in ("model", "pretrained"):
+        if encoder.manifest.get(key) != seg.manifest.get(key):
+            raise ClipfuseError(f"text graph {Path(args.text_model).name} has {key} {encoder.manifest.get(key)!r}, "
+                                f"the image graph {seg.manifest.get(key)!r}: embeddings would not match")
+    emb = class_embeddings(encoder, vocab, args.templates or seg.manifest.get("templates", "imagenet80"),
+                           progress=True)
+    seg.set_class_embeddings(emb.embeddings, emb.classes)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -106,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
                          verify=not args.no_verify, short_side=args.short_side,
                          long_side_max=args.long_side_max, stride=args.window_stride,
                          logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd)
+    if seg.dynamic_vocab:
+        _feed_vocabulary(seg, args)
+    elif args.text_model or args.classes:
+        raise ClipfuseError(f"{Path(args.model).name} has a baked vocabulary; --text-model/--classes need a "
+                            "graph exported with --vocab dynamic")
     out_dir = Path(args.out)
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     failures = []
