@@ -1,0 +1,367 @@
+"""Global-Local CLIP pipeline: numpy pre-processing vs torch, end-to-end scores vs a torch
+reference of the public code, the `refer` CLI (outputs and bad input) and `eval-refer` on a tiny
+synthetic RefCOCO-format dataset (refs pickle + COCO instances JSON)."""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+import torch.nn.functional as F  # noqa: E402
+
+from clipfuse.runtime.cli import main  # noqa: E402
+from clipfuse.runtime.refer import pipeline as P  # noqa: E402
+
+from test_refer_graphs import IMAGENET_MEAN, IMAGENET_STD, reference_global  # noqa: E402
+
+TOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-processing
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("src,dst", [((37, 50), (7, 7)), ((5, 9), (224, 224)), ((224, 300), (224, 224))])
+def test_resize_bilinear_matches_torch(src, dst):
+    x = np.random.default_rng(0).random(src + (3,), dtype=np.float32)
+    ref = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=dst, mode="bilinear",
+                        align_corners=False)[0].permute(1, 2, 0).numpy()
+    np.testing.assert_allclose(P.resize_bilinear(x, dst), ref, atol=5e-5)   # torch: float32 coordinates
+
+
+def test_grid_masks_are_soft_bilinear():
+    masks = np.random.default_rng(1).random((4, 61, 83)) < 0.3
+    ref = F.interpolate(torch.from_numpy(masks.astype(np.float32))[:, None], size=(14, 14), mode="bilinear",
+                        align_corners=False)[:, 0].numpy()
+    got = P.grid_masks(masks, (14, 14))
+    assert got.dtype == np.float32 and got.shape == (4, 14, 14)
+    np.testing.assert_allclose(got, ref, atol=5e-5)
+    assert ((got > 0) & (got < 1)).any()           # soft values survive
+
+
+def test_mask_boxes_hand_computed():
+    m = np.zeros((3, 6, 10), bool)
+    m[0, 1:3, 2:6] = True         # cols 2..5: cx 3.5, w 4 -> x 1.5..5.5; rows 1..2: cy 1.5, h 2 -> 0.5..2.5
+    m[1, 4, [0, 9]] = True        # two far columns: cx 4.5, w 2 -> 3.5..5.5 (the public rule, not the extent); row 4: 3.5..4.5
+    m[2, 0, 0] = True             # single pixel at the corner: -0.5..0.5 -> 0..0
+    assert P.mask_boxes(m).tolist() == [[1, 0, 5, 2], [3, 3, 5, 4], [0, 0, 0, 0]]
+
+
+def public_local_crops(image: np.ndarray, masks: np.ndarray, size: int = 224) -> torch.Tensor:
+    """The public code's local branch in torch, in the NORMALISED space: image*m + (1-m)*fill with
+    fill = (0.485, 0.456, 0.406), FreeSOLO box, crop, bilinear resize (no antialias)."""
+    img = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    img = (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    fill = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    out = []
+    for mask in torch.from_numpy(masks):
+        m = mask.to(torch.uint8)[None, None]
+        masked = img * m + (1 - m) * fill
+        width_proj, height_proj = mask.any(0).float(), mask.any(1).float()
+        cw = (width_proj * torch.arange(len(width_proj))).sum() / width_proj.sum()
+        ch = (height_proj * torch.arange(len(height_proj))).sum() / height_proj.sum()
+        w, h = width_proj.sum(), height_proj.sum()
+        x1, y1, x2, y2 = (int(v) for v in torch.stack([cw - w / 2, ch - h / 2, cw + w / 2, ch + h / 2]).int())
+        crop = masked[:, :, y1:y2, x1:x2]
+        out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0])
+    return torch.stack(out)
+
+
+def _scene(h=40, w=56, seed=0):
+    rng = np.random.default_rng(seed)
+    image = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+    masks = np.zeros((3, h, w), bool)
+    masks[0, 5:20, 3:30] = True
+    masks[1, 22:38, 30:55] = True
+    masks[2] = rng.random((h, w)) < 0.2
+    return image, masks
+
+
+def test_local_crops_match_public_code():
+    image, masks = _scene()
+    crops = P.local_crops(image, masks, IMAGENET_MEAN, IMAGENET_STD, fill="public")
+    assert crops.shape == (3, 224, 224, 3) and crops.dtype == np.float32
+    normalised = (crops / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    ref = public_local_crops(image, masks).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(normalised, ref, atol=TOL)
+    # the fill colours normalise to the public constant / to zero
+    for fill, expected in (("public", (0.485, 0.456, 0.406)), ("mean", (0.0, 0.0, 0.0))):
+        px = P.fill_pixel(IMAGENET_MEAN, IMAGENET_STD, fill)
+        np.testing.assert_allclose((px / 255.0 - IMAGENET_MEAN) / IMAGENET_STD, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Graphs on disk: tiny refer graphs + the text graph, from one export-refer run
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory, tiny_clip):
+    from clipfuse.export.cmd_export_refer import export_refer
+
+    prefix = tmp_path_factory.mktemp("refer") / "tiny"
+    written = export_refer(prefix, model="ViT-T-16-test", pretrained="none", seed=tiny_clip.seed)
+    assert sorted(written) == ["global", "local", "text"]
+    return prefix
+
+
+def test_end_to_end_scores_match_torch_reference(graphs, tiny_clip):
+    import open_clip
+
+    image, masks = _scene(seed=4)
+    sentence = "The red ball on the left"
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        result = seg.refer(image, masks, sentence, alpha=0.7, parser="heuristic")
+    finally:
+        seg.close()
+    # reference: torch all the way, public-code pre-processing
+    visual, model = tiny_clip.model.visual, tiny_clip.model
+    img224 = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(224, 224),
+                           mode="bilinear", align_corners=False)
+    img224 = img224.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    soft = F.interpolate(torch.from_numpy(masks).float()[:, None], size=(14, 14), mode="bilinear",
+                         align_corners=False)[:, 0]
+    f_g = reference_global(visual, img224, soft)
+    with torch.no_grad():
+        f_l = visual(public_local_crops(image, masks))
+        tokens = open_clip.tokenize(["the red ball on the left", "the red ball"])
+        t = model.encode_text(tokens)
+    t = 0.5 * t[0] + 0.5 * t[1]
+    f = 0.7 * f_g + 0.3 * f_l
+    ref = (F.normalize(f, dim=-1) @ F.normalize(t, dim=0)).numpy()
+    assert result.noun_phrase.phrase == "the red ball"
+    np.testing.assert_allclose(result.scores, ref, atol=TOL)
+    assert result.best == int(np.argmax(ref))
+    assert result.ranking()[0] == result.best
+
+
+def test_alpha_and_empty_mask_errors(graphs):
+    from clipfuse.runtime.errors import ClipfuseError
+
+    image, masks = _scene()
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        with pytest.raises(ClipfuseError, match="alpha"):
+            seg.refer(image, masks, "a dog", alpha=1.5)
+        masks[1] = False
+        with pytest.raises(ClipfuseError, match="proposal 1 is empty"):
+            seg.refer(image, masks, "a dog")
+        with pytest.raises(ClipfuseError, match="empty"):
+            seg.refer(image, masks, "   ")
+    finally:
+        seg.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: clipfuse refer
+# ---------------------------------------------------------------------------------------------
+def test_refer_cli_writes_mask_overlay_and_ranking(graphs, tmp_path):
+    image, masks = _scene(seed=5)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    np.savez(tmp_path / "props.npz", masks=masks)
+    out = tmp_path / "out"
+    assert main(["refer", str(tmp_path / "photo.png"), "a man on the left", "-g", str(graphs),
+                 "--masks", str(tmp_path / "props.npz"), "--parser", "heuristic", "-o", str(out)]) == 0
+    report = json.loads((out / "photo.refer.json").read_text())
+    best = report["best_proposal"]
+    assert report["noun_phrase"] == "a man" and report["num_proposals"] == 3
+    scores = [r["score"] for r in report["ranking"]]
+    assert scores == sorted(scores, reverse=True) and report["ranking"][0]["proposal"] == best
+    mask_png = np.asarray(Image.open(out / "photo.mask.png"))
+    assert np.array_equal(mask_png > 0, masks[best])
+    assert Image.open(out / "photo.overlay.png").size[1] == image.shape[0]
+
+
+def test_refer_cli_generates_proposals_without_masks(graphs, tmp_path):
+    image = np.zeros((48, 64, 3), np.uint8)
+    image[:, :32] = (220, 40, 40)
+    image[:, 32:] = (30, 60, 200)
+    Image.fromarray(image).save(tmp_path / "two.png")
+    assert main(["refer", str(tmp_path / "two.png"), "the blue half", "-g", str(graphs), "-o",
+                 str(tmp_path / "o")]) == 0
+    report = json.loads((tmp_path / "o" / "two.refer.json").read_text())
+    assert report["proposals"] == "kmeans-colour" and report["num_proposals"] >= 2
+
+
+@pytest.mark.parametrize("case,match", [
+    ("empty", "referring expression is empty"),
+    ("zero", "zero mask proposals"),
+    ("size", "masks are 20x30 .* image is 40x56"),
+])
+def test_refer_cli_bad_input_is_one_line_error(case, match, graphs, tmp_path, capsys):
+    import re
+
+    image, masks = _scene()
+    Image.fromarray(image).save(tmp_path / "p.png")
+    sentence = "   " if case == "empty" else "a dog"
+    props = {"empty": masks, "zero": np.zeros((0, 40, 56), bool), "size": np.ones((2, 20, 30), bool)}[case]
+    np.savez(tmp_path / "m.npz", masks=props)
+    capsys.readouterr()
+    code = main(["refer", str(tmp_path / "p.png"), sentence, "-g", str(graphs), "--masks",
+                 str(tmp_path / "m.npz"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("clipfuse refer: error:")
+    assert re.search(match, err), err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-refer on a synthetic dataset in the REFER format
+# ---------------------------------------------------------------------------------------------
+def _polygon(x0, y0, x1, y1):
+    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
+
+
+def _write_dataset(root: Path):
+    """2 images; annotations as polygons and RLE; refs with val/train splits, 5 val sentences."""
+    imgdir = root / "images" / "mscoco" / "images" / "train2014"
+    imgdir.mkdir(parents=True)
+    rng = np.random.default_rng(9)
+    images = []
+    for image_id, (h, w) in ((11, (40, 56)), (12, (36, 48))):
+        name = f"COCO_train2014_{image_id:012d}.png"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(imgdir / name)
+        images.append({"id": image_id, "file_name": name, "height": h, "width": w})
+    rle_mask = np.zeros((36, 48), bool)
+    rle_mask[10:30, 20:40] = True
+    flat = rle_mask.T.ravel()
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()   # starts with background
+    anns = [
+        {"id": 101, "image_id": 11, "category_id": 1, "iscrowd": 0, "segmentation": _polygon(3, 5, 29, 19)},
+        {"id": 102, "image_id": 11, "category_id": 2, "iscrowd": 0, "segmentation": _polygon(30, 22, 54, 37)},
+        {"id": 103, "image_id": 12, "category_id": 1, "iscrowd": 0,
+         "segmentation": {"size": [36, 48], "counts": counts}},
+        {"id": 104, "image_id": 12, "category_id": 3, "iscrowd": 0, "segmentation": _polygon(0, 0, 10, 8)},
+    ]
+    folder = root / "refcoco"
+    folder.mkdir()
+    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
+                                                       "categories": [{"id": i, "name": str(i)} for i in (1, 2, 3)]}))
+
+    def sent(i, raw):
+        return {"sent_id": i, "raw": raw, "sent": raw.lower(), "tokens": raw.lower().split()}
+
+    refs = [
+        {"ref_id": 1, "ann_id": 101, "image_id": 11, "split": "val", "category_id": 1, "sent_ids": [1, 2],
+         "file_name": "x.jpg", "sentences": [sent(1, "Left man"), sent(2, "man on top left")]},
+        {"ref_id": 2, "ann_id": 102, "image_id": 11, "split": "val", "category_id": 2, "sent_ids": [3],
+         "file_name": "x.jpg", "sentences": [sent(3, "the dog at the bottom")]},
+        {"ref_id": 3, "ann_id": 103, "image_id": 12, "split": "val", "category_id": 1, "sent_ids": [4, 5],
+         "file_name": "x.jpg", "sentences": [sent(4, "big square"), sent(5, "the square in the middle")]},
+        {"ref_id": 4, "ann_id": 104, "image_id": 12, "split": "train", "category_id": 3, "sent_ids": [6],
+         "file_name": "x.jpg", "sentences": [sent(6, "corner thing")]},
+    ]
+    with open(folder / "refs(unc).p", "wb") as fh:
+        pickle.dump(refs, fh, protocol=2)
+    return rle_mask
+
+
+def test_eval_refer_dataset_reader(tmp_path):
+    from clipfuse.runtime.refer.dataset import ReferDataset
+
+    rle_mask = _write_dataset(tmp_path)
+    data = ReferDataset(tmp_path, "refcoco", split="val")
+    assert len(data) == 5 and [r.ref_id for r in data.refs] == [1, 2, 3]
+    assert np.array_equal(data.ann_mask(103), rle_mask)
+    assert data.image_masks(11).shape == (2, 40, 56)
+    assert data.ann_mask(104)[0:9, 0:11].all() and data.ann_mask(104).sum() == 9 * 11   # polygon incl. border
+
+
+def test_eval_refer_oracle_and_masks_dir(graphs, tmp_path):
+    from clipfuse.runtime.refer.dataset import ReferDataset
+    from clipfuse.runtime.refer.metrics import ReferMetrics
+
+    _write_dataset(tmp_path)
+    data = ReferDataset(tmp_path, "refcoco", split="val")
+    # 1) proposals = the target alone -> every IoU is 1 (reader, target decoding, aggregation)
+    props = tmp_path / "props"
+    props.mkdir()
+    np.savez(props / "11.npz", masks=np.stack([data.ann_mask(101) | data.ann_mask(102)]))
+    np.savez(props / "COCO_train2014_000000000012.npz", masks=data.ann_mask(103)[None])
+    out = tmp_path / "r1.json"
+    assert main(["eval-refer", "-g", str(graphs), "--data", str(tmp_path), "--masks-dir", str(props),
+                 "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    iou_union = data.ann_mask(101).sum() / (data.ann_mask(101) | data.ann_mask(102)).sum()
+    iou_union2 = data.ann_mask(102).sum() / (data.ann_mask(101) | data.ann_mask(102)).sum()
+    assert [s["iou"] for s in res["samples"]] == pytest.approx([iou_union, iou_union, iou_union2, 1.0, 1.0], abs=1e-6)
+    i = 2 * data.ann_mask(101).sum() + data.ann_mask(102).sum() + 2 * data.ann_mask(103).sum()
+    u = 3 * (data.ann_mask(101) | data.ann_mask(102)).sum() + 2 * data.ann_mask(103).sum()
+    assert res["summary"]["oIoU"] == pytest.approx(i / u)
+    assert res["summary"]["mIoU"] == pytest.approx((2 * iou_union + iou_union2 + 2) / 5)
+    assert res["summary"]["alpha"] == 0.95 and res["summary"]["expressions"] == 5
+    # 2) a missing proposal file -> IoU 0 for that image's sentences, counted
+    (props / "11.npz").unlink()
+    assert main(["eval-refer", "-g", str(graphs), "--data", str(tmp_path), "--masks-dir", str(props),
+                 "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["summary"]["no_proposals"] == 3 and res["summary"]["mIoU"] == pytest.approx(2 / 5)
+    # 3) oracle proposals: the eval equals ranking each sentence through the Python API
+    assert main(["eval-refer", "-g", str(graphs), "--data", str(tmp_path), "--oracle-proposals",
+                 "--parser", "heuristic", "--alpha", "0.8", "-o", str(out)]) == 0
+    res = json.loads(out.read_text())
+    seg = P.ReferSegmenter.open(graphs)
+    expected = ReferMetrics()
+    from clipfuse.runtime.imageio import read_image
+    try:
+        for ref in data.refs:
+            image = read_image(data.image_path(ref.image_id))
+            masks = data.image_masks(ref.image_id)
+            for s in ref.sentences:
+                r = seg.refer(image, masks, s["raw"], alpha=0.8, parser="heuristic")
+                expected.add(masks[r.best], data.ann_mask(ref.ann_id))
+    finally:
+        seg.close()
+    assert res["summary"]["mIoU"] == pytest.approx(expected.miou)
+    assert res["summary"]["oIoU"] == pytest.approx(expected.oiou)
+    assert all(s["iou"] in (0.0, 1.0) or 0 < s["iou"] < 1 for s in res["samples"])
+
+
+def test_eval_refer_missing_annotations_is_one_line_error(graphs, tmp_path, capsys):
+    code = main(["eval-refer", "-g", str(graphs), "--data", str(tmp_path), "--dataset", "refcocog"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "refs(umd).p" in err
+
+
+def test_refer_cli_with_dense_model_proposals(graphs, tmp_path):
+    from clipfuse.export.api import export_image_graph
+    from clipfuse.runtime.refer.masks import dense_label_map, generate_proposals
+
+    dense = export_image_graph(head="sclip", out=tmp_path / "dense", model="ViT-T-16-test", pretrained="none",
+                               classes=[["sky"], ["tree"], ["road"]], size=224, templates="single")
+    image, _ = _scene(h=60, w=90, seed=6)
+    labels = dense_label_map(dense, image)
+    assert labels.max() < 3 and labels.shape[1] > labels.shape[0]
+    props, source = generate_proposals(image, dense)
+    assert source.startswith("dense:") and props.shape[1:] == image.shape[:2]
+    # every class region of the dense label map is one of the proposals
+    from PIL import Image as PILImage
+    full = np.asarray(PILImage.fromarray(labels.astype(np.int32), mode="I").resize((90, 60), PILImage.NEAREST))
+    for k in np.unique(labels):
+        assert any(np.array_equal(p, full == k) for p in props)
+    Image.fromarray(image).save(tmp_path / "d.png")
+    assert main(["refer", str(tmp_path / "d.png"), "the road", "-g", str(graphs), "--dense", str(dense),
+                 "-o", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "d.refer.json").read_text())["proposals"].startswith("dense:dense.onnx")
+
+
+def test_text_graph_from_other_weights_is_refused(graphs, tmp_path):
+    import shutil
+
+    from clipfuse.export.text_graph import export_text_graph
+    from clipfuse.runtime.errors import ClipfuseError
+
+    for part in ("global", "local"):
+        for suffix in (".onnx", ".json"):
+            shutil.copy(graphs.with_name(f"tiny-{part}{suffix}"), tmp_path / f"x-{part}{suffix}")
+    with pytest.raises(ClipfuseError, match="text graph not found"):
+        P.ReferSegmenter.open(tmp_path / "x")
+    export_text_graph(tmp_path / "x-text", model="ViT-T-16-test", pretrained="none", seed=5)
+    with pytest.raises(ClipfuseError, match="other weights"):
+        P.ReferSegmenter.open(tmp_path / "x")
