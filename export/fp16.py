@@ -14,12 +14,13 @@ graph whose tensors already carry their precision. This pass makes that graph:
 * a Cast sits at every boundary between the two, so TensorRT, ONNX Runtime and a reader of the
   graph all see the same precision decisions.
 
-Why our own pass and not onnxconverter-common or ModelOpt AutoCast: both were tried on the same
-graphs (see the project README): onnxconverter-common's block list works per op TYPE, and the
-islands here are patterns of ordinary Div/Mul/Sub/MatMul nodes (blocking Div or MatMul by type
-keeps half the network in FP32); AutoCast picks islands from activation ranges of calibration data
-and its ONNX extra pulls onnxruntime-gpu. This pass is deterministic, dependency-free and the same
-rules are re-checked by clipfuse.export.graph_checks.
+Why our own pass: onnxconverter-common 1.16 (float16.convert_float_to_float16) was tried on these
+graphs: with any op_block_list it crashes (AttributeError in remove_unnecessary_cast_node), it
+clamps small constants such as LayerNorm's eps to 1e-7, and its block list works per op TYPE while
+the islands here are patterns of ordinary Div/Mul/Sub/MatMul nodes (blocking Div or MatMul by type
+keeps half the network in FP32). ModelOpt AutoCast picks islands from activation ranges of
+calibration data and its [onnx] extra pulls onnxruntime-gpu. This pass is deterministic,
+dependency-free, and clipfuse.export.graph_checks re-checks its result on every build.
 """
 from __future__ import annotations
 
@@ -94,8 +95,7 @@ def _constant_names(graph: onnx.GraphProto) -> Set[str]:
     return names
 
 
-def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
-                 fp32_residual: bool = False) -> Dict[int, str]:
+def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> Dict[int, str]:
     """Node index -> reason, for every node that must compute in FP32.
 
     The rules are structural (no calibration data), so the same graph always gives the same islands.
@@ -190,18 +190,6 @@ def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
         if "l2" in kinds and "data" not in kinds:
             _mark_downstream(i, nodes, consumers, islands)
 
-    # 5b. optional FP32 residual stream: the x + branch(x) Adds that feed a LayerNorm or the next
-    #     residual Add accumulate in FP32 (FP16 matmuls inside each branch).
-    if fp32_residual:
-        for i in range(len(nodes) - 1, -1, -1):
-            node = nodes[i]
-            if node.op_type != "Add" or any(x in constants for x in node.input):
-                continue
-            users = [nodes[u] for u in consumers.get(node.output[0], [])]
-            if any(u.op_type == "LayerNormalization" or islands.get(j) == "residual"
-                   for u, j in zip(users, consumers.get(node.output[0], []))):
-                islands.setdefault(i, "residual")
-
     # 6. data-movement ops compute nothing: when everything they feed is FP32, they stay FP32 too
     #    (no FP16 round trip between an FP32 producer and an FP32 consumer, e.g. CLIP-DINOiser's
     #    block-9 features reshaped into the correlation head). Reverse order handles chains.
@@ -270,8 +258,7 @@ def _drop_constant_identities(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
-                    fp32_residual: bool = False) -> "tuple[onnx.ModelProto, Fp16Report]":
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
     """Return (FP16 model with FP32 islands, report). The input model is not modified."""
     src = model
     for node in src.graph.node:
@@ -282,7 +269,7 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
     model.CopyFrom(src)
     _drop_constant_identities(model.graph)
     types = _elem_types(model)
-    islands = fp32_islands(model, extra_fp32_ops, fp32_residual)
+    islands = fp32_islands(model, extra_fp32_ops)
     graph = model.graph
     old_nodes = list(graph.node)
     report = Fp16Report(nodes=len(old_nodes), fp32_nodes=len(islands))
@@ -291,7 +278,6 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
 
     consumers = _consumers(graph)
     inits = {init.name: init for init in graph.initializer}
-    const_nodes = {n.output[0]: n for n in old_nodes if n.op_type == "Constant"}
     io_names = {x.name for x in graph.input} | {x.name for x in graph.output}
 
     # Current precision of every float tensor as the new graph computes it.
@@ -405,13 +391,12 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (),
     return model, report
 
 
-def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = (),
-                 fp32_residual: bool = False) -> Fp16Report:
+def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = ()) -> Fp16Report:
     """FP32 ONNX file -> FP16 ONNX file (written atomically)."""
     from clipfuse.runtime.fileio import atomic_path
 
     model = onnx.load(str(src))
-    fp16, report = convert_to_fp16(model, extra_fp32_ops, fp32_residual)
+    fp16, report = convert_to_fp16(model, extra_fp32_ops)
     with atomic_path(dst) as tmp:
         onnx.save(fp16, str(tmp))
     return report

@@ -1,0 +1,219 @@
+"""What is installed here and what clipfuse can do with it (`clipfuse doctor`).
+
+Every probe is guarded: a missing or broken package is reported, never raised. Torch-free at
+import time; probes import their package only when called. The GPU probes (`gpu_info`) are also
+what the builder and the TensorRT backend use to name and check engines.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
+
+
+@dataclass
+class GpuInfo:
+    name: str
+    sm: str                      # "87" for compute capability 8.7
+    total_bytes: Optional[int] = None
+    free_bytes: Optional[int] = None
+    driver: Optional[str] = None
+    source: str = ""             # "cuda-python" or "nvidia-smi"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def import_cudart():
+    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+/13.x), else `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore
+    except ImportError:
+        from cuda import cudart  # type: ignore  # cuda-python < 12.6; gone in 13.x
+    return cudart
+
+
+def _cuda_ok(result) -> tuple:
+    """cuda-python returns (error, *values); raise on anything but success."""
+    err, rest = result[0], result[1:]
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {int(err)} ({getattr(err, 'name', err)})")
+    return rest
+
+
+def _gpu_via_cuda_python(device: int) -> Optional[GpuInfo]:
+    cudart = import_cudart()
+    (count,) = _cuda_ok(cudart.cudaGetDeviceCount())
+    if count <= device:
+        return None
+    (props,) = _cuda_ok(cudart.cudaGetDeviceProperties(device))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    name = name.split("\x00", 1)[0]
+    _cuda_ok(cudart.cudaSetDevice(device))
+    free, total = _cuda_ok(cudart.cudaMemGetInfo())
+    (drv,) = _cuda_ok(cudart.cudaDriverGetVersion())
+    driver = f"CUDA {drv // 1000}.{(drv % 1000) // 10}"
+    return GpuInfo(name=name, sm=f"{props.major}{props.minor}", total_bytes=int(total),
+                   free_bytes=int(free), driver=driver, source="cuda-python")
+
+
+def _gpu_via_nvidia_smi(device: int) -> Optional[GpuInfo]:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    out = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,memory.free,driver_version",
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=20)
+    rows = [r for r in out.stdout.strip().splitlines() if r.strip()]
+    if out.returncode != 0 or len(rows) <= device:
+        return None
+    name, cap, total, free, driver = [c.strip() for c in rows[device].split(",")]
+    mib = 1 << 20
+    return GpuInfo(name=name, sm=cap.replace(".", ""), total_bytes=int(float(total)) * mib,
+                   free_bytes=int(float(free)) * mib, driver=f"driver {driver}", source="nvidia-smi")
+
+
+def gpu_info(device: int = 0) -> Optional[GpuInfo]:
+    """The GPU `device`, or None when there is none (or no way to ask)."""
+    for probe in (_gpu_via_cuda_python, _gpu_via_nvidia_smi):
+        try:
+            info = probe(device)
+        except Exception:
+            continue
+        if info is not None:
+            return info
+    return None
+
+
+def _version(module: str, attr: str = "__version__") -> Optional[str]:
+    try:
+        mod = importlib.import_module(module)
+    except Exception:
+        return None
+    return str(getattr(mod, attr, "installed"))
+
+
+def _dist_version(dist: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _host_memory() -> Dict[str, Optional[int]]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
+        return {"total_bytes": info.get("MemTotal"), "available_bytes": info.get("MemAvailable")}
+    except Exception:
+        pass
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        avail = os.sysconf("SC_AVPHYS_PAGES")
+        return {"total_bytes": pages * size, "available_bytes": avail * size}
+    except Exception:
+        return {"total_bytes": None, "available_bytes": None}
+
+
+def _ort_providers() -> List[str]:
+    try:
+        import onnxruntime
+        return list(onnxruntime.get_available_providers())
+    except Exception:
+        return []
+
+
+def collect() -> Dict[str, Any]:
+    """Everything doctor reports, as plain JSON-able data."""
+    from ._version import __version__
+
+    versions = {
+        "clipfuse": __version__,
+        "python": platform.python_version(),
+        # package metadata, not imports: importing torch/open_clip takes seconds and is not needed
+        "numpy": _version("numpy"),
+        "torch": _dist_version("torch"),
+        "open_clip": _dist_version("open_clip_torch"),
+        "onnx": _dist_version("onnx"),
+        "onnxruntime": _dist_version("onnxruntime") or _dist_version("onnxruntime-gpu"),
+        # imported: a tensorrt wheel whose libraries are missing (the PyPI stubs) does not count
+        "tensorrt": _version("tensorrt"),
+        "cuda-python": _dist_version("cuda-python") or _dist_version("cuda-bindings"),
+    }
+    ort_dists = [d for d in ("onnxruntime", "onnxruntime-gpu") if _dist_version(d)]
+    providers = _ort_providers()
+    gpu = gpu_info()
+    report: Dict[str, Any] = {
+        "versions": versions,
+        "platform": f"{platform.system()} {platform.machine()}",
+        "onnxruntime_providers": providers,
+        "onnxruntime_distributions": ort_dists,
+        "gpu": gpu.to_dict() if gpu else None,
+        "host_memory": _host_memory(),
+    }
+    report["can"] = capabilities(versions, providers, gpu)
+    notes = []
+    if len(ort_dists) > 1:
+        notes.append("both onnxruntime and onnxruntime-gpu are installed: they shadow each other; "
+                     "uninstall both and install one")
+    if gpu is None and versions["tensorrt"]:
+        notes.append("tensorrt is installed but no GPU is visible")
+    report["notes"] = notes
+    return report
+
+
+def capabilities(versions: Dict[str, Optional[str]], providers: List[str],
+                 gpu: Optional[GpuInfo]) -> Dict[str, bool]:
+    have = {k: bool(v) for k, v in versions.items()}
+    return {
+        "export": have["torch"] and have["open_clip"] and have["onnx"],
+        "build_fp16_onnx": have["onnx"],
+        "build_engines": have["tensorrt"] and gpu is not None,
+        "run_ort_cpu": "CPUExecutionProvider" in providers,
+        "run_ort_cuda": "CUDAExecutionProvider" in providers and gpu is not None,
+        "run_ort_trt": "TensorrtExecutionProvider" in providers and gpu is not None,
+        "run_engines": have["tensorrt"] and have["cuda-python"] and gpu is not None,
+    }
+
+
+_CAN_TEXT = {
+    "export": "export ONNX graphs (clipfuse export)        needs torch, open_clip, onnx",
+    "build_fp16_onnx": "build FP16 ONNX (clipfuse build --dry-run)   needs onnx",
+    "build_engines": "build TensorRT engines (clipfuse build)     needs tensorrt + a GPU",
+    "run_ort_cpu": "run on ONNX Runtime CPU (--backend ort-cpu) needs onnxruntime",
+    "run_ort_cuda": "run on ONNX Runtime CUDA (ort-cuda)         needs onnxruntime-gpu + a GPU",
+    "run_ort_trt": "run on ONNX Runtime TensorRT EP (ort-trt)   needs onnxruntime-gpu + TensorRT",
+    "run_engines": "run TensorRT engines (--backend tensorrt)   needs tensorrt + cuda-python + a GPU",
+}
+
+
+def _gib(n: Optional[int]) -> str:
+    return "?" if n is None else f"{n / (1 << 30):.1f} GiB"
+
+
+def format_report(report: Dict[str, Any]) -> str:
+    lines = ["versions:"]
+    for name, ver in report["versions"].items():
+        lines.append(f"  {name:<12} {ver or 'not installed'}")
+    providers = report["onnxruntime_providers"]
+    lines.append(f"onnxruntime providers: {', '.join(providers) if providers else '(onnxruntime not installed)'}")
+    gpu = report["gpu"]
+    if gpu:
+        lines.append(f"GPU: {gpu['name']} (SM {gpu['sm']}), {_gib(gpu['free_bytes'])} free of "
+                     f"{_gib(gpu['total_bytes'])}, {gpu['driver'] or 'driver ?'} [via {gpu['source']}]")
+    else:
+        lines.append("GPU: none visible (no CUDA device through cuda-python or nvidia-smi)")
+    mem = report["host_memory"]
+    lines.append(f"host memory: {_gib(mem['available_bytes'])} available of {_gib(mem['total_bytes'])}")
+    lines.append(f"platform: {report['platform']}, python {sys.executable}")
+    lines.append("what clipfuse can do here:")
+    for key, ok in report["can"].items():
+        lines.append(f"  [{'yes' if ok else ' no'}] {_CAN_TEXT[key]}")
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

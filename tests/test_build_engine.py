@@ -1,0 +1,227 @@
+"""Engine naming, trtexec line, manifests and `clipfuse build --dry-run` (no TensorRT needed);
+TensorRT build/load tests that run only where tensorrt and a CUDA GPU are present."""
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipfuse.runtime.cli import main as cli_main
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.manifest import read_manifest
+
+onnx = pytest.importorskip("onnx")
+from clipfuse.export import trt_build  # noqa: E402
+from clipfuse.export.trt_build import BatchProfile, InputShape  # noqa: E402
+
+
+def test_batch_profile_parsing():
+    assert BatchProfile.parse("1:4:16") == BatchProfile(1, 4, 16)
+    assert BatchProfile.parse("2:2:2").tag() == "b2_2_2"
+    for bad in ("1:4", "4:1:16", "0:1:2", "a:b:c", "1:8:4"):
+        with pytest.raises(ClipfuseError):
+            BatchProfile.parse(bad)
+
+
+def test_engine_name_encodes_everything_it_is_tied_to():
+    name = trt_build.engine_file_name("sclip", "10.3.0.30", "8.7", "fp16", BatchProfile(1, 4, 16), "ab" * 32)
+    assert name == "sclip.trt10.3-sm87-fp16-b1_4_16-abababab.engine"
+    assert trt_build.engine_file_name("x", "11.4", "sm_90", "fp32", BatchProfile(1, 8, 32), "0" * 64) == \
+        "x.trt11.4-sm90-fp32-b1_8_32-00000000.engine"
+    with pytest.raises(ClipfuseError):
+        trt_build.engine_file_name("x", "ten", "87", "fp16", BatchProfile(1, 1, 1), "0" * 64)
+    assert trt_build.timing_cache_name("10.3.0", "87") == "timing.trt10.3-sm87.cache"
+
+
+def test_trtexec_line_profiles_only_the_batch_axis():
+    inputs = [InputShape("image", (None, 448, 448, 3))]
+    profiles = trt_build.input_profiles(inputs, BatchProfile(1, 4, 16), BatchProfile(1, 32, 256))
+    assert profiles["image"] == ([1, 448, 448, 3], [4, 448, 448, 3], [16, 448, 448, 3])
+    line = trt_build.trtexec_command("e/m.fp16.onnx", "e/m.engine", profiles, "e/t.cache", 3 << 30, 4)
+    args = shlex.split(line)
+    assert args[0] == "trtexec" and "--stronglyTyped" in args and "--fp16" not in args
+    assert "--minShapes=image:1x448x448x3" in args and "--optShapes=image:4x448x448x3" in args
+    assert "--maxShapes=image:16x448x448x3" in args and "--timingCacheFile=e/t.cache" in args
+    assert "--memPoolSize=workspace:3072M" in args and "--builderOptimizationLevel=4" in args
+    assert not any(a.startswith("--shapes") for a in args)
+    weak = shlex.split(trt_build.trtexec_command("m.onnx", "m.engine", profiles, "t", 1 << 30, 3,
+                                                 strongly_typed=False, weak_fp16=True))
+    assert "--fp16" in weak and "--stronglyTyped" not in weak
+    # dynamic vocabulary: class_embeddings [K, E] gets the class profile on its axis 0
+    dyn = trt_build.input_profiles(inputs + [InputShape("class_embeddings", (None, 512))],
+                                   BatchProfile(1, 4, 16), BatchProfile(1, 32, 256))
+    assert dyn["class_embeddings"] == ([1, 512], [32, 512], [256, 512])
+    with pytest.raises(ClipfuseError):
+        trt_build.input_profiles([InputShape("image", (None, None, 224, 3))], BatchProfile(1, 1, 1), BatchProfile(1, 1, 1))
+
+
+def test_engine_manifest_section(tmp_path):
+    from clipfuse.export.cmd_build import engine_section
+
+    section = engine_section(engine=tmp_path / "m.trt10.3-sm87-fp16-b1_4_16-12345678.engine", engine_sha256="e" * 64,
+                             tensorrt_version="10.3.0.30", sm="8.7", gpu_name="Orin", precision="fp16",
+                             batch=BatchProfile(1, 4, 16), onnx_sha256="1" * 64, trtexec="trtexec ...",
+                             workspace_bytes=1 << 30, opt_level=3, timing_cache=tmp_path / "timing.cache")
+    assert set(section) >= {"file", "sha256", "tensorrt_version", "sm", "gpu_name", "precision", "batch_profile",
+                            "onnx_sha256", "trtexec", "workspace_bytes", "opt_level", "timing_cache"}
+    assert section["sm"] == "87" and section["batch_profile"] == [1, 4, 16]
+    assert section["file"].endswith(".engine") and section["timing_cache"] == "timing.cache"
+
+
+def test_backend_refuses_engine_of_another_trt_or_sm(tmp_path):
+    from clipfuse.runtime.backends.tensorrt import check_engine_target
+
+    manifest = {"engine": {"tensorrt_version": "10.3.0.30", "sm": "87", "gpu_name": "Orin"}}
+    eng = tmp_path / "m.engine"
+    check_engine_target(manifest, "10.3.0.26", "87", eng)  # same release, same SM: fine
+    with pytest.raises(ClipfuseError, match="TensorRT 10.3.0.30, this machine has 10.13"):
+        check_engine_target(manifest, "10.13.0.35", "87", eng)
+    with pytest.raises(ClipfuseError, match="SM 87 .*SM 90"):
+        check_engine_target(manifest, "10.3.0.30", "90", eng)
+    with pytest.raises(ClipfuseError, match="no 'engine' section"):
+        check_engine_target({}, "10.3", "87", eng)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    api = pytest.importorskip("clipfuse.export.api")
+    out = tmp_path_factory.mktemp("eng") / "sclip"
+    return api.export_image_graph("sclip", out, model="ViT-T-16-test", pretrained="none",
+                                  classes=[["sky"], ["tree", "bush"], ["road"]], size=224, templates="single")
+
+
+def test_cli_build_dry_run_writes_fp16_graph_and_plans_the_engine(exported, capsys):
+    rc = cli_main(["build", str(exported), "--precision", "fp16", "--batch", "1:4:16", "--dry-run",
+                   "--target-trt", "10.3.0.30", "--target-sm", "87", "--workspace-gb", "2", "--opt-level", "4"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    fp16_onnx = exported.with_name("sclip.fp16.onnx")
+    src_manifest = read_manifest(exported.with_suffix(".json"))
+    manifest = read_manifest(exported.with_name("sclip.fp16.json"))
+    from clipfuse.runtime.fileio import sha256_file
+    assert manifest["precision"] == "fp16" and manifest["onnx_file"] == "sclip.fp16.onnx"
+    assert manifest["onnx_sha256"] == sha256_file(fp16_onnx)
+    assert manifest["source_onnx_sha256"] == src_manifest["onnx_sha256"] == sha256_file(exported)
+    assert manifest["classes"] == src_manifest["classes"] and manifest["fp16"]["fp32_nodes"] > 0
+    expected = f"sclip.trt10.3-sm87-fp16-b1_4_16-{manifest['onnx_sha256'][:8]}.engine"
+    assert expected in out and "--stronglyTyped" in out and "--minShapes=image:1x224x224x3" in out
+    assert "--memPoolSize=workspace:2048M" in out and "dry run: no engine built" in out
+    assert manifest["engine_plan"]["file"] == expected and "--stronglyTyped" in manifest["engine_plan"]["trtexec"]
+    assert not list(exported.parent.glob("*.engine"))
+    # I/O contract unchanged and the FP16 graph runs on ONNX Runtime CPU
+    model = onnx.load(str(fp16_onnx))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    ort = pytest.importorskip("onnxruntime")
+    image = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+    got = ort.InferenceSession(str(fp16_onnx), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+    assert got.shape == ref.shape == (2, 3, 14, 14) and np.abs(got - ref).max() <= 1e-2
+
+
+def test_cli_build_refuses_bad_input(exported, tmp_path, capsys):
+    assert cli_main(["build", str(exported), "--batch", "4:1:2", "--dry-run"]) == 2
+    assert "need 1 <= MIN <= OPT <= MAX" in capsys.readouterr().err
+    fp16 = exported.with_name("sclip.fp16.onnx")
+    if fp16.exists():
+        assert cli_main(["build", str(fp16), "--dry-run"]) == 2
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(exported.read_bytes())
+    assert cli_main(["build", str(lonely), "--dry-run"]) == 2
+    assert "manifest not found" in capsys.readouterr().err
+
+
+def test_cli_build_refuses_a_graph_that_fails_the_checks(tmp_path, capsys):
+    from onnx import TensorProto, helper
+
+    from clipfuse.runtime.manifest import new_manifest, write_manifest
+
+    img = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "h", 224, 3])
+    out = helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", "h", 224, 3])
+    graph = helper.make_graph([helper.make_node("Cast", ["image"], ["scores"], to=TensorProto.FLOAT)],
+                              "g", [img], [out])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(model, str(path))
+    write_manifest(tmp_path / "dyn.json", new_manifest("image", inputs=[], outputs=[], precision="fp32"))
+    assert cli_main(["build", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "dynamic H=h" in err and "fails 1 build check" in err
+    assert not (tmp_path / "dyn.fp16.onnx").exists()
+
+
+def test_build_without_tensorrt_says_so(exported, capsys):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here; this checks the message where it is not")
+    except ImportError:
+        pass
+    assert cli_main(["build", str(exported), "--precision", "fp32"]) == 2
+    assert "--dry-run" in capsys.readouterr().err
+
+
+# --- TensorRT + GPU: build and load for real ----------------------------------------------------
+
+def _need_tensorrt_gpu():
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"TensorRT not installed ({type(exc).__name__}): engine build/load runs only where "
+                    "tensorrt and a CUDA GPU are present")
+    from clipfuse.runtime.doctor import gpu_info
+    if gpu_info() is None:
+        pytest.skip("no CUDA GPU visible (cuda-python / nvidia-smi): engine build/load needs one")
+
+
+@pytest.mark.tensorrt
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_tensorrt_build_and_run_matches_onnx(exported, precision, capsys):
+    _need_tensorrt_gpu()
+    from clipfuse.runtime.backends import open_backend
+
+    assert cli_main(["build", str(exported), "--precision", precision, "--batch", "1:2:4",
+                     "--workspace-gb", "1"]) == 0
+    engines = sorted(exported.parent.glob(f"sclip.trt*-{precision}-b1_2_4-*.engine"))
+    assert len(engines) == 1
+    manifest = read_manifest(engines[0].with_suffix(".json"))
+    assert manifest["engine"]["precision"] == precision and manifest["engine"]["batch_profile"] == [1, 2, 4]
+    assert Path(exported.parent / manifest["engine"]["timing_cache"]).is_file()
+    ort = pytest.importorskip("onnxruntime")
+    image = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
+    for graph in (False, True):
+        with open_backend(engines[0], manifest, backend="tensorrt", cuda_graph=graph) as backend:
+            assert backend.max_batch == 4
+            got = backend.run({"image": image})["scores"]
+            again = backend.run({"image": image[:1]})["scores"]
+        assert np.isfinite(got).all() and got.shape == ref.shape
+        assert np.abs(got - ref).max() <= (1e-2 if precision == "fp16" else 1e-3)
+        assert np.abs(again - got[:1]).max() <= 1e-3
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_backend_refuses_foreign_engine(exported, tmp_path):
+    _need_tensorrt_gpu()
+    from clipfuse.runtime.backends import open_backend
+
+    fake = tmp_path / "x.engine"
+    fake.write_bytes(b"not an engine")
+    manifest = json.loads(exported.with_suffix(".json").read_text())
+    manifest["engine"] = {"tensorrt_version": "1.0", "sm": "10"}
+    with pytest.raises(ClipfuseError, match="TensorRT 1.0"):
+        open_backend(fake, manifest, backend="tensorrt")
+
+
+def test_cli_dry_run_for_tensorrt_8_6_uses_the_weak_typed_fallback(exported, capsys):
+    assert cli_main(["build", str(exported), "--dry-run", "--target-trt", "8.6.2", "--target-sm", "87"]) == 0
+    captured = capsys.readouterr()
+    line = next(ln for ln in captured.out.splitlines() if ln.strip().startswith("trtexec --onnx"))
+    args = shlex.split(line)
+    assert "--fp16" in args and "--stronglyTyped" not in args
+    # weak typing builds from the FP32 graph (named with its hash), not the FP16 one
+    from clipfuse.runtime.fileio import sha256_file
+    assert f"--onnx={exported}" in args and sha256_file(exported)[:8] in line
+    assert "sclip.trt8.6-sm87-fp16-b1_4_16-" in line
