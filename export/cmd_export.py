@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipfuse.runtime.cli import on_off
+
 HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
 DESCRIPTION = """\
 Fuse the modified last CLIP block of a dense head, its extra modules (CLIP-DINOiser's conv heads)
@@ -21,15 +23,6 @@ examples:
 classes: --classes "a,b,c" (one name per class) or "bg;person,people;car" (';' between classes,
 ',' between synonyms); --classes-file: one class per line, synonyms comma-separated, # comments.
 """
-
-
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "on", "yes"):
-        return True
-    if low in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,15 +48,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", default=None,
                         help="clip-dinoiser: CLIP-DINOiser checkpoint (checkpoints/last.pt), or 'none' for "
                              "random conv heads (tests only)")
-    parser.add_argument("--quick-gelu", type=_bool, default=None, metavar="on|off",
+    parser.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
                         help="force the activation; default: decided by the weights (on for OpenAI)")
     parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
                         help="self-correlation heads: override the attention form")
     parser.add_argument("--gaussian-sigma", type=float, default=None,
                         help="self-correlation heads: Gaussian spatial bias sigma (0 = none)")
-    parser.add_argument("--residual", type=_bool, default=None, metavar="on|off",
+    parser.add_argument("--residual", type=on_off, default=None, metavar="on|off",
                         help="self-correlation heads: keep the last block's residual")
-    parser.add_argument("--ffn", type=_bool, default=None, metavar="on|off",
+    parser.add_argument("--ffn", type=on_off, default=None, metavar="on|off",
                         help="self-correlation heads: keep the last block's FFN")
     parser.add_argument("--no-background-rule", action="store_true",
                         help="clip-dinoiser: do not apply the background rule in the graph")

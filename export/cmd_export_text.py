@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from clipfuse.runtime.cli import on_off
+
 HELP = "export the CLIP text encoder (tokens -> text features) as ONNX, FP32 or FP16, with its manifest"
 DESCRIPTION = """\
 Write open_clip's encode_text as an ONNX graph (opset 17) plus a JSON manifest beside it, so the
@@ -23,15 +25,6 @@ projection computed in FP32 (explicit Casts; build the engine strongly typed).
 """
 
 
-def _bool(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "on", "yes"):
-        return True
-    if low in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture name (default: %(default)s)")
     parser.add_argument("--pretrained", default="openai",
@@ -41,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output prefix: writes OUTPUT.onnx and OUTPUT.json (e.g. engines/vitb16-text)")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="graph precision (default: %(default)s)")
-    parser.add_argument("--quick-gelu", type=_bool, default=None, metavar="on|off",
+    parser.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
                         help="force the activation; default: decided by the weights (on for OpenAI)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of random init with --pretrained none; the same seed as the image graph "

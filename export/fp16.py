@@ -34,6 +34,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from clipfuse.runtime.errors import ClipfuseError
 
+from .graph_checks import tensor_types
+
 FLOAT, FLOAT16 = TensorProto.FLOAT, TensorProto.FLOAT16
 
 # Always computed in FP32 (overflow or accuracy: statistics, exp-normalisations).
@@ -226,22 +228,6 @@ def _mark_downstream(start: int, nodes, consumers, islands: Dict[int, str]) -> N
             todo.extend(consumers.get(out, ()))
 
 
-def _elem_types(model: onnx.ModelProto) -> Dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    types: Dict[str, int] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.output) + list(g.value_info):
-        types[vi.name] = vi.type.tensor_type.elem_type
-    for init in g.initializer:
-        types[init.name] = init.data_type
-    for node in g.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
-    return types
-
-
 def _drop_constant_identities(graph: onnx.GraphProto) -> None:
     """torch.onnx shares weights through Identity nodes; read the initializer directly instead, so
     each consumer gets the constant in its own precision (a Cast on a weight confuses fusions)."""
@@ -268,7 +254,7 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) 
     model = onnx.ModelProto()
     model.CopyFrom(src)
     _drop_constant_identities(model.graph)
-    types = _elem_types(model)
+    types = tensor_types(model)
     islands = fp32_islands(model, extra_fp32_ops)
     graph = model.graph
     old_nodes = list(graph.node)

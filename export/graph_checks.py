@@ -42,7 +42,8 @@ Unsqueeze Upsample Where Xor
 _LAYOUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast"})
 
 
-def _types(model: onnx.ModelProto) -> Dict[str, int]:
+def tensor_types(model: onnx.ModelProto) -> Dict[str, int]:
+    """Element type of every named tensor (inputs, outputs, inferred values, weights, constants)."""
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     g = inferred.graph
     types = {t.name: t.data_type for t in g.initializer}
@@ -74,7 +75,7 @@ def supported_ops(model: onnx.ModelProto) -> List[str]:
 
 
 def no_fp16_layernorm(model: onnx.ModelProto) -> List[str]:
-    types = _types(model)
+    types = tensor_types(model)
     graph = model.graph
     consumers: Dict[str, List[onnx.NodeProto]] = {}
     for node in graph.node:

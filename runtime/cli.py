@@ -40,6 +40,16 @@ run `clipfuse COMMAND --help` for each command's options.
 """
 
 
+def on_off(text: str) -> bool:
+    """argparse type for on/off switches (also true/false, yes/no, 1/0)."""
+    low = text.lower()
+    if low in ("1", "true", "on", "yes"):
+        return True
+    if low in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+
+
 def _load(module_name: str):
     try:
         return importlib.import_module(module_name)
