@@ -155,16 +155,13 @@ def measure_interleaved(live: List[_Live], cfg: BenchConfig, batch: int) -> None
 
 def _export(cfg: BenchConfig, head: str, size: int, workdir: Path, clip) -> tuple:
     """Fused build (torch runners) + ONNX export of the same weights; returns (build, onnx, manifest)."""
-    import inspect
-
     from clipfuse.export.api import build_fused, export_image_graph
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
     common = dict(model=cfg.model, pretrained=cfg.pretrained, classes=cfg.classes, size=size,
                   templates=cfg.templates, heads_ckpt=cfg.heads_ckpt, seed=cfg.seed)
     build = build_fused(head, clip=clip, **common)
-    extra = {"clip": clip} if "clip" in inspect.signature(export_image_graph).parameters else {}
-    onnx_path = export_image_graph(head, workdir / f"{head}-{size}", **common, **extra)
+    onnx_path = export_image_graph(head, workdir / f"{head}-{size}", clip=clip, **common)
     return build, onnx_path, read_manifest(manifest_path_for(onnx_path))
 
 

@@ -186,8 +186,13 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
                        classes: Optional[Vocabulary] = None, size: Optional[int] = None,
                        templates: str = "imagenet80", vocab: str = "baked", heads_ckpt: Optional[str] = None,
                        head_params: Optional[dict] = None, quick_gelu: Optional[bool] = None, seed: int = 0,
-                       opset: int = OPSET, quiet: bool = True, allow_duplicates: bool = False) -> Path:
-    """Write `out`.onnx + `out`.json; returns the .onnx path. Nothing is left behind on failure."""
+                       opset: int = OPSET, quiet: bool = True, allow_duplicates: bool = False,
+                       clip: Optional[LoadedClip] = None) -> Path:
+    """Write `out`.onnx + `out`.json; returns the .onnx path. Nothing is left behind on failure.
+
+    `clip` reuses already-loaded weights (several heads/sizes of one model); it must have been
+    loaded from `model`/`pretrained` for the manifest to describe it.
+    """
     import onnx
 
     out = Path(out)
@@ -198,7 +203,7 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
     pretrained_arg = spec.default_pretrained if pretrained is None else pretrained
     t0 = time.time()
     build = build_fused(head, model, pretrained_arg, classes, size, templates, vocab, heads_ckpt, head_params,
-                        quick_gelu, seed, quiet, allow_duplicates=allow_duplicates)
+                        quick_gelu, seed, quiet, clip=clip, allow_duplicates=allow_duplicates)
     image = torch.randint(0, 256, (2, build.size, build.size, 3), dtype=torch.uint8)
     args: tuple = (image,)
     input_names = ["image"]
