@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipfuse.runtime.vocab import class_of_name, flat_names
+from clipfuse.runtime.vocab import class_of_name
 
 from .trunk import CLIP_MEAN, CLIP_STD
 

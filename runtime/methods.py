@@ -6,7 +6,7 @@ Numbers are those of the methods' public code (see the project README for source
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from .errors import ClipfuseError
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from clipfuse.runtime.methods import Protocol  # noqa: E402
 from clipfuse.runtime.protocol import resize_scores  # noqa: E402
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
+from sclip_reference import reference_postprocess  # noqa: E402
 
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"]]
 HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
@@ -64,22 +65,6 @@ def reference_slide(img: torch.Tensor, model, window: int, stride: int, num_clas
             preds += F.pad(logit, (int(x1), int(w_img - x2), int(y1), int(h_img - y2)))
             count[:, :, y1:y2, x1:x2] += 1
     return (preds / count)[0]
-
-
-def reference_postprocess(logits: torch.Tensor, protocol: Protocol) -> torch.Tensor:
-    """SCLIP's postprocess_result (cosine) or plain argmax (probability) on [K, H, W]."""
-    if protocol.score_type == "probability":
-        return logits.argmax(0)
-    seg_logits = (logits * protocol.logit_scale).softmax(0)
-    num_cls = seg_logits.shape[0]
-    if protocol.area_thd is not None:
-        predictions = F.one_hot(seg_logits.argmax(0), num_cls).to(seg_logits.dtype)
-        area_pred = predictions[:, :, 1:].sum((0, 1), keepdim=True)
-        area_pred = (area_pred > protocol.area_thd * area_pred.sum()).to(seg_logits.dtype)
-        seg_logits[1:] *= area_pred.transpose(0, -1)
-    seg_pred = seg_logits.argmax(0, keepdim=True)
-    seg_pred[seg_logits.max(0, keepdim=True)[0] < protocol.prob_thd] = 0
-    return seg_pred[0]
 
 
 def reference_segment(image: np.ndarray, model, protocol: Protocol, num_classes: int):

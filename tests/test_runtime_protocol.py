@@ -10,6 +10,7 @@ from clipfuse.runtime.methods import Protocol
 
 torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
+from sclip_reference import reference_postprocess  # noqa: E402
 
 
 def mmseg_windows(length: int, window: int, stride: int):
@@ -94,17 +95,8 @@ def test_average_window_scores_equals_mmseg_accumulation(size, window, stride):
 
 
 def sclip_postprocess(logits: np.ndarray, protocol: Protocol) -> np.ndarray:
-    """SCLIP's postprocess_result (torch) on [K, H, W]."""
-    seg_logits = (torch.from_numpy(logits) * protocol.logit_scale).softmax(0)
-    num_cls = seg_logits.shape[0]
-    if protocol.area_thd is not None:
-        predictions = F.one_hot(seg_logits.argmax(0), num_cls).to(seg_logits.dtype)
-        area_pred = predictions[:, :, 1:].sum((0, 1), keepdim=True)
-        area_pred = (area_pred > protocol.area_thd * area_pred.sum()).to(seg_logits.dtype)
-        seg_logits[1:] *= area_pred.transpose(0, -1)
-    seg_pred = seg_logits.argmax(0, keepdim=True)
-    seg_pred[seg_logits.max(0, keepdim=True)[0] < protocol.prob_thd] = 0
-    return seg_pred[0].numpy()
+    """SCLIP's postprocess_result (torch) on [K, H, W], the same reference as the parity tests."""
+    return reference_postprocess(torch.from_numpy(logits), protocol).numpy()
 
 
 @pytest.mark.parametrize("prob_thd,area_thd", [(0.0, None), (0.1, None), (0.1, 0.1), (0.0, 0.2), (0.5, 0.05)])

@@ -1,7 +1,7 @@
 """Dense heads by name. Protocol defaults live in clipfuse.runtime.methods (torch-free)."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from torch import nn
 

@@ -165,7 +165,7 @@ def markdown_report(record: EvalRecord) -> str:
         f"{len(record.done)} of {meta.get('dataset_size')} validation images"
         + ("" if record.finished else " (unfinished: rerun with --resume)"),
         f"- protocol: {json.dumps(meta.get('protocol'))}",
-        f"- backends: " + ", ".join(f"{name} = `{meta['backends'][name]}`" for name in runs),
+        "- backends: " + ", ".join(f"{name} = `{meta['backends'][name]}`" for name in runs),
         "",
         "| run | mIoU | aAcc | paper mIoU | measured - paper |",
         "|---|---:|---:|---:|---:|",
