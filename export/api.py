@@ -11,12 +11,12 @@ from typing import List, Optional
 import torch
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.fileio import atomic_path, sha256_file
-from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest, write_manifest
+from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest
 from clipfuse.runtime.methods import get_method
 from clipfuse.runtime.templates import get_templates
 from clipfuse.runtime.vocab import Vocabulary, class_of_name, flat_names, validate
 
+from .artifacts import graph_with_manifest
 from .classifier import CosineClassifier
 from .fused import FusedSegmenter
 from .heads import POS_RULES, build_head
@@ -193,8 +193,6 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
     `clip` reuses already-loaded weights (several heads/sizes of one model); it must have been
     loaded from `model`/`pretrained` for the manifest to describe it.
     """
-    import onnx
-
     out = Path(out)
     onnx_path = out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
     if onnx_path.parent.exists() and not onnx_path.parent.is_dir():
@@ -217,13 +215,10 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
     manifest = image_manifest(build, onnx_path, pretrained_arg, heads_ckpt, opset)
     _log(f"exporting ONNX opset {opset} ({head}, {build.size}x{build.size}, grid {build.grid[0]}x{build.grid[1]})",
          quiet)
-    with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
+    with graph_with_manifest(onnx_path, manifest) as tmp_onnx:
         with torch.no_grad():
             _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset)
         _declare_output_shape(tmp_onnx, manifest["outputs"][0]["shape"])
-        onnx.checker.check_model(str(tmp_onnx))
-        manifest["onnx_sha256"] = sha256_file(tmp_onnx)
-        write_manifest(tmp_json, manifest)
     size_mb = onnx_path.stat().st_size / 2 ** 20
     _log(f"wrote {onnx_path} ({size_mb:.1f} MiB) and {manifest_path_for(onnx_path).name} "
          f"in {time.time() - t0:.1f} s", quiet)

@@ -120,12 +120,9 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
                  seed: int = 0, opset: int = 17, text: bool = True, quiet: bool = True) -> Dict[str, Path]:
     """Write OUT-global.onnx/.json and OUT-local.onnx/.json (+ OUT-text.onnx/.json, the text graph
     of clipfuse.export.text_graph, when `text`); returns {"global": p, "local": p[, "text": p]}."""
-    import onnx
-
     from clipfuse.runtime.errors import ClipfuseError
-    from clipfuse.runtime.fileio import atomic_path, sha256_file
-    from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
+    from .artifacts import graph_with_manifest
     from .refer_graphs import ReferGlobal, ReferLocal, export_onnx
     from .weights import load_clip
 
@@ -154,15 +151,11 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
         kind = f"refer-{part}"
         manifest = _manifest(kind, clip, module, pretrained, normalization, opset, precision, path.name, refer)
         _log(f"exporting {path.name} ({kind}, grid {module.grid[0]}x{module.grid[1]}, {precision})", quiet)
-        with atomic_path(path) as tmp_onnx, atomic_path(manifest_path_for(path)) as tmp_json:
+        with graph_with_manifest(path, manifest) as tmp_onnx:
             export_onnx(module, str(tmp_onnx), opset)
-            onnx.checker.check_model(str(tmp_onnx))
             if precision == "fp16":
                 from .fp16 import convert_file
-                report = convert_file(tmp_onnx, tmp_onnx)
-                manifest["fp16"] = report.to_dict()
-            manifest["onnx_sha256"] = sha256_file(tmp_onnx)
-            write_manifest(tmp_json, manifest)
+                manifest["fp16"] = convert_file(tmp_onnx, tmp_onnx).to_dict()
         written[part] = path
     if text:  # the same loaded weights, so the three graphs share one CLIP
         from .text_graph import export_text_graph

@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.fileio import atomic_path, sha256_file
-from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest, write_manifest
+from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest
 from clipfuse.runtime.tokenizer import TOKENIZER_ID, VOCAB_SIZE
 
+from .artifacts import graph_with_manifest
 from .weights import LoadedClip, load_clip
 
 OPSET = 17
@@ -159,8 +159,6 @@ def export_text_graph(out: "str | Path", model: str = "ViT-B-16", pretrained: st
     Random weights (pretrained "none") come from `seed`, exactly as the image exporter draws them,
     so an image graph and a text graph exported with the same seed share one CLIP.
     """
-    import onnx
-
     if precision not in PRECISIONS:
         raise ClipfuseError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     out = Path(out)
@@ -183,14 +181,11 @@ def export_text_graph(out: "str | Path", model: str = "ViT-B-16", pretrained: st
 
     manifest = text_manifest(clip, onnx_path, pretrained_arg, context_length, embed_dim, opset, precision)
     _log(f"exporting text encoder ONNX opset {opset} ({precision}, context {context_length}, E={embed_dim})", quiet)
-    with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
+    with graph_with_manifest(onnx_path, manifest) as tmp_onnx:
         with torch.no_grad():
             _onnx_export(module, tokens, tmp_onnx, opset)
-        onnx.checker.check_model(str(tmp_onnx))
         if precision == "fp16":
             manifest["fp16"] = convert_text_fp16(tmp_onnx, tmp_onnx)
-        manifest["onnx_sha256"] = sha256_file(tmp_onnx)
-        write_manifest(tmp_json, manifest)
     size_mb = onnx_path.stat().st_size / 2 ** 20
     _log(f"wrote {onnx_path} ({size_mb:.1f} MiB) and {manifest_path_for(onnx_path).name} "
          f"in {time.time() - t0:.1f} s", quiet)
