@@ -15,20 +15,12 @@ from PIL import Image
 from clipfuse.runtime.cli import main
 from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.outputs import class_shares, palette, save_label_png
+from hidden_modules import hide_modules
 
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"]]
 
 # Hides torch / open_clip / onnx (not onnxruntime) from a fresh interpreter.
-HIDE_TORCH = textwrap.dedent("""
-    import sys
-    class _Hide:
-        BLOCKED = ("torch", "open_clip", "onnx", "torchvision", "onnxscript")
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in self.BLOCKED:
-                raise ImportError(f"{name} hidden by the test")
-            return None
-    sys.meta_path.insert(0, _Hide())
-""")
+HIDE_TORCH = hide_modules("torch", "open_clip", "onnx", "torchvision", "onnxscript")
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from clipfuse.export.text_graph import export_text_graph  # noqa: E402
 from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
 from clipfuse.runtime.templates import IMAGENET80  # noqa: E402
 from clipfuse.runtime.text import TextEncoder, class_embeddings, l2_normalize  # noqa: E402
+from hidden_modules import hide_modules  # noqa: E402
 
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass", "lawn"], ["traffic light"]]
 
@@ -100,14 +101,9 @@ def test_runtime_text_path_without_torch(graphs):
     """Tokenizer + text graph + averaging with torch/open_clip blocked, equal to the in-process result."""
     with TextEncoder.open(graphs["fp32"]) as enc:
         expected = class_embeddings(enc, VOCAB, "single").embeddings
-    code = textwrap.dedent(f"""
+    code = hide_modules("torch", "open_clip", "onnx", "regex", "ftfy") + textwrap.dedent(f"""
         import sys
         import numpy as np
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name.split('.')[0] in ('torch', 'open_clip', 'onnx', 'regex', 'ftfy'):
-                    raise ImportError('blocked ' + name)
-        sys.meta_path.insert(0, Block())
         from clipfuse.runtime.text import TextEncoder, class_embeddings
         enc = TextEncoder.open({str(graphs['fp32'])!r})
         emb = class_embeddings(enc, {VOCAB!r}, 'single').embeddings
