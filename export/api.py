@@ -89,6 +89,12 @@ def build_fused(head: str, model: str = "ViT-B-16", pretrained: Optional[str] = 
     visual = clip.model.visual
     patch = visual.conv1.kernel_size[0]
     grid = (size // patch, size // patch)
+    head_params = dict(head_params or {})
+    if head == "clip-dinoiser":
+        # The rule forces class 0 where the background head sees no object: only meaningful when
+        # class 0 IS background; otherwise it would overwrite a real class.
+        head_params["background_rule"] = (head_params.get("background_rule", True)
+                                          and vocabulary[0][0].lower() == "background")
     dense_head, weights_info = build_head(head, visual, grid, head_params, heads_ckpt, seed=clip.seed)
     trunk = VisionTrunk(visual, (size, size), POS_RULES[head], guide_block=dense_head.guide_block)
 
@@ -123,8 +129,7 @@ def image_manifest(build: FusedBuild, onnx_path: Path, pretrained_arg: str, head
     if build.size != spec.protocol.window:  # a non-default export size is a new window size
         protocol.update(window=build.size, stride=build.size // 2,
                         short_side=max(spec.protocol.short_side, build.size))
-    protocol["background_rule"] = bool(build.head == "clip-dinoiser" and build.head_params.get("background_rule")
-                                       and build.vocab and build.vocab[0][0].lower() == "background")
+    protocol["background_rule"] = bool(build.head_params.get("background_rule", False))
     return new_manifest(
         "image",
         model=build.clip.model_name,

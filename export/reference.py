@@ -174,8 +174,7 @@ class ReferenceModel:
         """Same weights and vocabulary as an in-process FusedBuild (clipfuse.export.api)."""
         from .heads import POS_RULES
         conv_heads = getattr(build.module.head, "heads", None)
-        background = bool(build.head == "clip-dinoiser" and build.head_params.get("background_rule")
-                          and build.vocab[0][0].lower() == "background")
+        background = bool(build.head_params.get("background_rule", False))
         return cls(build.clip, build.head, build.head_params, build.vocab, build.name_embeddings, build.size,
                    POS_RULES[build.head], conv_heads=conv_heads, background_rule=background)
 

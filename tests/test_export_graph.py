@@ -125,6 +125,13 @@ def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip
         probs = with_bg.module(images)
     # the rule sets background to exactly 1 somewhere (random heads: about half the patches)
     assert (probs[:, 0] == 1.0).any()
+    # without a background class the graph must not force class 0, and still equals the reference
+    with torch.no_grad():
+        probs_no_bg = no_bg.module(images)
+    assert not (probs_no_bg[:, 0] == 1.0).any()
+    assert no_bg.head_params["background_rule"] is False
+    assert torch.allclose(probs_no_bg.sum(dim=1), torch.ones(1, 14, 14), atol=1e-5)
+    assert np.abs(probs_no_bg.numpy() - ReferenceModel.from_build(no_bg)(images.numpy())).max() <= 1e-4
     manifest_path = export_image_graph("clip-dinoiser", tmp_path / "d", model=TINY, pretrained="none",
                                        classes=PLAIN_VOCAB, size=224, templates="single")
     manifest = json.loads(manifest_path.with_suffix(".json").read_text())
