@@ -18,6 +18,7 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from .backends import open_backend
 from .errors import ClipfuseError
 from .fileio import sha256_file
 from .manifest import manifest_path_for, read_manifest
@@ -32,13 +33,6 @@ DEFAULT_CHUNK = 256  # prompts per graph call (bounded by an engine's max batch)
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
     norm = np.sqrt(np.sum(np.square(x, dtype=np.float64), axis=axis, keepdims=True))
     return (x / np.maximum(norm, L2_EPS)).astype(np.float32)
-
-
-def _open_runner(artifact: Path, manifest: dict, backend: str, options: dict):
-    """The text graph's runner: any registered backend (base.Backend interface: run(feeds) -> dict)."""
-    from .backends import open_backend
-
-    return open_backend(artifact, manifest, backend, **options)
 
 
 class TextEncoder:
@@ -72,7 +66,7 @@ class TextEncoder:
         if verify and expected and sha256_file(artifact) != expected:
             raise ClipfuseError(f"{artifact.name} does not match its manifest (sha256 differs): re-export, "
                                 "or copy the matching .json beside it")
-        return cls(artifact, manifest, _open_runner(artifact, manifest, backend, backend_options or {}))
+        return cls(artifact, manifest, open_backend(artifact, manifest, backend, **(backend_options or {})))
 
     def encode(self, texts: Sequence[str], chunk: int = DEFAULT_CHUNK, progress: bool = False) -> np.ndarray:
         """Raw (not normalised) text features, float32 [len(texts), E]."""

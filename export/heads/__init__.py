@@ -51,8 +51,6 @@ def build_head(name: str, visual: nn.Module, grid: Tuple[int, int], params: Opti
     if name == "clip-dinoiser":
         conv_heads, source = load_dinoiser_heads(heads_ckpt, visual.conv1.out_channels, seed)
         return ClipDinoiserHead(visual, grid, conv_heads, **merged), {"heads_checkpoint": source}
-    if heads_ckpt not in (None, "none"):
-        raise ClipfuseError(f"--heads only applies to clip-dinoiser, not {name!r}")
     if merged["attn"] not in ATTENTION_FORMS:
         raise ClipfuseError(f"attention form {merged['attn']!r} not in {', '.join(ATTENTION_FORMS)}")
     return SelfCorrelationHead(visual, grid, **merged), {}
