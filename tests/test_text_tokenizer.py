@@ -1,8 +1,17 @@
-"""clipfuse.runtime.tokenizer against open_clip's own tokenizer (the reference), id for id."""
+"""clipfuse.runtime.tokenizer against open_clip's own tokenizer (the reference), id for id.
+
+open_clip pre-tokenises with whatever `regex` is installed; clipfuse ships a character table
+generated from one pinned `regex` release (T.TABLE_REGEX_VERSION). With that release installed
+(constraints.txt) the comparison is exact everywhere. With another release, the two may only
+differ on code points that one Unicode version leaves unassigned ("others") and the other assigns
+to letters or numbers; the id comparisons then skip strings touching those code points, say how
+many, and still fail on any difference elsewhere (ASCII, accents, CJK, emoji, the whole corpus).
+"""
 from __future__ import annotations
 
-import json
+import functools
 import random
+import warnings
 import subprocess
 import sys
 import textwrap
@@ -81,20 +90,56 @@ def generated_strings(n: int = 1200, seed: int = 0) -> list:
 
 CORPUS = HANDWRITTEN + generated_strings()
 
+# Scripts every user writes in: never allowed to be touched by a regex/Unicode drift.
+ORDINARY_RANGES = [(0x20, 0x7E), (0xA0, 0x24F), (0x370, 0x4FF), (0x3040, 0x30FF), (0x4E00, 0x9FFF),
+                   (0xAC00, 0xD7A3), (0x1F300, 0x1F64F)]
+
+
+@functools.lru_cache(maxsize=None)
+def _classes():
+    """(shipped, installed): class per code point from the shipped table and from installed regex."""
+    return (T.class_of_code_points(T.load_char_classes()),
+            T.class_of_code_points(T.char_classes_from_regex()))
+
+
+@functools.lru_cache(maxsize=None)
+def drift() -> frozenset:
+    """Code points whose class differs between the shipped table and the installed `regex`."""
+    shipped, installed = _classes()
+    changed = frozenset(np.nonzero(shipped != installed)[0].tolist())
+    if changed:
+        import regex
+        warnings.warn(f"installed regex {regex.__version__} differs from the tokenizer table "
+                      f"(regex {T.TABLE_REGEX_VERSION}) on {len(changed)} code points; comparisons "
+                      f"with open_clip skip strings that use them")
+    return changed
+
+
+def comparable(texts):
+    """Texts whose characters (before and after cleaning) have the same class in both versions."""
+    moved = drift()
+    clean = T.get_tokenizer().clean
+    keep = [t for t in texts if not ((set(map(ord, t)) | set(map(ord, clean(t)))) & moved)]
+    # a drift may cost a few exotic strings, never ordinary text
+    assert all(t in keep for t in texts if t in HANDWRITTEN), "drift reached the hand-written corpus"
+    assert len(keep) >= 0.97 * len(texts), f"{len(texts) - len(keep)} of {len(texts)} strings skipped"
+    return keep
+
 
 def reference_ids(texts, context_length=77) -> np.ndarray:
     return open_clip.tokenize(texts, context_length=context_length).numpy()
 
 
 def test_ids_identical_to_open_clip():
-    assert len(CORPUS) >= 1000
-    ours = T.tokenize(CORPUS)
-    ref = reference_ids(CORPUS)
-    assert ours.dtype == np.int64 and ours.shape == (len(CORPUS), 77)
-    bad = [CORPUS[i] for i in np.nonzero((ours != ref).any(axis=1))[0]]
+    texts = comparable(CORPUS)
+    assert len(texts) >= 1000
+    ours = T.tokenize(texts)
+    ref = reference_ids(texts)
+    assert ours.dtype == np.int64 and ours.shape == (len(texts), 77)
+    bad = [texts[i] for i in np.nonzero((ours != ref).any(axis=1))[0]]
     assert not bad, f"{len(bad)} strings differ, first: {bad[:3]!r}"
     # the corpus really covers truncation, empty text and the non-ASCII pools
-    n_truncated = sum(len(open_clip.tokenizer._tokenizer.encode(t)) + 2 > 77 for t in CORPUS)
+    n_truncated = sum(len(open_clip.tokenizer._tokenizer.encode(t)) + 2 > 77 for t in texts)
     assert n_truncated >= 200
     assert (ref[:, 1] == T.get_tokenizer().eot_id).sum() >= 3  # empty after cleaning
 
@@ -105,7 +150,7 @@ def _no_mojibake(text: str) -> bool:
 
 def test_ids_identical_without_ftfy_except_mojibake():
     """The stdlib cleaner reproduces ftfy.fix_text on everything ftfy does not call mojibake."""
-    texts = [t for t in CORPUS if _no_mojibake(t)]
+    texts = [t for t in comparable(CORPUS) if _no_mojibake(t)]
     assert len(texts) >= 1000, len(texts)
     fixer = T._StdlibFixer()
     assert [fixer(t) for t in texts] == [ftfy.fix_text(t) for t in texts]
@@ -131,18 +176,44 @@ def test_known_ids():
     assert T.tokenize([""])[0, :3].tolist() == [49406, 49407, 0]
 
 
+def test_shipped_table_is_self_consistent():
+    table = T.load_char_classes()
+    assert (table["regex_version"], table["unicode_version"]) == (T.TABLE_REGEX_VERSION,
+                                                                  T.TABLE_UNICODE_VERSION)
+    seen = np.zeros(sys.maxunicode + 1, dtype=np.int64)
+    for key in T.CLASS_KEYS:
+        spans = table[key]
+        assert all(a <= b for a, b in spans) and all(b + 1 < c for (_, b), (c, _) in zip(spans, spans[1:])), key
+        for a, b in spans:
+            seen[a:b + 1] += 1
+    assert seen.max() == 1, "a code point is in two classes"
+    classes = T.class_of_code_points(table)
+    expect = {"a": 1, "Z": 1, "é": 1, "日": 1, "7": 2, "½": 2, "!": 3, "😀": 3, " ": 0, "\n": 0}
+    assert {c: int(classes[ord(c)]) for c in expect} == expect
+
+
 def test_character_table_matches_installed_regex():
-    pytest.importorskip("regex")
-    shipped = json.loads(T.CLASSES_PATH.read_text(encoding="utf-8"))
-    derived = T.char_classes_from_regex()
-    for key in ("letters", "numbers", "others"):
-        assert shipped[key] == derived[key], f"{key}: regenerate {T.CLASSES_PATH.name}"
+    """Exact with the pinned regex; with another release, only new assignments may differ."""
+    regex = pytest.importorskip("regex")
+    shipped, installed = _classes()
+    changed = np.array(sorted(drift()), dtype=np.int64)
+    if regex.__version__ == T.TABLE_REGEX_VERSION:
+        assert changed.size == 0, f"regenerate {T.CLASSES_PATH.name}: python -m clipfuse.runtime.tokenizer --regenerate-table"
+        return
+    # one side calls it "other" (unassigned), the other a letter or number: nothing else may move
+    a, b = shipped[changed], installed[changed]
+    assert np.all((a == 3) ^ (b == 3)) and np.all((a != 0) & (b != 0)), \
+        f"regex {regex.__version__} reclassifies assigned characters: {[hex(c) for c in changed[:10]]}"
+    for first, last in ORDINARY_RANGES:
+        assert not ((changed >= first) & (changed <= last)).any(), f"drift in U+{first:04X}..U+{last:04X}"
 
 
 def test_pretokenizer_matches_regex_on_every_code_point():
     regex = pytest.importorskip("regex")
     pattern = open_clip.tokenizer._tokenizer.pat
-    chars = [chr(c) for c in range(sys.maxunicode + 1)]
+    moved = drift()
+    chars = [chr(c) for c in range(sys.maxunicode + 1) if c not in moved]
+    assert len(chars) > 0.98 * (sys.maxunicode + 1)
     # "'" + c + "x" exercises the contractions, c's class and its run with a following letter
     text = " ".join("'" + c + "x1" for c in chars)
     assert T._pretokenize_pattern().findall(text) == regex.findall(pattern, text)
