@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from clipfuse.runtime.cli import main  # noqa: E402
 from clipfuse.runtime.refer import pipeline as P  # noqa: E402
 
-from test_refer_graphs import IMAGENET_MEAN, IMAGENET_STD, reference_global  # noqa: E402
+from test_refer_graphs import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 TOL = 1e-4
 
@@ -31,7 +31,7 @@ def test_resize_bilinear_matches_torch(src, dst):
     x = np.random.default_rng(0).random(src + (3,), dtype=np.float32)
     ref = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=dst, mode="bilinear",
                         align_corners=False)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(P.resize_bilinear(x, dst), ref, atol=5e-5)   # torch: float32 coordinates
+    np.testing.assert_allclose(P.resize_bilinear_torch(x, dst), ref, atol=5e-5)   # torch: float32 coordinates
 
 
 def test_grid_masks_are_soft_bilinear():
@@ -118,16 +118,11 @@ def test_end_to_end_scores_match_torch_reference(graphs, tiny_clip):
         result = seg.refer(image, masks, sentence, alpha=0.7, parser="heuristic")
     finally:
         seg.close()
-    # reference: torch all the way, public-code pre-processing
+    # reference: the public pipeline re-written in torch (tests/glclip_public_reference.py)
+    import glclip_public_reference as public
     visual, model = tiny_clip.model.visual, tiny_clip.model
-    img224 = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(224, 224),
-                           mode="bilinear", align_corners=False)
-    img224 = img224.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    soft = F.interpolate(torch.from_numpy(masks).float()[:, None], size=(14, 14), mode="bilinear",
-                         align_corners=False)[:, 0]
-    f_g = reference_global(visual, img224, soft)
+    f_g, f_l = public.public_features(visual, image, masks, masking_block=0)
     with torch.no_grad():
-        f_l = visual(public_local_crops(image, masks))
         tokens = open_clip.tokenize(["the red ball on the left", "the red ball"])
         t = model.encode_text(tokens)
     t = 0.5 * t[0] + 0.5 * t[1]
