@@ -360,3 +360,56 @@ def test_text_graph_from_other_weights_is_refused(graphs, tmp_path):
     export_text_graph(tmp_path / "x-text", model="ViT-T-16-test", pretrained="none", seed=5)
     with pytest.raises(ClipfuseError, match="other weights"):
         P.ReferSegmenter.open(tmp_path / "x")
+
+
+def _save_with_orientation(path: Path, stored: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, format="PNG", exif=exif)
+
+
+def test_eval_refer_reads_images_as_the_annotations_were_drawn(tmp_path):
+    """COCO's height/width describe the stored pixels (the public code reads them with PIL, no
+    EXIF transpose): a photo tagged 'rotate 90' keeps its stored pixels when they match the
+    annotation, is turned upright only when just the upright size matches, else one-line error."""
+    from clipfuse.runtime.errors import ClipfuseError
+    from clipfuse.runtime.refer.dataset import ReferDataset
+
+    _write_dataset(tmp_path)
+    data = ReferDataset(tmp_path, "refcoco", split="val")
+    path = data.image_path(11)                       # annotated as 40 x 56 (h x w)
+    stored = (np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8)
+    _save_with_orientation(path, stored, 6)          # EXIF: display rotated by 90 degrees
+    assert np.array_equal(data.read_image(11), stored)
+    upright = np.ascontiguousarray(np.rot90(stored, 1))      # stored sideways, EXIF turns it back
+    _save_with_orientation(path, upright, 6)       # Pillow turns it back clockwise
+    assert np.array_equal(data.read_image(11), stored)
+    Image.fromarray(stored[:30]).save(path, format="PNG")
+    with pytest.raises(ClipfuseError, match=r"is 56x30 but its annotations say 56x40"):
+        data.read_image(11)
+
+
+def test_graphs_with_the_old_uint8_input_are_refused(graphs, tmp_path):
+    import shutil
+
+    from clipfuse.runtime.errors import ClipfuseError
+    from clipfuse.runtime.manifest import manifest_path_for
+
+    paths = P.graph_paths(graphs)
+    old = tmp_path / "old-global.onnx"
+    shutil.copy(paths["global"], old)
+    manifest = json.loads(manifest_path_for(paths["global"]).read_text())
+    manifest["inputs"][0]["dtype"] = "uint8"
+    manifest_path_for(old).write_text(json.dumps(manifest))
+    with pytest.raises(ClipfuseError, match="uint8 image.*re-export with `clipfuse export-refer`"):
+        P.ReferSegmenter(old, paths["local"])
+
+
+@pytest.mark.parametrize("hw", [(300, 451), (451, 300), (800, 1203), (860, 905), (1000, 640)])
+def test_public_copy_is_torchvision_resize_800_on_pil(hw):
+    T = pytest.importorskip("torchvision.transforms")
+    image = (np.random.default_rng(hw[0]).random(hw + (3,)) * 255).astype(np.uint8)
+    expected = np.asarray(T.Resize(800)(Image.fromarray(image)))
+    got = P.public_copy(image)
+    assert got.shape == expected.shape and min(got.shape[:2]) == 800
+    assert np.array_equal(got, expected)
