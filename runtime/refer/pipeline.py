@@ -66,15 +66,17 @@ def resize_bilinear_torch(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     """Resize axes 0 and 1 of a float array to `size` (h, w) the way the public code's torchvision
     0.11 tensor resize does: torch bilinear, align_corners=False, NO antialias, no rounding.
     (Not clipfuse.runtime.protocol's resize: that one reproduces OpenCV for the dense methods.)"""
-    x = np.asarray(x, dtype=np.float32)
+    x = np.asarray(x)          # any dtype: rows/columns are gathered before the float32 cast
     for axis, out in ((0, size[0]), (1, size[1])):
         if x.shape[axis] == out:
             continue
         i0, i1, w0, w1 = _torch_taps(x.shape[axis], out)
         shape = [1] * x.ndim
         shape[axis] = out
-        x = np.take(x, i0, axis=axis) * w0.reshape(shape) + np.take(x, i1, axis=axis) * w1.reshape(shape)
-    return x
+        lead = (slice(None),) * axis          # indexing, not np.take: take copies a strided view first
+        x = x[lead + (i0,)].astype(np.float32) * w0.reshape(shape) \
+            + x[lead + (i1,)].astype(np.float32) * w1.reshape(shape)
+    return x.astype(np.float32, copy=False)
 
 
 def copy_size(height: int, width: int, short: int = COPY_SHORT_SIDE) -> Tuple[int, int]:
@@ -112,14 +114,14 @@ class PreparedImage:
 def prepare_image(image: np.ndarray, size: int = 224) -> PreparedImage:
     """H x W x 3 uint8 -> PreparedImage (800-pixel copy, then its 224 and original-size resizes)."""
     image = np.asarray(image, dtype=np.uint8)
-    copy = public_copy(image).astype(np.float32)
+    copy = public_copy(image)
     return PreparedImage(global_image=resize_bilinear_torch(copy, (size, size))[None],
                          restored=resize_bilinear_torch(copy, image.shape[:2]))
 
 
 def grid_masks(masks: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
     """Masks [N, H, W] (bool or soft) -> soft masks [N, g, g] float32 (bilinear of the values)."""
-    m = np.moveaxis(np.asarray(masks, dtype=np.float32), 0, -1)      # [H, W, N]
+    m = np.moveaxis(np.asarray(masks), 0, -1)                         # [H, W, N], a view
     return np.ascontiguousarray(np.moveaxis(resize_bilinear_torch(m, grid), -1, 0))
 
 
