@@ -31,7 +31,7 @@ examples:
   clipfuse refer photo.jpg "man in red on the left" --graphs engines/refer-b32 --masks props.npz -o out/
   clipfuse refer photo.jpg "left zebra" --graphs engines/refer-b32 --dense engines/sclip.onnx -o out/
 The noun phrase uses spaCy when installed (pip install 'clipfuse[refer]' && python -m spacy download
-en_core_web_sm), else a built-in heuristic (--parser heuristic forces it).
+en_core_web_lg, the public code's model), else a built-in heuristic (--parser heuristic forces it).
 """
 
 
