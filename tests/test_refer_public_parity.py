@@ -24,11 +24,11 @@ MASKED_BLOCKS = 2            # the tiny ViT has 3 blocks: block 0 runs once, unm
 ALPHAS = (0.95, 0.85, 0.5)
 
 
-def _perturbed_state(seed: int = 7) -> dict:
+def _perturbed_state(seed: int = 7, model_name: str = TINY) -> dict:
     """Random weights with every bias and LayerNorm gain moved off open_clip's 0 / 1 init."""
     from clipfuse.export.weights import load_clip
 
-    model = load_clip(TINY, "none", seed=seed).model
+    model = load_clip(model_name, "none", seed=seed).model
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, value in model.state_dict().items():
@@ -41,21 +41,25 @@ def _perturbed_state(seed: int = 7) -> dict:
     return state
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def _export(folder, model_name: str, masked_blocks: int):
+    """export-refer from a perturbed open_clip-format file -> (ReferSegmenter, the torch tower)."""
     from clipfuse.export.cmd_export_refer import export_refer
     from clipfuse.export.weights import load_clip
 
-    folder = tmp_path_factory.mktemp("parity")
     ckpt = folder / "perturbed.pt"
-    torch.save(_perturbed_state(), ckpt)
-    prefix = folder / "tiny"
-    export_refer(prefix, model=TINY, pretrained=str(ckpt), quick_gelu=False, masked_blocks=MASKED_BLOCKS,
+    torch.save(_perturbed_state(model_name=model_name), ckpt)
+    prefix = folder / "refer"
+    export_refer(prefix, model=model_name, pretrained=str(ckpt), quick_gelu=False, masked_blocks=masked_blocks,
                  text=False)
-    clip = load_clip(TINY, str(ckpt), quick_gelu=False)
+    clip = load_clip(model_name, str(ckpt), quick_gelu=False)
     paths = P.graph_paths(prefix)
-    seg = P.ReferSegmenter(paths["global"], paths["local"])
-    yield seg, clip.model.visual
+    return P.ReferSegmenter(paths["global"], paths["local"]), clip.model.visual
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    seg, visual = _export(tmp_path_factory.mktemp("parity"), TINY, MASKED_BLOCKS)
+    yield seg, visual
     seg.close()
 
 
@@ -97,33 +101,38 @@ def _masks(h: int, w: int, soft: bool) -> np.ndarray:
 CASES = [((300, 451), False), ((300, 451), True), ((860, 905), False), ((860, 905), True)]
 
 
-@pytest.mark.parametrize("hw,soft", CASES, ids=["enlarged-hard", "enlarged-soft", "shrunk-hard", "shrunk-soft"])
-def test_fused_features_and_winner_match_public_pipeline(setup, hw, soft):
-    seg, visual = setup
+def _check_case(seg, visual, hw, soft, masking_block: int, texts: int = 400) -> float:
     image, masks = _image(*hw, seed=hw[0]), _masks(*hw, soft)
     f_global, f_local = seg.visual_features(image, masks)
-    rng = np.random.default_rng(0)
-    texts = rng.standard_normal((400, f_global.shape[1])).astype(np.float32)
-    ref_g, ref_l = public.public_features(visual, image, masks, len(visual.transformer.resblocks) - MASKED_BLOCKS)
+    vectors = np.random.default_rng(0).standard_normal((texts, f_global.shape[1])).astype(np.float32)
+    ref_g, ref_l = public.public_features(visual, image, masks, masking_block)
+    worst = 0.0
     for alpha in ALPHAS:
         ref = public.fuse(ref_g, ref_l, alpha)
         fused = P.combine_features(f_global, f_local, alpha)
-        print(f"{hw} soft={soft} alpha={alpha}: max |f - f_public| = {np.abs(fused - ref.numpy()).max():.2e}")
-        assert np.abs(fused - ref.numpy()).max() <= TOL, np.abs(fused - ref.numpy()).max()
-        ours = np.stack([P.cosine_scores(fused, t) for t in texts], 1)                       # [N, T]
-        theirs = public.calculate_score(ref, torch.from_numpy(texts)).numpy()
+        worst = max(worst, float(np.abs(fused - ref.numpy()).max()))
+        ours = np.stack([P.cosine_scores(fused, t) for t in vectors], 1)                     # [N, T]
+        theirs = public.calculate_score(ref, torch.from_numpy(vectors)).numpy()
         np.testing.assert_array_equal(ours.argmax(0), theirs.argmax(0))
         assert len(set(ours.argmax(0).tolist())) > 1          # the texts do pick different masks
+    print(f"{hw} soft={soft}: max |f - f_public| = {worst:.2e} (max |f| {float(ref.abs().max()):.2f})")
+    assert worst <= TOL
     np.testing.assert_allclose(f_global, ref_g.numpy(), atol=TOL)
     np.testing.assert_allclose(f_local, ref_l.numpy(), atol=TOL)
+    return worst
 
 
-def test_each_old_shortcut_is_caught(setup):
-    """The comparison above can fail: the pre-issue-17 pre-processing, one shortcut at a time."""
+@pytest.mark.parametrize("hw,soft", CASES, ids=["enlarged-hard", "enlarged-soft", "shrunk-hard", "shrunk-soft"])
+def test_fused_features_and_winner_match_public_pipeline(setup, hw, soft):
     seg, visual = setup
+    _check_case(seg, visual, hw, soft, masking_block=len(visual.transformer.resblocks) - MASKED_BLOCKS)
+
+
+def _shortcut_diffs(seg, visual, masking_block: int) -> dict:
+    """Max feature difference to the public pipeline of each pre-issue-17 shortcut, one at a time."""
     image, soft = _image(300, 451, seed=300), _masks(300, 451, soft=True)
     prepared = P.prepare_image(image)
-    ref_g, ref_l = public.public_features(visual, image, soft, 1)
+    ref_g, ref_l = public.public_features(visual, image, soft, masking_block)
     ref_g, ref_l = ref_g.numpy(), ref_l.numpy()
     direct = P.resize_bilinear_torch(image.astype(np.float32), (224, 224))[None]
     variants = {
@@ -134,10 +143,32 @@ def test_each_old_shortcut_is_caught(setup):
         "D4 soft masks made hard (global)": (prepared, (soft > 0).astype(np.float32), "global"),
         "D4 soft masks made hard (local)": (prepared, (soft > 0).astype(np.float32), "local"),
     }
+    diffs = {}
     for name, (views, masks, branch) in variants.items():
         if branch == "global":
-            diff = np.abs(seg.global_features(views, masks) - ref_g).max()
+            diffs[name] = float(np.abs(seg.global_features(views, masks) - ref_g).max())
         else:
-            diff = np.abs(seg.local_features(views, masks) - ref_l).max()
-        print(f"{name}: {diff:.2e}")
+            diffs[name] = float(np.abs(seg.local_features(views, masks) - ref_l).max())
+        print(f"{name}: {diffs[name]:.2e}")
+    return diffs
+
+
+def test_each_old_shortcut_is_caught(setup):
+    """The comparison above can fail: each old shortcut moves the features beyond the tolerance."""
+    seg, visual = setup
+    for name, diff in _shortcut_diffs(seg, visual, len(visual.transformer.resblocks) - MASKED_BLOCKS).items():
         assert diff > 3 * TOL, f"{name}: {diff:.2e} would pass the parity test"
+
+
+@pytest.mark.slow
+def test_full_size_vitb32_parity(tmp_path):
+    """ViT-B/32 (the paper's model), random weights with perturbed biases and gains, masking
+    before blocks 9, 10, 11 as the public code (masking_block=9)."""
+    seg, visual = _export(tmp_path, "ViT-B-32", 3)
+    try:
+        for hw, soft in CASES:
+            _check_case(seg, visual, hw, soft, masking_block=9)
+        for name, diff in _shortcut_diffs(seg, visual, masking_block=9).items():
+            assert diff > 3 * TOL, f"{name}: {diff:.2e} would pass the parity test"
+    finally:
+        seg.close()
