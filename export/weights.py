@@ -5,9 +5,11 @@ OpenAI weights need QuickGELU, LAION weights GELU, and open_clip 3.x only warns 
 (a wrong choice moves features by ~0.5 % and nothing fails). It is decided from what the weights
 say, never guessed: an open_clip tag (its pretrained config), an OpenAI-format file (TorchScript
 archive or state dict with OpenAI's extra entries: QuickGELU), a `*-quickgelu` architecture, or
-random init (the config's own). An open_clip-format state dict of a plain architecture records
-no activation (OpenAI weights converted to it have the very same keys), so there the caller must
-say which (`quick_gelu`, the CLIs' `--quick-gelu on|off`); no file hashes are checked.
+random init (the config's own), or a file in the Hugging Face cache folder of a published tag
+(models--timm--vit_base_patch32_clip_224.openai/...: that tag's config). Any other open_clip-format
+state dict of a plain architecture records no activation (OpenAI weights converted to it have the
+very same keys, and open_clip publishes no hashes of these files), so there the caller must say
+which (`quick_gelu`, the CLIs' `--quick-gelu on|off`).
 """
 from __future__ import annotations
 
@@ -123,12 +125,26 @@ def check_state_dict(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Ten
                             "is this a checkpoint of another architecture?")
 
 
-def quick_gelu_of_file(fmt: str, config_qg: bool) -> Optional[bool]:
+def _hub_cache_tag_activation(path: Path, model_name: str) -> Optional[bool]:
+    """A file inside the Hugging Face cache folder of one of open_clip's published tags
+    (models--ORG--REPO/snapshots/...) is that tag's weights: its pretrained config knows the
+    activation. None for any other path (a renamed or copied file stays undecided)."""
+    open_clip = _open_clip()
+    parts = set(path.resolve().parts)
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        repo = (cfg.get("hf_hub") or "").strip("/")
+        if repo and "models--" + repo.replace("/", "--") in parts:
+            return tag in QUICKGELU_TAGS or bool(cfg.get("quick_gelu", False))
+    return None
+
+
+def quick_gelu_of_file(path: Path, fmt: str, model_name: str, config_qg: bool) -> Optional[bool]:
     """The activation a checkpoint file's weights were trained with; None when the file does not
     tell (see the module docstring)."""
     if fmt.startswith("openai") or config_qg:     # OpenAI's release, or a *-quickgelu architecture
         return True
-    return None
+    return _hub_cache_tag_activation(path, model_name)
 
 
 def raise_undecided_activation(path: Path, model_name: str) -> None:
@@ -177,7 +193,7 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
         source_id, fmt = "none", "random"
     elif path.is_file():
         state, fmt = read_checkpoint(path)
-        qg = quick_gelu if quick_gelu is not None else quick_gelu_of_file(fmt, config_qg)
+        qg = quick_gelu if quick_gelu is not None else quick_gelu_of_file(path, fmt, model_name, config_qg)
         for key in _OPENAI_EXTRA_KEYS:
             state.pop(key, None)
         with _quiet_logging():  # undecided: keys are checked first (GELU here changes no key)

@@ -72,3 +72,24 @@ def test_flag_reaches_the_manifest_and_the_graph(open_clip_file, tmp_path):
         plain = load_clip(TINY, str(open_clip_file), quick_gelu=False).model.encode_text(tokens)[0].numpy()
     assert np.abs(quick - plain).max() > 1e-3
     np.testing.assert_allclose(got, quick, atol=1e-4)       # the text graph's output is raw
+
+
+def test_hugging_face_cache_folder_of_a_tag_decides(open_clip_file, tmp_path):
+    """open_clip's OpenAI tag for ViT-B-32 lives on the hub as timm/vit_base_patch32_clip_224.openai:
+    a file under that cache folder is those weights (QuickGELU); the same file elsewhere is not."""
+    import open_clip
+
+    from clipfuse.export.weights import quick_gelu_of_file
+
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", "openai")["hf_hub"].strip("/")
+    cached = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / "abc" / "model.bin"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"")
+    assert quick_gelu_of_file(cached, "open_clip", "ViT-B-32", False) is True
+    assert quick_gelu_of_file(tmp_path / "model.bin", "open_clip", "ViT-B-32", False) is None
+    laion = [t for t in open_clip.list_pretrained_tags_by_model("ViT-B-32")
+             if open_clip.get_pretrained_cfg("ViT-B-32", t).get("hf_hub") and t != "openai"
+             and not open_clip.get_pretrained_cfg("ViT-B-32", t).get("quick_gelu")][0]
+    repo = open_clip.get_pretrained_cfg("ViT-B-32", laion)["hf_hub"].strip("/")
+    other = tmp_path / "hub" / ("models--" + repo.replace("/", "--")) / "snapshots" / "abc" / "model.bin"
+    assert quick_gelu_of_file(other, "open_clip", "ViT-B-32", False) is False
