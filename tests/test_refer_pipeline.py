@@ -171,6 +171,32 @@ def test_refer_cli_writes_mask_overlay_and_ranking(graphs, tmp_path):
     assert Image.open(out / "photo.overlay.png").size[1] == image.shape[0]
 
 
+def test_refer_cli_soft_masks_score_as_the_pipeline_and_write_hard_outputs(graphs, tmp_path):
+    """A float NPZ stays soft through the CLI: its scores equal the pipeline's on the soft masks
+    (not on a 0.5-cut copy), and the mask PNG / area use pixels >= 0.5."""
+    image, hard = _scene(seed=6)
+    soft = hard.astype(np.float32) * 0.7
+    soft[:, ::2] = hard[:, ::2]                        # rows of exact 1s (kept by the crop), rows of 0.7
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    np.savez(tmp_path / "soft.npz", masks=soft)
+    out = tmp_path / "out"
+    assert main(["refer", str(tmp_path / "photo.png"), "the ball", "-g", str(graphs), "--masks",
+                 str(tmp_path / "soft.npz"), "--parser", "heuristic", "-o", str(out)]) == 0
+    report = json.loads((out / "photo.refer.json").read_text())
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        want = seg.refer(image, soft, "the ball", parser="heuristic")
+        cut = seg.refer(image, soft >= 0.5, "the ball", parser="heuristic")
+    finally:
+        seg.close()
+    got = {r["proposal"]: r["score"] for r in report["ranking"]}
+    np.testing.assert_allclose([got[i] for i in range(3)], want.scores, atol=1e-5)
+    assert np.abs(want.scores - cut.scores).max() > 1e-4
+    best = report["best_proposal"]
+    assert np.array_equal(np.asarray(Image.open(out / "photo.mask.png")) > 0, hard[best])
+    assert report["ranking"][0]["area"] == int(hard[best].sum())
+
+
 def test_refer_cli_generates_proposals_without_masks(graphs, tmp_path):
     image = np.zeros((48, 64, 3), np.uint8)
     image[:, :32] = (220, 40, 40)
