@@ -26,7 +26,7 @@ from the same weights as OUTPUT-text.onnx (skip with --no-text).
 examples:
   clipfuse export-refer --model ViT-B-32 --pretrained openai -o engines/refer-b32
   clipfuse export-refer --model ViT-B-16 --pretrained ~/ckpt/ViT-B-16.pt --precision fp16 -o engines/refer-b16
-  clipfuse export-refer --model ViT-B-32 --pretrained ~/ckpt/openai-b32-open_clip.bin --quick-gelu on -o engines/refer-b32
+  clipfuse export-refer --model ViT-B-32 --pretrained ~/ckpt/b32-openai.bin --quick-gelu on -o engines/refer-b32
       (an open_clip-format file does not say whether it needs QuickGELU: OpenAI weights do)
   clipfuse export-refer --model ViT-B-32 --pretrained none -o /tmp/refer-smoke     # random weights
 then:
