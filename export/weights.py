@@ -17,6 +17,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ def read_checkpoint(path: Path) -> "tuple[Dict[str, torch.Tensor], str]":
     """State dict + format name of an open_clip or OpenAI checkpoint file."""
     if zipfile.is_zipfile(path):
         try:  # OpenAI's release is a TorchScript archive
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "openai-jit"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # torch's jit deprecation notice, on every zip tried
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "openai-jit"
         except Exception:
             pass
     try:
