@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from clipfuse.runtime.cli import on_off
+
 HELP = "time every backend (PyTorch reference, fused torch, ONNX Runtime, TensorRT) on one head"
 DESCRIPTION = """\
 Benchmark a head at one or more input sizes and batch sizes on every backend this machine has, all
@@ -74,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="weights: 'none' = seeded random init (exact for timing), an open_clip tag or a "
                            "checkpoint file (default: %(default)s)")
     what.add_argument("--heads-ckpt", default=None, help="CLIP-DINOiser heads checkpoint (default: random heads)")
+    what.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
+                      help="activation of a checkpoint file's weights (on = QuickGELU, OpenAI); needed for "
+                           "open_clip-format files, which do not record it")
     what.add_argument("--size", default="224", help="input size(s) S of the graph, comma-separated (default: %(default)s)")
     what.add_argument("--batch", default="1,4",
                       help="batch sizes, comma-separated; in e2e scope: windows per backend call (default: %(default)s)")
@@ -191,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                       backends=backends, scope=args.scope, warmup=args.warmup, iters=args.iters,
                       max_seconds=args.max_seconds or None, min_iters=args.min_iters, threads=threads,
                       classes=classes, templates=args.templates, heads_ckpt=args.heads_ckpt, seed=args.seed,
+                      quick_gelu=args.quick_gelu,
                       torch_device=device, image=args.image, workdir=args.workdir)
     torch.set_num_threads(threads)
     peaks = {}

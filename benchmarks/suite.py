@@ -39,6 +39,7 @@ class BenchConfig:
     classes: List[List[str]] = field(default_factory=list)
     templates: str = "single"
     heads_ckpt: Optional[str] = None
+    quick_gelu: Optional[bool] = None   # None: decided by the weights (clipfuse.export.weights)
     seed: int = 0
     torch_device: str = "cpu"
     image: Optional[str] = None           # e2e input; None: a synthetic 640x480 JPEG
@@ -192,7 +193,7 @@ def run_suite(cfg: BenchConfig, on_result: Callable[[dict], None]) -> List[dict]
         if cfg.scope == "e2e":
             image_path = Path(cfg.image) if cfg.image else synthetic_jpeg(workdir / "bench-input.jpg")
         _say(f"loading {cfg.model} (pretrained: {cfg.pretrained})")
-        clip = load_clip(cfg.model, cfg.pretrained, seed=cfg.seed)
+        clip = load_clip(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, seed=cfg.seed)
         shape = VitShape.from_visual(clip.model.visual)
         n_names = sum(len(c) for c in cfg.classes)
         rng = np.random.default_rng(cfg.seed)

@@ -49,7 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="clip-dinoiser: CLIP-DINOiser checkpoint (checkpoints/last.pt), or 'none' for "
                              "random conv heads (tests only)")
     parser.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
-                        help="force the activation; default: decided by the weights (on for OpenAI)")
+                        help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
+                             "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
+                             "required for open_clip-format files, which do not record it")
     parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
                         help="self-correlation heads: override the attention form")
     parser.add_argument("--gaussian-sigma", type=float, default=None,

@@ -12,7 +12,8 @@ DESCRIPTION = """\
 Export the visual half of Global-Local CLIP (zero-shot referring segmentation, CVPR 2023) as two
 ONNX graphs (opset 17) over an unmodified open_clip ViT, with a JSON manifest beside each:
 
-  OUTPUT-global.onnx  image uint8 [1, 224, 224, 3] NHWC + masks float32 [N, g, g] (soft, grid
+  OUTPUT-global.onnx  image float32 [1, 224, 224, 3] NHWC, 0..255 pixel scale (the public code's
+                      224 resize of its 800-pixel copy, not rounded) + masks float32 [N, g, g] (soft, grid
                       resolution: g = 7 for ViT-B/32, 14 for ViT-B/16)  ->  features float32 [N, E]
                       (blocks 0..L-4 once; patch tokens x mask before each of the last 3 blocks)
   OUTPUT-local.onnx   crops float32 [N, 224, 224, 3] NHWC, 0..255 pixel scale (masked, box-cropped,
@@ -25,6 +26,8 @@ from the same weights as OUTPUT-text.onnx (skip with --no-text).
 examples:
   clipfuse export-refer --model ViT-B-32 --pretrained openai -o engines/refer-b32
   clipfuse export-refer --model ViT-B-16 --pretrained ~/ckpt/ViT-B-16.pt --precision fp16 -o engines/refer-b16
+  clipfuse export-refer --model ViT-B-32 --pretrained ~/ckpt/b32-openai.bin --quick-gelu on -o engines/refer-b32
+      (an open_clip-format file does not say whether it needs QuickGELU: OpenAI weights do)
   clipfuse export-refer --model ViT-B-32 --pretrained none -o /tmp/refer-smoke     # random weights
 then:
   clipfuse refer photo.jpg "the cat lying on the scooter seat" --graphs engines/refer-b32 -o out/
@@ -54,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp16: FP16 graphs with FP32 islands (clipfuse.export.fp16) (default: %(default)s)")
     parser.add_argument("--quick-gelu", choices=["on", "off"], default=None,
-                        help="force the activation; default: decided by the weights (on for OpenAI)")
+                        help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
+                             "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
+                             "required for open_clip-format files, which do not record it")
     parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--no-text", action="store_true",
@@ -80,8 +85,9 @@ def _manifest(kind: str, clip, module, pretrained_arg: str, normalization: str, 
     g = module.grid
     embed_dim = int(module.proj.shape[1])
     if kind == "refer-global":
-        inputs = [io_spec("image", "uint8", [1, size, size, 3], "NHWC",
-                          description="RGB pixels 0..255 of the image resized to 224x224; normalised in the graph"),
+        inputs = [io_spec("image", "float32", [1, size, size, 3], "NHWC",
+                          description="RGB on the 0..255 pixel scale: the 800-pixel short-side copy "
+                                      "resized to 224x224 (bilinear, not rounded); normalised in the graph"),
                   io_spec("masks", "float32", ["masks", g[0], g[1]], "NHW",
                           description="soft mask per proposal at grid resolution (bilinear resize of 0/1 masks)")]
         outputs = [io_spec("features", "float32", ["masks", embed_dim], "NE",
@@ -142,6 +148,7 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
     refer = {"method": "global-local-clip", "alpha": alpha,
              "alpha_by_dataset": {"refcoco": 0.95, "refcoco+": 0.95, "refcocog": 0.85},
              "masked_blocks": masked_blocks, "text_weight": 0.5, "fill": fill,
+             "preprocess": "public-800",
              "fill_normalized": [0.485, 0.456, 0.406]}
     modules = {"global": ReferGlobal(visual, normalization, masked_blocks).eval(),
                "local": ReferLocal(visual, normalization).eval()}

@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="graph precision (default: %(default)s)")
     parser.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
-                        help="force the activation; default: decided by the weights (on for OpenAI)")
+                        help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
+                             "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
+                             "required for open_clip-format files, which do not record it")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of random init with --pretrained none; the same seed as the image graph "
                              "gives the same CLIP (default: %(default)s)")

@@ -8,8 +8,11 @@ feature ln_post(CLS) @ proj.
 
 Both take pixels NHWC and normalise in the graph. The public code normalises with the ImageNet
 mean/std (not CLIP's); that is the default here for parity and is recorded in the manifest.
-The LOCAL input is float32 on the 0..255 pixel scale rather than uint8: crops are bilinear
-resamples of a masked image, and rounding them to uint8 would move features by ~1e-2.
+Both inputs are float32 on the 0..255 pixel scale, not uint8: the public code resizes the
+normalised float tensor (224 image: from its 800-pixel copy; crops: from that copy resized back),
+so its inputs are never whole numbers, and rounding them to uint8 moves features by ~5e-3 (global)
+to ~1e-2 (crops). Normalising after the bilinear resize equals the public normalise-then-resize
+(the resize weights sum to 1), up to float rounding.
 """
 from __future__ import annotations
 
@@ -66,7 +69,7 @@ class _ReferTower(nn.Module):
 
 
 class ReferGlobal(_ReferTower):
-    """image uint8 [1, S, S, 3] + masks float32 [N, g, g] -> features float32 [N, E] (raw)."""
+    """image float32 [1, S, S, 3] (0..255 scale) + masks float32 [N, g, g] -> features [N, E] (raw)."""
 
     def __init__(self, visual: nn.Module, normalization: str = "imagenet",
                  masked_blocks: int = DEFAULT_MASKED_BLOCKS) -> None:
@@ -103,7 +106,7 @@ def example_inputs(module: nn.Module, num_masks: int = 2, seed: int = 0) -> Tupl
     """Random inputs of the right shapes (for tracing and parity tests)."""
     gen = torch.Generator().manual_seed(seed)
     if isinstance(module, ReferGlobal):
-        image = torch.randint(0, 256, (1, INPUT_SIZE, INPUT_SIZE, 3), generator=gen, dtype=torch.uint8)
+        image = torch.rand((1, INPUT_SIZE, INPUT_SIZE, 3), generator=gen) * 255.0
         masks = torch.rand((num_masks, *module.grid), generator=gen)
         return image, masks
     crops = torch.rand((num_masks, INPUT_SIZE, INPUT_SIZE, 3), generator=gen) * 255.0

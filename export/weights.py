@@ -1,7 +1,15 @@
 """Load an unmodified open_clip CLIP: by open_clip tag, from a local checkpoint, or random.
 
 Every dense head reuses these weights as they are. The one decision made here is the activation:
-OpenAI weights need QuickGELU, LAION weights GELU, and open_clip 3.x only warns on a mismatch.
+OpenAI weights need QuickGELU, LAION weights GELU, and open_clip 3.x only warns on a mismatch
+(a wrong choice moves features by ~0.5 % and nothing fails). It is decided from what the weights
+say, never guessed: an open_clip tag (its pretrained config), an OpenAI-format file (TorchScript
+archive or state dict with OpenAI's extra entries: QuickGELU), a `*-quickgelu` architecture, or
+random init (the config's own), or a file in the Hugging Face cache folder of a published tag
+(models--timm--vit_base_patch32_clip_224.openai/...: that tag's config). Any other open_clip-format
+state dict of a plain architecture records no activation (OpenAI weights converted to it have the
+very same keys, and open_clip publishes no hashes of these files), so there the caller must say
+which (`quick_gelu`, the CLIs' `--quick-gelu on|off`).
 """
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import contextlib
 import difflib
 import hashlib
 import logging
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +94,9 @@ def read_checkpoint(path: Path) -> "tuple[Dict[str, torch.Tensor], str]":
     """State dict + format name of an open_clip or OpenAI checkpoint file."""
     if zipfile.is_zipfile(path):
         try:  # OpenAI's release is a TorchScript archive
-            return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "openai-jit"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # torch's jit deprecation notice, on every zip tried
+                return dict(torch.jit.load(str(path), map_location="cpu").state_dict()), "openai-jit"
         except Exception:
             pass
     try:
@@ -117,6 +128,36 @@ def check_state_dict(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Ten
                             "is this a checkpoint of another architecture?")
 
 
+def _hub_cache_tag_activation(path: Path, model_name: str) -> Optional[bool]:
+    """A file inside the Hugging Face cache folder of one of open_clip's published tags
+    (models--ORG--REPO/snapshots/...) is that tag's weights: its pretrained config knows the
+    activation. None for any other path (a renamed or copied file stays undecided)."""
+    open_clip = _open_clip()
+    parts = set(path.resolve().parts)
+    for tag in open_clip.list_pretrained_tags_by_model(model_name):
+        cfg = open_clip.get_pretrained_cfg(model_name, tag)
+        repo = (cfg.get("hf_hub") or "").strip("/")
+        if repo and "models--" + repo.replace("/", "--") in parts:
+            return tag in QUICKGELU_TAGS or bool(cfg.get("quick_gelu", False))
+    return None
+
+
+def quick_gelu_of_file(path: Path, fmt: str, model_name: str, config_qg: bool) -> Optional[bool]:
+    """The activation a checkpoint file's weights were trained with; None when the file does not
+    tell (see the module docstring)."""
+    if fmt.startswith("openai") or config_qg:     # OpenAI's release, or a *-quickgelu architecture
+        return True
+    return _hub_cache_tag_activation(path, model_name)
+
+
+def raise_undecided_activation(path: Path, model_name: str) -> None:
+    variant = f"{model_name}-quickgelu"
+    alt = f" (or --model {variant})" if variant in _open_clip().list_models() else ""
+    raise ClipfuseError(f"checkpoint {path.name} is an open_clip state dict, which does not record whether "
+                        "its weights were trained with QuickGELU (OpenAI weights: yes) or GELU (LAION, "
+                        f"DataComp); pass --quick-gelu on|off{alt}")
+
+
 def check_pretrained(model_name: str, pretrained: str) -> None:
     """Cheap validation of `pretrained` (before any weights are loaded or downloaded)."""
     open_clip = _open_clip()
@@ -139,7 +180,8 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
     (the PyTorch reference backend, a text graph export) rebuilds the very same random weights.
 
     `quick_gelu=None` decides by the weights: True for OpenAI weights (tag `openai`, OpenAI-format
-    files), else the architecture config's own setting (`*-quickgelu` names set it).
+    files), else the architecture config's own setting (`*-quickgelu` names set it); an
+    open_clip-format file of a plain architecture cannot be decided and raises ClipfuseError.
     """
     open_clip = _open_clip()
     torch.manual_seed(seed)
@@ -154,18 +196,19 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
         source_id, fmt = "none", "random"
     elif path.is_file():
         state, fmt = read_checkpoint(path)
-        openai_fmt = fmt.startswith("openai")
-        qg = (openai_fmt or config_qg) if quick_gelu is None else quick_gelu
+        qg = quick_gelu if quick_gelu is not None else quick_gelu_of_file(path, fmt, model_name, config_qg)
         for key in _OPENAI_EXTRA_KEYS:
             state.pop(key, None)
-        with _quiet_logging():
-            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=qg)
+        with _quiet_logging():  # undecided: keys are checked first (GELU here changes no key)
+            model = open_clip.create_model(model_name, pretrained=None, force_quick_gelu=bool(qg))
         expected = model.state_dict()
         # TorchScript archives also hold non-persistent buffers (the text causal attn_mask)
         transient = {name for name, _ in model.named_buffers()} - set(expected)
         state = {k: v for k, v in state.items() if k not in transient}
         # OpenAI ships fp16 weights; open_clip's format may lack logit_bias-free extras. Shapes decide.
         check_state_dict(expected, state, f"checkpoint {path.name}")
+        if qg is None:
+            raise_undecided_activation(path, model_name)
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
         source_id = _file_id(path)
     else:

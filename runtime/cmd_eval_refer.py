@@ -21,6 +21,10 @@ Proposals (per image):
   (neither)              clipfuse's training-free generator (--dense MODEL to use a dense model)
 An image without proposals scores IoU 0 for its sentences (counted in `no_proposals`; the public
 code skipped such images, which inflates its numbers slightly).
+Pre-processing is the public code's (800-pixel copy, crops from it resized back, soft masks soft
+for the global branch and == 1 for the crop). Images are read in the orientation the annotations
+were drawn on: the stored pixels, as the public code (no EXIF transpose), unless only the
+EXIF-upright size matches the annotation. A soft proposal counts as its pixels >= 0.5 for IoU.
 
 examples:
   clipfuse eval-refer --graphs engines/refer-b32 --data ~/refer/data --dataset refcoco --split val \\
@@ -71,9 +75,8 @@ def run(args: argparse.Namespace) -> int:
 
     from .errors import ClipfuseError
     from .fileio import write_text_atomic
-    from .imageio import read_image
     from .refer.dataset import ReferDataset
-    from .refer.masks import check_proposals, generate_proposals, load_proposals
+    from .refer.masks import check_proposals, generate_proposals, hard_masks, load_proposals
     from .refer.metrics import ReferMetrics
     from .refer.pipeline import DATASET_ALPHA, ReferSegmenter
 
@@ -88,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     samples, no_proposals, text_cache = [], 0, {}
     try:
         for image_id, refs in tqdm(groups, desc=f"eval-refer {data.name}", unit="image", file=sys.stderr):
-            image = read_image(data.image_path(image_id))
+            image = data.read_image(image_id)
             info = data.images[image_id]
             if args.oracle_proposals:
                 proposals = data.image_masks(image_id)
@@ -100,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             proposals = np.asarray(proposals)
             if proposals.ndim == 3 and len(proposals) and proposals.reshape(len(proposals), -1).any():
                 masks, _ = check_proposals(proposals, image.shape[:2], source=f"proposals of image {image_id}")
-                f_global, f_local = seg.global_features(image, masks), seg.local_features(image, masks)
+                prepared = seg.prepare(image)
+                f_global, f_local = seg.global_features(prepared, masks), seg.local_features(prepared, masks)
             else:
                 masks = None
             for ref in refs:
@@ -117,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
                         text_cache[sentence] = seg.text_feature(sentence, args.parser)
                     text, phrase = text_cache[sentence]
                     result = seg.rank(f_global, f_local, text, phrase, alpha)
-                    iou = metrics.add(masks[result.best], target)
+                    iou = metrics.add(hard_masks(masks[result.best:result.best + 1])[0], target)
                     samples.append({"ref_id": ref.ref_id, "sent_id": sent.get("sent_id"), "iou": round(iou, 6),
                                     "best": result.best, "score": round(float(result.scores[result.best]), 6),
                                     "noun_phrase": phrase.phrase})

@@ -15,7 +15,9 @@ sentence a text feature 0.5*enc(sentence) + 0.5*enc(noun phrase); the proposal w
 cosine is the answer.
 
 Proposals: --masks FILE (a folder of PNGs, a multi-frame image, a PNG label map, NPZ [N,H,W], or
-COCO RLE/polygon JSON), at the image's resolution. Without --masks, clipfuse makes them itself,
+COCO RLE/polygon JSON), at the image's resolution; float NPZ masks stay soft (values in [0, 1]:
+the global branch weights tokens by them, the local crop keeps pixels == 1, as the public code).
+Without --masks, clipfuse makes them itself,
 training-free: regions of a dense clipfuse model's label map (--dense engines/x.onnx) plus
 colour/position clusters (colour clusters alone without --dense).
 
@@ -29,7 +31,7 @@ examples:
   clipfuse refer photo.jpg "man in red on the left" --graphs engines/refer-b32 --masks props.npz -o out/
   clipfuse refer photo.jpg "left zebra" --graphs engines/refer-b32 --dense engines/sclip.onnx -o out/
 The noun phrase uses spaCy when installed (pip install 'clipfuse[refer]' && python -m spacy download
-en_core_web_sm), else a built-in heuristic (--parser heuristic forces it).
+en_core_web_lg, the public code's model), else a built-in heuristic (--parser heuristic forces it).
 """
 
 
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from .fileio import atomic_path, write_text_atomic
     from .imageio import read_image
     from .outputs import save_overlay_png
-    from .refer.masks import check_proposals, generate_proposals, load_proposals
+    from .refer.masks import check_proposals, generate_proposals, hard_masks, load_proposals
     from .refer.nounphrase import extract_noun_phrase
     from .refer.pipeline import ReferSegmenter, mask_boxes
 
@@ -82,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     seg = ReferSegmenter.open(args.graphs, backend=args.backend, text=args.text_graph)
     try:
         text, phrase = seg.text_feature(args.text, args.parser)
-        f_global = seg.global_features(image, masks)
-        f_local = seg.local_features(image, masks, args.fill)
+        prepared = seg.prepare(image)
+        f_global = seg.global_features(prepared, masks)
+        f_local = seg.local_features(prepared, masks, args.fill)
         result = seg.rank(f_global, f_local, text, phrase, args.alpha)
     finally:
         seg.close()
@@ -91,14 +94,14 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = Path(args.image).stem
-    best = masks[result.best]
+    best = hard_masks(masks[result.best:result.best + 1])[0]
     from PIL import Image
     with atomic_path(out / f"{stem}.mask.png") as tmp:
         Image.fromarray(best.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
     save_overlay_png(out / f"{stem}.overlay.png", image, best.astype(np.int64), ["background", phrase.phrase])
     boxes = mask_boxes(masks)
     ranked = [{"rank": r, "proposal": int(kept[i]), "score": round(float(result.scores[i]), 6),
-               "area": int(masks[i].sum()), "box_xyxy": [int(v) for v in boxes[i]]}
+               "area": int(hard_masks(masks[i:i + 1]).sum()), "box_xyxy": [int(v) for v in boxes[i]]}
               for r, i in enumerate(result.ranking())]
     report = {"image": str(args.image), "height": int(image.shape[0]), "width": int(image.shape[1]),
               "sentence": args.text, "encoded_sentence": phrase.sentence, "noun_phrase": phrase.phrase,

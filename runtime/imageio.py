@@ -51,8 +51,10 @@ def _to_rgb8(img) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode `path` to an H x W x 3 uint8 RGB array (upright per EXIF).
+def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+               exif_transpose: bool = True) -> np.ndarray:
+    """Decode `path` to an H x W x 3 uint8 RGB array (upright per EXIF; `exif_transpose=False`
+    keeps the stored pixel order, which is what COCO-style annotations are drawn on).
 
     Raises ClipfuseError for missing, unreadable, corrupt or non-image files and for non-JPEG
     images larger than `max_pixels` (None = no limit).
@@ -81,7 +83,8 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
                             f"image {path} is {width}x{height} = {width * height / 1e6:.0f} Mpx, above "
                             f"the limit of {max_pixels / 1e6:.0f} Mpx (raise --max-pixels or downscale it)")
                 img.load()
-                img = ImageOps.exif_transpose(img) or img
+                if exif_transpose:
+                    img = ImageOps.exif_transpose(img) or img
                 return _to_rgb8(img)
     except ClipfuseError:
         raise

@@ -37,13 +37,13 @@ def tiny32_clip(tmp_path_factory):
     return load_clip(TINY32, "none", seed=3)
 
 
-def normalise(image_uint8: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """NHWC uint8 -> NCHW float, the torchvision ToTensor + Normalize way."""
-    x = image_uint8.permute(0, 3, 1, 2).float() / 255.0
+def normalise(pixels: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """NHWC 0..255 pixels -> NCHW float, the torchvision ToTensor + Normalize way."""
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0
     return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
 
-def reference_global(visual, image_uint8: torch.Tensor, masks: torch.Tensor, masked_blocks: int = 3,
+def reference_global(visual, pixels: torch.Tensor, masks: torch.Tensor, masked_blocks: int = 3,
                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """open_clip forward on N copies + pre-hooks multiplying patch tokens by the masks."""
     n = masks.shape[0]
@@ -62,7 +62,7 @@ def reference_global(visual, image_uint8: torch.Tensor, masks: torch.Tensor, mas
     handles = [b.register_forward_pre_hook(hook) for b in blocks[len(blocks) - masked_blocks:]]
     try:
         with torch.no_grad():
-            x = normalise(image_uint8, mean, std).expand(n, -1, -1, -1)
+            x = normalise(pixels, mean, std).expand(n, -1, -1, -1)
             return visual(x)
     finally:
         for h in handles:
@@ -78,7 +78,7 @@ def reference_local(visual, crops_pixels: torch.Tensor) -> torch.Tensor:
 
 def _inputs(grid, n, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    image = torch.randint(0, 256, (1, 224, 224, 3), generator=gen, dtype=torch.uint8)
+    image = torch.rand((1, 224, 224, 3), generator=gen) * 255.0     # float: never rounded
     masks = torch.rand((n, grid, grid), generator=gen)
     masks[0] = 1.0            # an all-ones mask must equal the plain image feature
     masks[1] = (masks[1] > 0.5).float()
@@ -171,6 +171,7 @@ def test_export_refer_onnx_matches_reference_and_manifest(tiny32_clip, tmp_path)
     assert g["refer"]["alpha"] == 0.95 and g["refer"]["alpha_by_dataset"]["refcocog"] == 0.85
     assert g["refer"]["masked_blocks"] == 3 and l["refer"]["fill"] == "public"
     assert g["inputs"][1]["shape"] == ["masks", 7, 7] and l["inputs"][0]["dtype"] == "float32"
+    assert g["inputs"][0]["dtype"] == "float32" and g["refer"]["preprocess"] == "public-800"
     assert g["onnx_sha256"] == sha256_file(written["global"])
     assert not list(tmp_path.glob(".*part"))      # nothing half-written left behind
 

@@ -115,7 +115,12 @@ def test_readers(tmp_path):
     assert np.array_equal(M.load_proposals(tmp_path / "stack.tif"), stack)
     # NPZ (float, key "masks") and NPY
     np.savez(tmp_path / "m.npz", masks=stack.astype(np.float32) * 0.9, other=np.zeros(2))
-    assert np.array_equal(M.load_proposals(tmp_path / "m.npz"), stack)
+    soft = M.load_proposals(tmp_path / "m.npz")           # floats stay soft (the public semantics)
+    assert soft.dtype == np.float32 and np.array_equal(soft, stack.astype(np.float32) * 0.9)
+    assert np.array_equal(M.hard_masks(soft), stack)
+    np.savez(tmp_path / "big.npz", masks=stack.astype(np.float32) * 2)
+    with pytest.raises(ClipfuseError, match=r"soft mask values must lie in \[0, 1\], found \[0, 2\]"):
+        M.load_proposals(tmp_path / "big.npz")
     np.save(tmp_path / "m.npy", stack[0])
     assert np.array_equal(M.load_proposals(tmp_path / "m.npy"), stack[:1])
     # COCO JSON: RLE list, annotations dict, single RLE
@@ -151,6 +156,20 @@ def test_check_proposals():
         M.check_proposals(masks, (8, 10))
     with pytest.raises(ClipfuseError, match="all 2 masks are empty"):
         M.check_proposals(np.zeros((2, 4, 5), bool), (4, 5))
+
+
+def test_check_proposals_keeps_soft_masks_soft():
+    soft = np.zeros((3, 4, 5), np.float64)
+    soft[0, 1, 1], soft[0, 2, 2], soft[2, 3, 4] = 0.25, 1.0, 0.5
+    kept, idx = M.check_proposals(soft, (4, 5))
+    assert idx.tolist() == [0, 2] and kept.dtype == np.float32
+    np.testing.assert_array_equal(kept, soft[[0, 2]].astype(np.float32))
+    soft[1, 0, 0] = np.nan
+    with pytest.raises(ClipfuseError, match="NaN or infinite"):
+        M.check_proposals(soft, (4, 5))
+    soft[1, 0, 0] = -0.1
+    with pytest.raises(ClipfuseError, match=r"must lie in \[0, 1\]"):
+        M.check_proposals(soft, (4, 5))
 
 
 def test_connected_components_against_scipy():

@@ -123,7 +123,7 @@ SPACY_CASES = [
 def test_spacy_noun_phrase(sentence, expected):
     if not spacy_available():
         pytest.skip("spaCy or its English model is not installed (pip install 'clipfuse[refer]' && "
-                    "python -m spacy download en_core_web_sm); the model is not on PyPI")
+                    "python -m spacy download en_core_web_lg); the model is not on PyPI")
     result = extract_noun_phrase(sentence, parser="spacy")
     assert result.parser.startswith("spacy:")
     assert result.phrase == expected

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from clipfuse.runtime.cli import main  # noqa: E402
 from clipfuse.runtime.refer import pipeline as P  # noqa: E402
 
-from test_refer_graphs import IMAGENET_MEAN, IMAGENET_STD, reference_global  # noqa: E402
+from test_refer_graphs import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 TOL = 1e-4
 
@@ -31,7 +31,7 @@ def test_resize_bilinear_matches_torch(src, dst):
     x = np.random.default_rng(0).random(src + (3,), dtype=np.float32)
     ref = F.interpolate(torch.from_numpy(x).permute(2, 0, 1)[None], size=dst, mode="bilinear",
                         align_corners=False)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(P.resize_bilinear(x, dst), ref, atol=5e-5)   # torch: float32 coordinates
+    np.testing.assert_allclose(P.resize_bilinear_torch(x, dst), ref, atol=5e-5)   # torch: float32 coordinates
 
 
 def test_grid_masks_are_soft_bilinear():
@@ -118,16 +118,11 @@ def test_end_to_end_scores_match_torch_reference(graphs, tiny_clip):
         result = seg.refer(image, masks, sentence, alpha=0.7, parser="heuristic")
     finally:
         seg.close()
-    # reference: torch all the way, public-code pre-processing
+    # reference: the public pipeline re-written in torch (tests/glclip_public_reference.py)
+    import glclip_public_reference as public
     visual, model = tiny_clip.model.visual, tiny_clip.model
-    img224 = F.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=(224, 224),
-                           mode="bilinear", align_corners=False)
-    img224 = img224.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-    soft = F.interpolate(torch.from_numpy(masks).float()[:, None], size=(14, 14), mode="bilinear",
-                         align_corners=False)[:, 0]
-    f_g = reference_global(visual, img224, soft)
+    f_g, f_l = public.public_features(visual, image, masks, masking_block=0)
     with torch.no_grad():
-        f_l = visual(public_local_crops(image, masks))
         tokens = open_clip.tokenize(["the red ball on the left", "the red ball"])
         t = model.encode_text(tokens)
     t = 0.5 * t[0] + 0.5 * t[1]
@@ -174,6 +169,32 @@ def test_refer_cli_writes_mask_overlay_and_ranking(graphs, tmp_path):
     mask_png = np.asarray(Image.open(out / "photo.mask.png"))
     assert np.array_equal(mask_png > 0, masks[best])
     assert Image.open(out / "photo.overlay.png").size[1] == image.shape[0]
+
+
+def test_refer_cli_soft_masks_score_as_the_pipeline_and_write_hard_outputs(graphs, tmp_path):
+    """A float NPZ stays soft through the CLI: its scores equal the pipeline's on the soft masks
+    (not on a 0.5-cut copy), and the mask PNG / area use pixels >= 0.5."""
+    image, hard = _scene(seed=6)
+    soft = hard.astype(np.float32) * 0.7
+    soft[:, ::2] = hard[:, ::2]                        # rows of exact 1s (kept by the crop), rows of 0.7
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    np.savez(tmp_path / "soft.npz", masks=soft)
+    out = tmp_path / "out"
+    assert main(["refer", str(tmp_path / "photo.png"), "the ball", "-g", str(graphs), "--masks",
+                 str(tmp_path / "soft.npz"), "--parser", "heuristic", "-o", str(out)]) == 0
+    report = json.loads((out / "photo.refer.json").read_text())
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        want = seg.refer(image, soft, "the ball", parser="heuristic")
+        cut = seg.refer(image, soft >= 0.5, "the ball", parser="heuristic")
+    finally:
+        seg.close()
+    got = {r["proposal"]: r["score"] for r in report["ranking"]}
+    np.testing.assert_allclose([got[i] for i in range(3)], want.scores, atol=1e-5)
+    assert np.abs(want.scores - cut.scores).max() > 1e-4
+    best = report["best_proposal"]
+    assert np.array_equal(np.asarray(Image.open(out / "photo.mask.png")) > 0, hard[best])
+    assert report["ranking"][0]["area"] == int(hard[best].sum())
 
 
 def test_refer_cli_generates_proposals_without_masks(graphs, tmp_path):
@@ -365,3 +386,56 @@ def test_text_graph_from_other_weights_is_refused(graphs, tmp_path):
     export_text_graph(tmp_path / "x-text", model="ViT-T-16-test", pretrained="none", seed=5)
     with pytest.raises(ClipfuseError, match="other weights"):
         P.ReferSegmenter.open(tmp_path / "x")
+
+
+def _save_with_orientation(path: Path, stored: np.ndarray, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, format="PNG", exif=exif)
+
+
+def test_eval_refer_reads_images_as_the_annotations_were_drawn(tmp_path):
+    """COCO's height/width describe the stored pixels (the public code reads them with PIL, no
+    EXIF transpose): a photo tagged 'rotate 90' keeps its stored pixels when they match the
+    annotation, is turned upright only when just the upright size matches, else one-line error."""
+    from clipfuse.runtime.errors import ClipfuseError
+    from clipfuse.runtime.refer.dataset import ReferDataset
+
+    _write_dataset(tmp_path)
+    data = ReferDataset(tmp_path, "refcoco", split="val")
+    path = data.image_path(11)                       # annotated as 40 x 56 (h x w)
+    stored = (np.random.default_rng(2).random((40, 56, 3)) * 255).astype(np.uint8)
+    _save_with_orientation(path, stored, 6)          # EXIF: display rotated by 90 degrees
+    assert np.array_equal(data.read_image(11), stored)
+    upright = np.ascontiguousarray(np.rot90(stored, 1))      # stored sideways, EXIF turns it back
+    _save_with_orientation(path, upright, 6)       # Pillow turns it back clockwise
+    assert np.array_equal(data.read_image(11), stored)
+    Image.fromarray(stored[:30]).save(path, format="PNG")
+    with pytest.raises(ClipfuseError, match=r"is 56x30 but its annotations say 56x40"):
+        data.read_image(11)
+
+
+def test_graphs_with_the_old_uint8_input_are_refused(graphs, tmp_path):
+    import shutil
+
+    from clipfuse.runtime.errors import ClipfuseError
+    from clipfuse.runtime.manifest import manifest_path_for
+
+    paths = P.graph_paths(graphs)
+    old = tmp_path / "old-global.onnx"
+    shutil.copy(paths["global"], old)
+    manifest = json.loads(manifest_path_for(paths["global"]).read_text())
+    manifest["inputs"][0]["dtype"] = "uint8"
+    manifest_path_for(old).write_text(json.dumps(manifest))
+    with pytest.raises(ClipfuseError, match="uint8 image.*re-export with `clipfuse export-refer`"):
+        P.ReferSegmenter(old, paths["local"])
+
+
+@pytest.mark.parametrize("hw", [(300, 451), (451, 300), (800, 1203), (860, 905), (1000, 640)])
+def test_public_copy_is_torchvision_resize_800_on_pil(hw):
+    T = pytest.importorskip("torchvision.transforms")
+    image = (np.random.default_rng(hw[0]).random(hw + (3,)) * 255).astype(np.uint8)
+    expected = np.asarray(T.Resize(800)(Image.fromarray(image)))
+    got = P.public_copy(image)
+    assert got.shape == expected.shape and min(got.shape[:2]) == 800
+    assert np.array_equal(got, expected)

@@ -5,6 +5,12 @@
     ROOT/refcocog/refs(umd).p       COCO json: images {id, file_name, height, width},
     ROOT/images/mscoco/images/train2014/*.jpg     annotations {id, image_id, segmentation, ...}
 The target of a ref is its annotation's mask (polygon parts merged, as REFER.getMask).
+
+Orientation: COCO's `height`/`width` (and so every polygon) describe the JPEG's stored pixels,
+which is also what the public code reads (PIL without EXIF transpose). A photo whose EXIF
+orientation swaps its sides would be misaligned with its masks after an EXIF transpose, so
+`read_image` keeps the stored order whenever its size matches the annotation, and transposes only
+when just the transposed size matches (a file re-saved upright).
 """
 from __future__ import annotations
 
@@ -69,6 +75,22 @@ class ReferDataset:
 
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / self.images[image_id]["file_name"]
+
+    def read_image(self, image_id: int) -> np.ndarray:
+        """The image in the orientation its annotations were drawn on (see the module docstring)."""
+        from ..imageio import read_image
+
+        info = self.images[image_id]
+        hw = (int(info["height"]), int(info["width"]))
+        path = self.image_path(image_id)
+        image = read_image(path, max_pixels=None, exif_transpose=False)
+        if image.shape[:2] == hw:
+            return image
+        upright = read_image(path, max_pixels=None)
+        if upright.shape[:2] == hw:
+            return upright
+        raise ClipfuseError(f"{path} is {image.shape[1]}x{image.shape[0]} but its annotations say "
+                            f"{hw[1]}x{hw[0]} (WxH); is --images the COCO train2014 folder?")
 
     def ann_mask(self, ann_id: int) -> np.ndarray:
         ann = self.anns[ann_id]

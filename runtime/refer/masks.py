@@ -1,9 +1,11 @@
 """Mask proposals: read them from files, or generate them without training.
 
-Readers (all return bool [N, H, W] at the image's resolution):
+Readers (return [N, H, W] at the image's resolution: bool, or float32 in [0, 1] for soft masks):
   - a folder of PNGs (one mask each, nonzero = inside, sorted by name), a multi-frame image
     (APNG/TIFF: one mask per frame), or one PNG label map (each nonzero id = one mask);
-  - NPZ/NPY: array [N, H, W] (or [H, W]) under key "masks" or the only key; floats are cut at 0.5;
+  - NPZ/NPY: array [N, H, W] (or [H, W]) under key "masks" or the only key; floats stay soft
+    (values in [0, 1]: the global branch uses them as they are, the local crop keeps pixels == 1,
+    as the public code does), integers are nonzero = inside;
   - JSON: COCO-style RLE (compressed string or uncompressed list counts) or polygons, as a list of
     RLE dicts / annotations, {"annotations": [...]}, or one RLE dict.
 Generators: connected regions of a dense label map (e.g. a clipfuse dense model's argmax), or of
@@ -148,7 +150,25 @@ def _masks_from_array(path: Path) -> np.ndarray:
         arr = arr[None]
     if arr.ndim != 3:
         raise ClipfuseError(f"{path}: masks must be [N, H, W], got shape {list(arr.shape)}")
-    return arr > 0.5 if arr.dtype.kind == "f" else arr.astype(bool)
+    if arr.dtype.kind == "f":
+        return check_soft(arr.astype(np.float32), str(path))
+    return arr.astype(bool)
+
+
+def check_soft(masks: np.ndarray, source: str) -> np.ndarray:
+    """Soft masks must be finite and within [0, 1] (the public code multiplies the image by them)."""
+    if not np.isfinite(masks).all():
+        raise ClipfuseError(f"{source}: soft masks hold NaN or infinite values")
+    if masks.size and (masks.min() < 0 or masks.max() > 1):
+        raise ClipfuseError(f"{source}: soft mask values must lie in [0, 1], found "
+                            f"[{float(masks.min()):g}, {float(masks.max()):g}]")
+    return masks
+
+
+def hard_masks(masks: np.ndarray) -> np.ndarray:
+    """Bool masks for outputs and IoU: soft values >= 0.5 count as inside (bool masks unchanged)."""
+    masks = np.asarray(masks)
+    return masks >= 0.5 if masks.dtype.kind == "f" else masks.astype(bool)
 
 
 def _masks_from_image(path: Path) -> np.ndarray:
@@ -193,7 +213,9 @@ def load_proposals(path: "str | Path") -> np.ndarray:
 
 def check_proposals(masks: np.ndarray, image_hw: Tuple[int, int],
                     source: str = "proposals") -> Tuple[np.ndarray, np.ndarray]:
-    """Validate proposals against the image and drop empty masks -> (bool masks, kept indices).
+    """Validate proposals against the image and drop empty masks -> (masks, kept indices).
+    Bool (or integer: nonzero = inside) masks come back bool; float masks stay soft (float32,
+    values checked to lie in [0, 1]); a mask is empty when no pixel is nonzero.
     Raises ClipfuseError on zero proposals, all-empty proposals or a size mismatch."""
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.shape[0] == 0:
@@ -202,7 +224,10 @@ def check_proposals(masks: np.ndarray, image_hw: Tuple[int, int],
     if tuple(masks.shape[1:]) != tuple(image_hw):
         raise ClipfuseError(f"{source}: masks are {masks.shape[1]}x{masks.shape[2]} (HxW) but the image "
                             f"is {image_hw[0]}x{image_hw[1]}; masks must be at the image's resolution")
-    masks = masks.astype(bool, copy=False)
+    if masks.dtype.kind == "f":
+        masks = check_soft(masks.astype(np.float32, copy=False), source)
+    else:
+        masks = masks.astype(bool, copy=False)
     keep = np.flatnonzero(masks.reshape(masks.shape[0], -1).any(axis=1))
     if len(keep) == 0:
         raise ClipfuseError(f"{source}: all {masks.shape[0]} masks are empty")

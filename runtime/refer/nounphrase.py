@@ -5,10 +5,10 @@ the ROOT token, else the noun chunk containing ROOT's first child, else the whol
 sentence itself is re-joined from the parser's tokens with single spaces (the public code encodes
 that string, e.g. "man 's hat").
 
-spaCy is optional (`pip install clipfuse[refer]` then `python -m spacy download en_core_web_sm`;
-the public code used en_core_web_lg). Without it a dependency-free heuristic takes the first noun
-chunk: leading determiners/adjectives/nouns up to the first preposition, verb, relative pronoun,
-conjunction or punctuation. It agrees with the parser on the short, noun-first expressions of
+spaCy is optional (`pip install clipfuse[refer]` then `python -m spacy download en_core_web_lg`,
+the public code's model; a smaller model can parse differently and pick another noun phrase).
+Without it a dependency-free heuristic takes the first noun chunk: leading determiners/adjectives/
+nouns up to the first preposition, verb, relative pronoun, conjunction or punctuation. It agrees with the parser on the short, noun-first expressions of
 RefCOCO-style data and is marked as "heuristic" in results.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..errors import ClipfuseError
 
 # Tried in order: the public code used the large model; any English pipeline with a parser works.
 SPACY_MODELS = ("en_core_web_lg", "en_core_web_md", "en_core_web_sm", "en_core_web_trf")
-SPACY_HINT = "pip install 'clipfuse[refer]' && python -m spacy download en_core_web_sm"
+SPACY_HINT = "pip install 'clipfuse[refer]' && python -m spacy download en_core_web_lg"
 PARSERS = ("auto", "spacy", "heuristic")
 
 

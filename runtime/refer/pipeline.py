@@ -1,32 +1,39 @@
 """Global-Local CLIP on exported graphs: numpy pre-processing, the three encoders, mask ranking.
 
-For one image, N binary mask proposals at the image's resolution and a sentence:
-  global: image resized to 224x224 (uint8) + masks resized to the ViT grid bilinearly as floats
-          (soft values) -> refer-global graph -> f_G [N, E]
-  local:  per mask, image * m + (1 - m) * fill, cropped to the mask's box, resized to 224x224
-          -> refer-local graph -> f_L [N, E]
+For one image, N mask proposals at the image's resolution (bool, or soft float in [0, 1]) and a
+sentence, exactly as the public code (Seonghoon-Yu/Zero-shot-RIS, data/dataset_refer_bert.py and
+Our_method_with_free_solo.py):
+  copy:   the image resized so its short side is 800 (torchvision T.Resize(800) on the PIL image:
+          PIL bilinear, the long side truncated), the tensor the public code works from
+  global: the copy resized to 224x224 + the masks resized to the ViT grid as floats (soft values
+          stay soft) -> refer-global graph -> f_G [N, E]
+  local:  the copy resized back to the image's size; per mask, image * m + (1 - m) * fill with
+          m = (mask == 1) (the public code's mask.type(torch.uint8)), cut to the mask's FreeSOLO box,
+          resized to 224x224 -> refer-local graph -> f_L [N, E]
   text:   t = 0.5 * enc(sentence) + 0.5 * enc(noun phrase), raw features, no templates
   f = alpha * f_G + (1 - alpha) * f_L (raw); score = cos(f, t); the answer is the best mask.
 
-Parity notes (the public code's behaviour, and where this differs):
+Parity notes:
 - The fill is the constant (0.485, 0.456, 0.406) in the NORMALISED space (fill="public"), i.e. a
   light grey after un-normalising; fill="mean" uses the mean colour (0 after normalisation).
-- The box is FreeSOLO's: centre of mass and extent of the mask's row/column projections,
-  truncated to int; crop and resize as torchvision's resized_crop (bilinear, no antialias).
-- The public code resizes masks and crops with torchvision's tensor resize (bilinear, no antialias
-  in the versions it ran on) and reaches 224x224 through an intermediate 800-pixel copy; here the
-  image goes straight to 224x224 (bilinear, no antialias, as clipfuse.runtime.protocol).
+- Resizes of the tensor (224 image, copy back to the image size, masks to the grid, crops) are
+  torchvision 0.11's tensor resize, i.e. torch bilinear, align_corners=False, no antialias
+  (`resize_bilinear_torch`); the 800-pixel copy is Pillow's own bilinear (antialiased) resize.
+  The pipeline resizes on the 0..255 scale and the graphs normalise: the public code normalises
+  first, which is the same up to float rounding (bilinear weights sum to 1).
+- A soft mask's box is that of its support (mask > 0); FreeSOLO's masks are binary, where the two
+  agree. A one-pixel-high (or -wide) mask on the first row (column) gets a 1-pixel box where the
+  public code's box is empty (and its resize would fail).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..errors import ClipfuseError
-from ..protocol import linear_taps, resize_image
 from .nounphrase import NounPhrase, extract_noun_phrase
 
 # The public code's fill, a constant in the normalised space (see module docstring).
@@ -35,6 +42,7 @@ FILL_MODES = ("public", "mean")
 DEFAULT_ALPHA = 0.95                      # RefCOCO / RefCOCO+; RefCOCOg uses 0.85
 DATASET_ALPHA = {"refcoco": 0.95, "refcoco+": 0.95, "refcocog": 0.85}
 TEXT_WEIGHT = 0.5                         # t = 0.5 * sentence + 0.5 * noun phrase
+COPY_SHORT_SIDE = 800                     # data/dataset_refer_bert.py: T.Resize(800)
 
 EncodeText = Callable[[Sequence[str]], np.ndarray]    # texts -> raw features [N, E]
 
@@ -42,31 +50,86 @@ EncodeText = Callable[[Sequence[str]], np.ndarray]    # texts -> raw features [N
 # ---------------------------------------------------------------------------------------------
 # Pre-processing
 # ---------------------------------------------------------------------------------------------
-def resize_bilinear(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Resize axes 0 and 1 of a float array to `size` (h, w): bilinear, align_corners=False, no
-    antialias (torch F.interpolate / torchvision tensor resize of the public code's era)."""
-    x = np.asarray(x, dtype=np.float32)
+def _torch_taps(n_in: int, n_out: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source taps of torch's bilinear upsample (align_corners=False, size given), float32 math
+    as its CPU kernel: src = max(scale * (dst + 0.5) - 0.5, 0), scale = n_in / n_out."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    src = np.maximum(scale * (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5),
+                     np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1), w1
+
+
+def resize_bilinear_torch(x: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """Resize axes 0 and 1 of a float array to `size` (h, w) the way the public code's torchvision
+    0.11 tensor resize does: torch bilinear, align_corners=False, NO antialias, no rounding.
+    (Not clipfuse.runtime.protocol's resize: that one reproduces OpenCV for the dense methods.)"""
+    x = np.asarray(x)          # any dtype: rows/columns are gathered before the float32 cast
     for axis, out in ((0, size[0]), (1, size[1])):
         if x.shape[axis] == out:
             continue
-        i0, i1, w0, w1 = linear_taps(x.shape[axis], out)
+        i0, i1, w0, w1 = _torch_taps(x.shape[axis], out)
         shape = [1] * x.ndim
         shape[axis] = out
-        x = np.take(x, i0, axis=axis) * w0.astype(np.float32).reshape(shape) \
-            + np.take(x, i1, axis=axis) * w1.astype(np.float32).reshape(shape)
-    return x
+        lead = (slice(None),) * axis          # indexing, not np.take: take copies a strided view first
+        x = x[lead + (i0,)].astype(np.float32) * w0.reshape(shape) \
+            + x[lead + (i1,)].astype(np.float32) * w1.reshape(shape)
+    return x.astype(np.float32, copy=False)
+
+
+def copy_size(height: int, width: int, short: int = COPY_SHORT_SIDE) -> Tuple[int, int]:
+    """(h, w) of torchvision's T.Resize(short): short side -> `short`, long side truncated."""
+    if min(height, width) == short:
+        return height, width
+    if width <= height:
+        return int(short * height / width), short
+    return short, int(short * width / height)
+
+
+def public_copy(image: np.ndarray, short: int = COPY_SHORT_SIDE) -> np.ndarray:
+    """H x W x 3 uint8 -> the public code's 800-pixel short-side copy, uint8 (T.Resize(800) on a
+    PIL image = Pillow's bilinear resize, which antialiases when it shrinks)."""
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    h, w = copy_size(image.shape[0], image.shape[1], short)
+    if (h, w) == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+
+
+@dataclass
+class PreparedImage:
+    """The two views of one image that the public code feeds CLIP (0..255 pixel scale, float32)."""
+    global_image: np.ndarray           # [1, S, S, 3]: the copy resized to S x S
+    restored: np.ndarray               # [H, W, 3]: the copy resized back to the image's size
+
+    @property
+    def shape(self) -> Tuple[int, int]:
+        return tuple(self.restored.shape[:2])
+
+
+def prepare_image(image: np.ndarray, size: int = 224) -> PreparedImage:
+    """H x W x 3 uint8 -> PreparedImage (800-pixel copy, then its 224 and original-size resizes)."""
+    image = np.asarray(image, dtype=np.uint8)
+    copy = public_copy(image)
+    return PreparedImage(global_image=resize_bilinear_torch(copy, (size, size))[None],
+                         restored=resize_bilinear_torch(copy, image.shape[:2]))
 
 
 def grid_masks(masks: np.ndarray, grid: Tuple[int, int]) -> np.ndarray:
-    """Binary masks [N, H, W] -> soft masks [N, g, g] float32 (bilinear of the 0/1 values)."""
-    m = np.moveaxis(np.asarray(masks, dtype=np.float32), 0, -1)      # [H, W, N]
-    return np.ascontiguousarray(np.moveaxis(resize_bilinear(m, grid), -1, 0))
+    """Masks [N, H, W] (bool or soft) -> soft masks [N, g, g] float32 (bilinear of the values)."""
+    m = np.moveaxis(np.asarray(masks), 0, -1)                         # [H, W, N], a view
+    return np.ascontiguousarray(np.moveaxis(resize_bilinear_torch(m, grid), -1, 0))
 
 
 def mask_boxes(masks: np.ndarray) -> np.ndarray:
     """FreeSOLO's box per mask, as the public code uses it: the row/column projections' centre of
-    mass +- half their extent, truncated toward zero -> int [N, 4] (x1, y1, x2, y2)."""
-    masks = np.asarray(masks, dtype=bool)
+    mass +- half their extent, truncated toward zero -> int [N, 4] (x1, y1, x2, y2). A soft mask's
+    box is that of its support (mask > 0)."""
+    masks = np.asarray(masks) > 0
     cols = masks.any(axis=1).astype(np.float64)          # [N, W] width projection
     rows = masks.any(axis=2).astype(np.float64)          # [N, H] height projection
     width, height = cols.sum(1), rows.sum(1)
@@ -89,25 +152,21 @@ def fill_pixel(mean: Sequence[float], std: Sequence[float], fill: str = "public"
     raise ClipfuseError(f"unknown fill {fill!r}; choose one of: {', '.join(FILL_MODES)}")
 
 
-def local_crops(image: np.ndarray, masks: np.ndarray, mean: Sequence[float], std: Sequence[float],
+def local_crops(restored: np.ndarray, masks: np.ndarray, mean: Sequence[float], std: Sequence[float],
                 fill: str = "public", size: int = 224) -> np.ndarray:
-    """Masked, box-cropped, resized crops -> float32 [N, size, size, 3] on the 0..255 scale.
-    (The box never leaves the image: a projection's centre -+ half its count stays within
-    [-0.5, W - 0.5], which truncates into [0, W].)"""
-    image = np.asarray(image, dtype=np.float32)
+    """Masked, box-cropped, resized crops of `restored` (PreparedImage.restored, H x W x 3 on the
+    0..255 scale) -> float32 [N, size, size, 3]. Only mask pixels equal to 1 keep the image
+    (the public code's mask.type(torch.uint8)). (The box never leaves the image: a projection's
+    centre -+ half its count stays within [-0.5, W - 0.5], which truncates into [0, W].)"""
+    restored = np.asarray(restored, dtype=np.float32)
     fill_px = fill_pixel(mean, std, fill)
     out = np.empty((len(masks), size, size, 3), dtype=np.float32)
     for n, (mask, (x1, y1, x2, y2)) in enumerate(zip(masks, mask_boxes(masks))):
-        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)        # a mask in column 0 alone still gets one
-        m = mask[y1:y2, x1:x2, None].astype(np.float32)
-        crop = image[y1:y2, x1:x2] * m + (1.0 - m) * fill_px
-        out[n] = resize_bilinear(crop, (size, size))
+        x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)        # a mask in row/column 0 alone still gets one
+        m = (np.asarray(mask[y1:y2, x1:x2]) == 1)[..., None].astype(np.float32)
+        crop = restored[y1:y2, x1:x2] * m + (1.0 - m) * fill_px
+        out[n] = resize_bilinear_torch(crop, (size, size))
     return out
-
-
-def global_image(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """H x W x 3 uint8 -> [1, size, size, 3] uint8 (bilinear, no antialias)."""
-    return resize_image(np.asarray(image, dtype=np.uint8), (size, size))[None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +257,11 @@ class ReferSegmenter:
         self.local_runner, self.local_manifest = _open(Path(local_path), "refer-local", backend,
                                                        backend_options)
         gm, lm = self.global_manifest, self.local_manifest
+        image_dtype = {i.get("name"): i.get("dtype") for i in gm.get("inputs", [])}.get("image")
+        if image_dtype != "float32":
+            raise ClipfuseError(f"{Path(global_path).name} takes a {image_dtype} image: it was exported by an "
+                                "older clipfuse whose uint8 input rounds the public code's 224 image; "
+                                "re-export with `clipfuse export-refer`")
         if not same_weights(gm, lm):
             raise ClipfuseError(f"{Path(global_path).name} and {Path(local_path).name} come from different "
                                 "weights; export them together with `clipfuse export-refer`")
@@ -235,23 +299,33 @@ class ReferSegmenter:
         return seg
 
     # -- features ---------------------------------------------------------------------------------
-    def global_features(self, image: np.ndarray, masks: np.ndarray) -> np.ndarray:
-        feeds = {"image": global_image(image, self.input_size), "masks": grid_masks(masks, self.grid)}
+    def prepare(self, image: Union[np.ndarray, PreparedImage]) -> PreparedImage:
+        """The public code's views of `image` (H x W x 3 uint8); a PreparedImage passes through."""
+        if isinstance(image, PreparedImage):
+            return image
+        return prepare_image(image, self.input_size)
+
+    def global_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray) -> np.ndarray:
+        feeds = {"image": self.prepare(image).global_image, "masks": grid_masks(masks, self.grid)}
         return _run_chunked(self.global_runner, feeds, "masks", "features")
 
-    def local_features(self, image: np.ndarray, masks: np.ndarray, fill: Optional[str] = None) -> np.ndarray:
-        crops = local_crops(image, masks, self.mean, self.std, fill or self.fill, self.local_size)
+    def local_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray,
+                       fill: Optional[str] = None) -> np.ndarray:
+        crops = local_crops(self.prepare(image).restored, masks, self.mean, self.std, fill or self.fill,
+                            self.local_size)
         return _run_chunked(self.local_runner, {"crops": crops}, "crops", "features")
 
-    def visual_features(self, image: np.ndarray, masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """(f_G, f_L) for proposals `masks` (bool [N, H, W] at the image's resolution)."""
+    def visual_features(self, image: Union[np.ndarray, PreparedImage],
+                        masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(f_G, f_L) for proposals `masks` ([N, H, W] at the image's resolution: bool, or soft
+        float in [0, 1])."""
         from .masks import check_proposals
-        checked, kept = check_proposals(masks, np.asarray(image).shape[:2])
+        prepared = self.prepare(image)
+        checked, kept = check_proposals(masks, prepared.shape)
         if len(kept) != len(masks):
             raise ClipfuseError(f"proposal {int(np.setdiff1d(np.arange(len(masks)), kept)[0])} is empty; "
                                 "drop empty masks first (masks.check_proposals does)")
-        masks = checked
-        return self.global_features(image, masks), self.local_features(image, masks)
+        return self.global_features(prepared, checked), self.local_features(prepared, checked)
 
     def text_feature(self, sentence: str, parser: str = "auto") -> Tuple[np.ndarray, NounPhrase]:
         phrase = extract_noun_phrase(sentence, parser)
