@@ -6,6 +6,8 @@ import copy
 import sys
 from pathlib import Path
 
+from clipfuse.runtime.cliargs import float_range
+
 HELP = "make the FP16 graph and build a TensorRT engine (or plan it with --dry-run)"
 DESCRIPTION = """\
 Build a TensorRT engine from an exported graph engines/NAME.onnx (+ NAME.json).
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default="1:32:256", metavar="MIN:OPT:MAX",
                         help="profile on the class axis of a dynamic-vocabulary graph's class_embeddings "
                              "input (default: 1:32:256; ignored for baked vocabularies)")
-    parser.add_argument("--workspace-gb", type=float, default=4.0,
+    parser.add_argument("--workspace-gb", type=float_range(0.0, 1024.0, low_open=True), default=4.0,
                         help="TensorRT workspace memory pool limit in GiB (default: 4; use 1-2 on 8 GB Jetsons)")
     parser.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="0-5",
                         help="builder optimization level 0-5 (default: 3; higher = longer build, maybe faster)")
