@@ -62,11 +62,13 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import onnx
 
+    from clipfuse.runtime.artifact import contract_sha256, open_artifact
     from clipfuse.runtime.errors import ClipfuseError
     from clipfuse.runtime.fileio import sha256_file
-    from clipfuse.runtime.manifest import manifest_path_for, read_manifest, write_manifest
+    from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
     from . import graph_checks, trt_build
+    from .artifacts import write_contract
     from .fp16 import convert_file
 
     src = Path(args.onnx)
@@ -74,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ClipfuseError(f"{src} is not an .onnx file (pass the exported FP32 graph, e.g. engines/sclip.onnx)")
     if src.name.endswith(".fp16.onnx"):
         raise ClipfuseError(f"{src.name} is already an FP16 graph; pass the FP32 graph it came from")
-    manifest = read_manifest(manifest_path_for(src))
+    # the same checks as every reader (hash, contract in the graph): never launder a mismatched pair
+    manifest = open_artifact(src, what="graph").manifest
     if manifest.get("precision", "fp32") != "fp32":
         raise ClipfuseError(f"{src.name}: manifest precision is {manifest.get('precision')!r}, expected fp32")
     batch = trt_build.BatchProfile.parse(args.batch)
@@ -101,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
         _say(f"writing FP16 graph {dst} ...")
         report = convert_file(src, dst)
+        write_contract(dst, manifest)  # the FP16 graph describes itself like its source
         _check(graph_checks, onnx.load(str(dst)), dst.name)
         fp16_manifest = copy.deepcopy(manifest)
         fp16_manifest.update(precision="fp16", onnx_file=dst.name, onnx_sha256=sha256_file(dst),
@@ -149,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         sm=sm, gpu_name=gpu_name, precision=args.precision, batch=batch, onnx_sha256=onnx_sha,
         trtexec=trtexec, workspace_bytes=workspace_bytes, opt_level=args.opt_level, timing_cache=timing_cache)
     engine_manifest["engine"]["build_seconds"] = facts["build_seconds"]
+    engine_manifest["engine"]["contract_sha256"] = contract_sha256(engine_manifest)  # engines keep no metadata
     write_manifest(manifest_path_for(engine), engine_manifest)
     print(f"wrote {engine} and {manifest_path_for(engine).name} in {facts['build_seconds']} s")
     return 0
