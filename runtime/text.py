@@ -51,7 +51,7 @@ class TextEncoder:
              backend_options: Optional[dict] = None) -> "TextEncoder":
         """Open a text graph (.onnx, or a built .engine) with its manifest beside it."""
         opened = open_artifact(artifact, kinds=("text",), verify=verify, what="text graph",
-                               hint="make one with `clipfuse export-text`")
+                               hint="class embeddings need a text graph from `clipfuse export-text`")
         artifact, manifest = opened.path, opened.manifest
         if manifest.get("tokenizer") != TOKENIZER_ID:
             raise ClipfuseError(f"{artifact.name} expects tokenizer {manifest.get('tokenizer')!r}; "
