@@ -20,12 +20,16 @@ def set_contract(model, manifest: dict) -> None:
     entry.key, entry.value = CONTRACT_KEY, contract_json(manifest)
 
 
-def write_contract(onnx_path: Path, manifest: dict) -> None:
-    """set_contract on an ONNX file, in place and atomically."""
+def write_contract(onnx_path: Path, manifest: dict, atomic: bool = True) -> None:
+    """set_contract on an ONNX file, in place; `atomic=False` for a file that is itself a
+    temporary (no temporary of a temporary to leave behind)."""
     import onnx
 
     model = onnx.load(str(onnx_path))
     set_contract(model, manifest)
+    if not atomic:
+        onnx.save(model, str(onnx_path))
+        return
     with atomic_path(onnx_path) as tmp:
         onnx.save(model, str(tmp))
 
@@ -42,7 +46,7 @@ def graph_with_manifest(onnx_path: Path, manifest: dict) -> Iterator[Path]:
 
     with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
         yield tmp_onnx
-        write_contract(tmp_onnx, manifest)
+        write_contract(tmp_onnx, manifest, atomic=False)
         onnx.checker.check_model(str(tmp_onnx))
         manifest["onnx_sha256"] = sha256_file(tmp_onnx)
         write_manifest(tmp_json, manifest)

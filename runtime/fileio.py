@@ -50,9 +50,11 @@ def clean_stale_temporaries(final: PathLike) -> List[Path]:
         return removed
     for entry in entries:
         name = entry.name
-        if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+        # also a temporary OF one of final's temporaries (a step that rewrote a temporary file)
+        start = len(prefix) if name.startswith(prefix) else len(prefix) + 1
+        if not (name.startswith(prefix) or name.startswith("." + prefix)) or not name.endswith(TEMP_SUFFIX):
             continue
-        pid_text = name[len(prefix):].split("-", 1)[0]
+        pid_text = name[start:].split("-", 1)[0]
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         with contextlib.suppress(FileNotFoundError):
