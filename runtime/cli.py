@@ -49,6 +49,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        # argparse drops a '--' value (`--limit=--`) without calling the type: [] instead of a number
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.nargs is None and action.type is not None and isinstance(value, list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value")
+        return namespace, extras
+
 
 # OSErrors that describe the user's files or disk, not a bug (exit 2 with one line, not 3).
 USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,

@@ -16,11 +16,14 @@ per pixel at most (~630 MB at the default limit), whatever the format or bit dep
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import struct
 import sys
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import numpy as np
 
@@ -43,7 +46,7 @@ _ORIENT = {
     4: lambda a: a[::-1],
     5: lambda a: a.transpose(1, 0, 2),
     6: lambda a: np.rot90(a, -1),
-    7: lambda a: np.rot90(a, -1)[:, ::-1],
+    7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
     8: lambda a: np.rot90(a, 1),
 }
 
@@ -125,29 +128,11 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
         raise ClipfuseError(f"{path} is a folder, not an image")
     previous_limit = Image.MAX_IMAGE_PIXELS
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a message that says what to do
+    notes: List[str] = []
+    c_messages: List[str] = []
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width < 1 or height < 1:
-                    raise ClipfuseError(f"image {path} is empty ({width}x{height})")
-                check_declared_size(path, img.format, width, height)
-                if max_pixels is not None and width * height > max_pixels:
-                    if img.format == "JPEG":
-                        img.draft("RGB", _draft_target(path, width, height, max_pixels))
-                        print(f"clipfuse: {path.name} is {width}x{height}; decoded at "
-                              f"{img.size[0]}x{img.size[1]} (limit {max_pixels} pixels)", file=sys.stderr)
-                    else:
-                        raise ClipfuseError(
-                            f"image {path} is {width}x{height} = {width * height / 1e6:.0f} Mpx, above "
-                            f"the limit of {max_pixels / 1e6:.0f} Mpx (raise --max-pixels or downscale it)")
-                orientation = img.getexif().get(0x0112)
-                img.load()
-                rgb = _to_rgb8(img)
-            # the decoded image is freed here, before the turn makes its copy
-            turn = _ORIENT.get(orientation) if isinstance(orientation, int) else None
-            return np.ascontiguousarray(turn(rgb)) if turn else rgb
+        with _c_stderr_captured(c_messages):
+            return _decode(path, max_pixels, notes)
     except ClipfuseError:
         raise
     except UnidentifiedImageError:
@@ -155,11 +140,65 @@ def read_image(path: Union[str, Path], max_pixels: Optional[int] = DEFAULT_MAX_P
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError) as exc:
         # Truncated / corrupt data surfaces as OSError ("image file is truncated", "broken data
         # stream"); malformed headers of some formats as struct/Index/Type errors inside Pillow.
-        raise ClipfuseError(f"cannot decode image {path}: {exc}") from None
+        detail = f" ({c_messages[0]})" if c_messages else ""
+        raise ClipfuseError(f"cannot decode image {path}: {exc}{detail}") from None
     except MemoryError:
         raise ClipfuseError(f"not enough memory to decode image {path}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
+        for note in notes:
+            print(note, file=sys.stderr)
+
+
+def _decode(path: Path, max_pixels: Optional[int], notes: List[str]) -> np.ndarray:
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DecompressionBomb (our own limit) and corrupt-EXIF notices
+        with Image.open(path) as img:
+            width, height = img.size
+            if width < 1 or height < 1:
+                raise ClipfuseError(f"image {path} is empty ({width}x{height})")
+            check_declared_size(path, img.format, width, height)
+            if max_pixels is not None and width * height > max_pixels:
+                if img.format == "JPEG":
+                    img.draft("RGB", _draft_target(path, width, height, max_pixels))
+                    notes.append(f"clipfuse: {path.name} is {width}x{height}; decoded at "
+                                 f"{img.size[0]}x{img.size[1]} (limit {max_pixels} pixels)")
+                else:
+                    raise ClipfuseError(
+                        f"image {path} is {width}x{height} = {width * height / 1e6:.0f} Mpx, above "
+                        f"the limit of {max_pixels / 1e6:.0f} Mpx (raise --max-pixels or downscale it)")
+            orientation = img.getexif().get(0x0112)
+            img.load()
+            rgb = _to_rgb8(img)
+    # the decoded image is freed here, before the turn makes its copy
+    turn = _ORIENT.get(orientation) if isinstance(orientation, int) else None
+    return np.ascontiguousarray(turn(rgb)) if turn else rgb
+
+
+@contextlib.contextmanager
+def _c_stderr_captured(messages: List[str]) -> Iterator[None]:
+    """Collect into `messages` what C libraries print straight to file descriptor 2 while decoding (libtiff
+    writes "ZIPDecode: Decoding error ..." there), so a bad file still gives ONE line: the
+    first such message is folded into the ClipfuseError, warnings of a good file are dropped.
+    (Output of other threads during the decode would be collected too; the CLI has none.)"""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(4096).decode("utf-8", "replace")
+            messages.extend(line.strip() for line in text.splitlines() if line.strip())
 
 
 def _draft_target(path: Path, width: int, height: int, max_pixels: int) -> tuple:
