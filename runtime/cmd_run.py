@@ -28,6 +28,10 @@ Writes per image into OUT (folder inputs keep their sub-folders):
   NAME.labels.png    palette PNG, pixel value = class index (np.array(Image.open(...)))
   NAME.overlay.png   photo + class colours + legend (skip with --no-overlay)
   NAME.json          per-class pixel counts and shares
+NAME is the file name without suffix ('_' in front of one starting with '.', so nothing lands
+outside OUT); the three files of an image are written together or not at all. OUT is checked to
+be writable before the model is opened. Folders and globs skip *.labels.png and *.overlay.png
+(clipfuse's own outputs), so OUT may be the input folder.
 
 examples:
   clipfuse run engines/sclip.onnx photo.jpg -o out/
