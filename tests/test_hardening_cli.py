@@ -188,7 +188,7 @@ BAD_OPTIONS = [
     ("export", "--opset", "3"), ("export", "--seed", "-1"), ("export-text", "--opset", "nan"),
     ("export-refer", "--alpha", "1.5"), ("export-refer", "--masked-blocks", "0"),
     ("build", "--workspace-gb", "nan"), ("build", "--workspace-gb", "0"), ("bench", "--iters", "0"),
-    ("bench", "--max-seconds", "inf"), ("bench", "--warmup", "-1"), ("bench", "--threads", "0"),
+    ("bench", "--max-seconds", "inf"), ("bench", "--max-seconds", "-1"), ("bench", "--warmup", "-1"), ("bench", "--threads", "0"),
     ("eval", "--limit", "0"), ("refer", "--alpha", "nan"), ("eval-refer", "--alpha", "-0.1"),
     ("eval-refer", "--limit", "-3"),
 ]
