@@ -57,13 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
                              "tensorrt, torch (default: %(default)s)")
     proto = parser.add_argument_group("protocol overrides (default: the manifest's values)")
-    proto.add_argument("--short-side", type=SIDE, help="resize so the short side has this many pixels")
-    proto.add_argument("--long-side-max", type=SIDE, help="cap on the long side after resizing")
-    proto.add_argument("--window-stride", type=SIDE, help="sliding-window stride in pixels")
-    proto.add_argument("--logit-scale", type=LOGIT_SCALE, help="cosine heads: softmax temperature (SCLIP 40, VOC 65)")
-    proto.add_argument("--prob-thd", type=fraction, help="cosine heads: pixels below this max probability -> class 0")
+    proto.add_argument("--short-side", type=SIDE, help="resize so the short side has this many pixels (1-16384)")
+    proto.add_argument("--long-side-max", type=SIDE, help="cap on the long side after resizing (1-16384)")
+    proto.add_argument("--window-stride", type=SIDE, help="sliding-window stride in pixels (1 to the window size)")
+    proto.add_argument("--logit-scale", type=LOGIT_SCALE,
+                       help="cosine heads: softmax temperature, > 0 and <= 1000 (SCLIP 40, VOC 65)")
+    proto.add_argument("--prob-thd", type=fraction,
+                       help="cosine heads: pixels below this max probability -> class 0 (0-1)")
     proto.add_argument("--area-thd", type=fraction,
-                       help="cosine heads: drop classes covering <= this fraction of the foreground")
+                       help="cosine heads: drop classes covering <= this fraction of the foreground (0-1)")
     parser.add_argument("--batch", type=BATCH, default=None,
                         help="windows per backend call (default: all windows of an image, capped by "
                              "the engine's max batch)")
