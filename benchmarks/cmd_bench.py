@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from clipfuse.runtime.cli import on_off
+from clipfuse.runtime.cliargs import non_negative_float, non_negative_int, on_off, positive_int
 
 HELP = "time every backend (PyTorch reference, fused torch, ONNX Runtime, TensorRT) on one head"
 DESCRIPTION = """\
@@ -94,21 +94,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="prompt templates for the class embeddings; no effect on speed (default: %(default)s)")
     what.add_argument("--image", default=None, help="e2e scope: input image (default: synthetic 640x480 JPEG)")
     how = parser.add_argument_group("how to measure")
-    how.add_argument("--warmup", type=int, default=2,
+    how.add_argument("--warmup", type=non_negative_int, default=2,
                      help="untimed calls first (at least 1; cut after the first once half of --max-seconds "
                           "is spent) (default: %(default)s)")
-    how.add_argument("--iters", type=int, default=10, help="timed calls per measurement (default: %(default)s)")
-    how.add_argument("--max-seconds", type=float, default=60.0,
+    how.add_argument("--iters", type=positive_int, default=10,
+                     help="timed calls per measurement (default: %(default)s)")
+    how.add_argument("--max-seconds", type=non_negative_float, default=60.0,
                      help="cap on the timed phase per backend (the interleaved rounds stop after this x the "
                           "number of backends); at least --min-iters calls still run; 0 = no cap "
                           "(default: %(default)s)")
-    how.add_argument("--min-iters", type=int, default=3, help="timed calls even past the cap (default: %(default)s)")
-    how.add_argument("--threads", type=int, default=None,
+    how.add_argument("--min-iters", type=positive_int, default=3,
+                     help="timed calls even past the cap (default: %(default)s)")
+    how.add_argument("--threads", type=positive_int, default=None,
                      help="CPU threads for torch and ONNX Runtime (default: all logical CPUs)")
     how.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                      help="where the torch backends run; auto = cuda if visible (default: %(default)s)")
     how.add_argument("--no-peak", action="store_true", help="skip measuring the device's matmul peak")
-    how.add_argument("--seed", type=int, default=0, help="seed of random weights and inputs (default: %(default)s)")
+    how.add_argument("--seed", type=non_negative_int, default=0,
+                     help="seed of random weights and inputs (default: %(default)s)")
     out = parser.add_argument_group("output")
     out.add_argument("-o", "--out", required=True,
                      help="output stem: writes OUT.json, OUT.md and OUT-SIZE.png")

@@ -6,6 +6,8 @@ import copy
 import sys
 from pathlib import Path
 
+from clipfuse.runtime.cliargs import float_range
+
 HELP = "make the FP16 graph and build a TensorRT engine (or plan it with --dry-run)"
 DESCRIPTION = """\
 Build a TensorRT engine from an exported graph engines/NAME.onnx (+ NAME.json).
@@ -38,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", default="1:32:256", metavar="MIN:OPT:MAX",
                         help="profile on the class axis of a dynamic-vocabulary graph's class_embeddings "
                              "input (default: 1:32:256; ignored for baked vocabularies)")
-    parser.add_argument("--workspace-gb", type=float, default=4.0,
+    parser.add_argument("--workspace-gb", type=float_range(0.0, 1024.0, low_open=True), default=4.0,
                         help="TensorRT workspace memory pool limit in GiB (default: 4; use 1-2 on 8 GB Jetsons)")
     parser.add_argument("--opt-level", type=int, default=3, choices=range(0, 6), metavar="0-5",
                         help="builder optimization level 0-5 (default: 3; higher = longer build, maybe faster)")
@@ -60,11 +62,13 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     import onnx
 
+    from clipfuse.runtime.artifact import contract_sha256, open_artifact
     from clipfuse.runtime.errors import ClipfuseError
     from clipfuse.runtime.fileio import sha256_file
-    from clipfuse.runtime.manifest import manifest_path_for, read_manifest, write_manifest
+    from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
     from . import graph_checks, trt_build
+    from .artifacts import write_contract
     from .fp16 import convert_file
 
     src = Path(args.onnx)
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         raise ClipfuseError(f"{src} is not an .onnx file (pass the exported FP32 graph, e.g. engines/sclip.onnx)")
     if src.name.endswith(".fp16.onnx"):
         raise ClipfuseError(f"{src.name} is already an FP16 graph; pass the FP32 graph it came from")
-    manifest = read_manifest(manifest_path_for(src))
+    # the same checks as every reader (hash, contract in the graph): never launder a mismatched pair
+    manifest = open_artifact(src, what="graph").manifest
     if manifest.get("precision", "fp32") != "fp32":
         raise ClipfuseError(f"{src.name}: manifest precision is {manifest.get('precision')!r}, expected fp32")
     batch = trt_build.BatchProfile.parse(args.batch)
@@ -99,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
         _say(f"writing FP16 graph {dst} ...")
         report = convert_file(src, dst)
+        write_contract(dst, manifest)  # the FP16 graph describes itself like its source
         _check(graph_checks, onnx.load(str(dst)), dst.name)
         fp16_manifest = copy.deepcopy(manifest)
         fp16_manifest.update(precision="fp16", onnx_file=dst.name, onnx_sha256=sha256_file(dst),
@@ -147,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         sm=sm, gpu_name=gpu_name, precision=args.precision, batch=batch, onnx_sha256=onnx_sha,
         trtexec=trtexec, workspace_bytes=workspace_bytes, opt_level=args.opt_level, timing_cache=timing_cache)
     engine_manifest["engine"]["build_seconds"] = facts["build_seconds"]
+    engine_manifest["engine"]["contract_sha256"] = contract_sha256(engine_manifest)  # engines keep no metadata
     write_manifest(manifest_path_for(engine), engine_manifest)
     print(f"wrote {engine} and {manifest_path_for(engine).name} in {facts['build_seconds']} s")
     return 0

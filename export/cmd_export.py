@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipfuse.runtime.cli import on_off
+from clipfuse.runtime.cliargs import int_range, non_negative_float, non_negative_int, on_off, opset
 
 HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
 DESCRIPTION = """\
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     vocab = parser.add_mutually_exclusive_group(required=True)
     vocab.add_argument("--classes", help='class names, e.g. "sky,tree,road" or "bg;person,people;car"')
     vocab.add_argument("--classes-file", help="file with one class per line, synonyms comma-separated")
-    parser.add_argument("--size", type=int, default=None,
+    parser.add_argument("--size", type=int_range(16, 4096), default=None,
                         help="input height = width in pixels, a multiple of the patch size; this is the "
                              "sliding-window size (default: the head's, e.g. 224 sclip, 448 clip-dinoiser)")
     parser.add_argument("--templates", choices=["imagenet80", "single"], default="imagenet80",
@@ -54,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "required for open_clip-format files, which do not record it")
     parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
                         help="self-correlation heads: override the attention form")
-    parser.add_argument("--gaussian-sigma", type=float, default=None,
+    parser.add_argument("--gaussian-sigma", type=non_negative_float, default=None,
                         help="self-correlation heads: Gaussian spatial bias sigma (0 = none)")
     parser.add_argument("--residual", type=on_off, default=None, metavar="on|off",
                         help="self-correlation heads: keep the last block's residual")
@@ -65,8 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-duplicate-names", action="store_true",
                         help="accept one name in two classes (SCLIP's COCO-Object file lists 'bed' as a "
                              "background synonym too); the first class wins ties, as in SCLIP")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
+    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
                         help="output path without suffix: writes OUTPUT.onnx and OUTPUT.json")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -91,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.errors import ClipfuseError
     from clipfuse.runtime.vocab import parse_classes, read_classes_file
 
-    vocab = (parse_classes(args.classes) if args.classes is not None
-             else read_classes_file(args.classes_file, args.allow_duplicate_names))
+    if args.classes is not None:
+        vocab = parse_classes(args.classes, allow_duplicates=args.allow_duplicate_names)
+    else:
+        vocab = read_classes_file(args.classes_file, args.allow_duplicate_names)
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import export_image_graph

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
+from clipfuse.runtime.cliargs import fraction, non_negative_int, opset, positive_int
+
 HELP = "export the Global-Local CLIP referring-segmentation graphs (global + local) with manifests"
 DESCRIPTION = """\
 Export the visual half of Global-Local CLIP (zero-shot referring segmentation, CVPR 2023) as two
@@ -45,9 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", choices=["imagenet", "clip"], default="imagenet",
                         help="in-graph pixel normalisation; the public code uses ImageNet's "
                              "(default: %(default)s)")
-    parser.add_argument("--masked-blocks", type=int, default=3,
+    parser.add_argument("--masked-blocks", type=positive_int, default=3,
                         help="token masking before each of the last K blocks (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=0.95,
+    parser.add_argument("--alpha", type=fraction, default=0.95,
                         help="default global/local mix recorded in the manifest: 0.95 RefCOCO/RefCOCO+, "
                              "0.85 RefCOCOg (default: %(default)s)")
     parser.add_argument("--fill", choices=["public", "mean"], default="public",
@@ -60,8 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
                              "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
                              "required for open_clip-format files, which do not record it")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
+    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--no-text", action="store_true",
                         help="do not write OUTPUT-text.onnx (e.g. when it exists from `clipfuse export-text`)")
     parser.add_argument("-o", "--output", required=True,

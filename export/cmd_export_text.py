@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipfuse.runtime.cli import on_off
+from clipfuse.runtime.cliargs import non_negative_int, on_off, opset
 
 HELP = "export the CLIP text encoder (tokens -> text features) as ONNX, FP32 or FP16, with its manifest"
 DESCRIPTION = """\
@@ -38,10 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
                              "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
                              "required for open_clip-format files, which do not record it")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of random init with --pretrained none; the same seed as the image graph "
                              "gives the same CLIP (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default: %(default)s)")
+    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset, >= 17 (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 

@@ -7,6 +7,7 @@ commands work on a machine with numpy and an inference backend only.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -14,6 +15,7 @@ import traceback
 from typing import List, Optional
 
 from ._version import __version__
+from .cliargs import on_off  # noqa: F401  (re-export: command modules imported it from here)
 from .errors import ClipfuseError
 
 # name -> module; order is the order of `clipfuse --help`.
@@ -40,14 +42,26 @@ run `clipfuse COMMAND --help` for each command's options.
 """
 
 
-def on_off(text: str) -> bool:
-    """argparse type for on/off switches (also true/false, yes/no, 1/0)."""
-    low = text.lower()
-    if low in ("1", "true", "on", "yes"):
-        return True
-    if low in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on/off, got {text!r}")
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are ONE line on stderr (exit 2), like every other user
+    error; the usage itself is one `--help` away. Subcommand parsers inherit this class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        # argparse drops a '--' value (`--limit=--`) without calling the type: [] instead of a number
+        for action in self._actions:
+            value = getattr(namespace, action.dest, None)
+            if action.nargs is None and action.type is not None and isinstance(value, list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one value")
+        return namespace, extras
+
+
+# OSErrors that describe the user's files or disk, not a bug (exit 2 with one line, not 3).
+USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EEXIST,
+               errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTEMPTY}
 
 
 def _load(module_name: str):
@@ -60,7 +74,7 @@ def _load(module_name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="clipfuse",
         description="Export, build and run training-free open-vocabulary CLIP segmenters "
                     "(MaskCLIP, SCLIP, CLIP-DINOiser, ClearCLIP, NACLIP) as fused ONNX graphs "
@@ -83,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2) or --help/--version (0): main returns exit codes
+        return exc.code if isinstance(exc.code, int) else 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
@@ -92,16 +109,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ClipfuseError as exc:
         print(f"clipfuse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in USER_ERRNOS:
+            return _internal_error(args.command, exc)
+        # the file system said no (read-only, full, not a folder...): the user can act on that
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"clipfuse {args.command}: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"clipfuse {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug, not bad input: keep it short unless asked
-        if os.environ.get("CLIPFUSE_DEBUG"):
-            traceback.print_exc()
-        else:
-            print(f"clipfuse {args.command}: internal error: {type(exc).__name__}: {exc} "
-                  f"(set CLIPFUSE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 3
+    except Exception as exc:
+        return _internal_error(args.command, exc)
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    """A bug, not bad input: keep it short unless asked."""
+    if os.environ.get("CLIPFUSE_DEBUG"):
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    else:
+        print(f"clipfuse {command}: internal error: {type(exc).__name__}: {exc} "
+              f"(set CLIPFUSE_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

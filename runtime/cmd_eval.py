@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict
 
+from .cliargs import positive_int
+
 HELP = "measure mIoU of an exported model on VOC/Context/COCO/Cityscapes/ADE20K"
 
 DESCRIPTION = """\
@@ -44,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="voc21, voc20, context60, context59, coco-object, "
                                           "coco-stuff164k, cityscapes or ade20k")
     parser.add_argument("--root", help="dataset folder (layouts above)")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=positive_int, default=None,
                         help="score only the first N validation images (sorted ids; default: all)")
     parser.add_argument("--backend", default="auto",
                         help="runtime backend: auto (tensorrt for .engine, else ort-cpu), ort-cpu, "

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cliargs import fraction, positive_int
+
 HELP = "evaluate referring segmentation (oIoU, mIoU) on RefCOCO/RefCOCO+/RefCOCOg from a local copy"
 
 DESCRIPTION = """\
@@ -49,11 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--oracle-proposals", action="store_true",
                         help="use the image's ground-truth instance masks as proposals")
     source.add_argument("--dense", default=None, help="dense clipfuse model for the built-in generator")
-    parser.add_argument("--alpha", type=float, default=None,
+    parser.add_argument("--alpha", type=fraction, default=None,
                         help="global/local mix (default: 0.95 refcoco/refcoco+, 0.85 refcocog)")
     parser.add_argument("--parser", choices=["auto", "spacy", "heuristic"], default="auto",
                         help="noun-phrase parser (default: %(default)s)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N images")
     parser.add_argument("--backend", default="auto", help="(default: %(default)s)")
     parser.add_argument("-o", "--output", default=None, help="write summary + per-sample results JSON here")
 

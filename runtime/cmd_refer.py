@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cliargs import fraction
+
 HELP = "referring segmentation: pick the mask proposal that matches a sentence (Global-Local CLIP)"
 
 DESCRIPTION = """\
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--masks", default=None, help="proposal file or folder (see above)")
     source.add_argument("--dense", default=None,
                         help="dense clipfuse model (.onnx/.engine) whose label-map regions become proposals")
-    parser.add_argument("--alpha", type=float, default=None,
+    parser.add_argument("--alpha", type=fraction, default=None,
                         help="f = alpha*global + (1-alpha)*local (default: the manifest's, 0.95; RefCOCOg 0.85)")
     parser.add_argument("--fill", choices=["public", "mean"], default=None,
                         help="colour outside the mask in local crops (default: the manifest's)")

@@ -7,6 +7,15 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
+from .cliargs import float_range, fraction, int_range
+
+# Option ranges: beyond them a value is a typo or an attack on memory, not a setting.
+SIDE = int_range(1, 16384)                           # pixels: short side, long-side cap, stride
+LOGIT_SCALE = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking
+BATCH = int_range(1, 4096)
+THREADS = int_range(1, 1024)
+MAX_PIXELS = int_range(1, 1 << 31)
+
 HELP = "segment images (file, folder or glob) with an exported .onnx or built .engine"
 
 DESCRIPTION = """\
@@ -19,6 +28,10 @@ Writes per image into OUT (folder inputs keep their sub-folders):
   NAME.labels.png    palette PNG, pixel value = class index (np.array(Image.open(...)))
   NAME.overlay.png   photo + class colours + legend (skip with --no-overlay)
   NAME.json          per-class pixel counts and shares
+NAME is the file name without suffix ('_' in front of one starting with '.', so nothing lands
+outside OUT); the three files of an image are written together or not at all. OUT is checked to
+be writable before the model is opened. Folders and globs skip *.labels.png and *.overlay.png
+(clipfuse's own outputs), so OUT may be the input folder.
 
 examples:
   clipfuse run engines/sclip.onnx photo.jpg -o out/
@@ -44,26 +57,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
                              "tensorrt, torch (default: %(default)s)")
     proto = parser.add_argument_group("protocol overrides (default: the manifest's values)")
-    proto.add_argument("--short-side", type=int, help="resize so the short side has this many pixels")
-    proto.add_argument("--long-side-max", type=int, help="cap on the long side after resizing")
-    proto.add_argument("--window-stride", type=int, help="sliding-window stride in pixels")
-    proto.add_argument("--logit-scale", type=float, help="cosine heads: softmax temperature (SCLIP 40, VOC 65)")
-    proto.add_argument("--prob-thd", type=float, help="cosine heads: pixels below this max probability -> class 0")
-    proto.add_argument("--area-thd", type=float,
-                       help="cosine heads: drop classes covering <= this fraction of the foreground")
-    parser.add_argument("--batch", type=int, default=None,
+    proto.add_argument("--short-side", type=SIDE, help="resize so the short side has this many pixels (1-16384)")
+    proto.add_argument("--long-side-max", type=SIDE, help="cap on the long side after resizing (1-16384)")
+    proto.add_argument("--window-stride", type=SIDE, help="sliding-window stride in pixels (1 to the window size)")
+    proto.add_argument("--logit-scale", type=LOGIT_SCALE,
+                       help="cosine heads: softmax temperature, > 0 and <= 1000 (SCLIP 40, VOC 65)")
+    proto.add_argument("--prob-thd", type=fraction,
+                       help="cosine heads: pixels below this max probability -> class 0 (0-1)")
+    proto.add_argument("--area-thd", type=fraction,
+                       help="cosine heads: drop classes covering <= this fraction of the foreground (0-1)")
+    parser.add_argument("--batch", type=BATCH, default=None,
                         help="windows per backend call (default: all windows of an image, capped by "
                              "the engine's max batch)")
-    parser.add_argument("--threads", type=int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
-    parser.add_argument("--max-pixels", type=int, default=None,
+    parser.add_argument("--threads", type=THREADS, default=None, help="ort-cpu: intra-op threads (default: all cores)")
+    parser.add_argument("--max-pixels", type=MAX_PIXELS, default=None,
                         help="refuse (or, for JPEG, decode reduced) images above this many pixels "
                              "(default: 89478485, Pillow's limit)")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay PNG (faster)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the model file")
 
 
+def safe_part(name: str) -> str:
+    """One component of an output name that stays inside OUT: names starting with a dot ('.',
+    '..', '.hidden', the stems of '..jpg' or '...jpg') get a '_' in front."""
+    return "_" + name if name.startswith(".") or not name else name
+
+
+def output_stem(relative: Path) -> Path:
+    """Output stem (relative to OUT) of an input at `relative` (below its folder, or its name)."""
+    parts = list(relative.parts[:-1]) + [Path(relative.name).stem]
+    return Path(*[safe_part(part) for part in parts])
+
+
+def _is_own_output(path: Path) -> bool:
+    from .outputs import OUTPUT_SUFFIXES
+    return path.name.lower().endswith(OUTPUT_SUFFIXES)
+
+
 def collect_inputs(patterns: List[str]) -> List[Tuple[Path, Path]]:
-    """(image path, output stem relative to OUT) for every input; folders keep their structure."""
+    """(image path, output stem relative to OUT) for every input; folders keep their structure.
+
+    Folders and globs skip clipfuse's own outputs (*.labels.png, *.overlay.png), so `run DIR -o DIR`
+    twice does not segment the label maps; a file named explicitly is always taken.
+    """
     from .errors import ClipfuseError
     from .imageio import is_image_path
 
@@ -71,17 +107,19 @@ def collect_inputs(patterns: List[str]) -> List[Tuple[Path, Path]]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
+            files = sorted(p for p in path.rglob("*")
+                           if p.is_file() and is_image_path(p) and not _is_own_output(p))
             if not files:
                 raise ClipfuseError(f"folder {path} holds no images ({', '.join(_suffixes())})")
-            found += [(p, p.relative_to(path).with_suffix("")) for p in files]
+            found += [(p, output_stem(p.relative_to(path))) for p in files]
         elif path.is_file():
-            found.append((path, Path(path.stem)))
+            found.append((path, output_stem(Path(path.name))))
         elif glob.has_magic(pattern):
-            files = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            files = sorted(Path(p) for p in glob.glob(pattern, recursive=True)
+                           if Path(p).is_file() and not _is_own_output(Path(p)))
             if not files:
                 raise ClipfuseError(f"no file matches {pattern!r}")
-            found += [(p, Path(p.stem)) for p in files]
+            found += [(p, output_stem(Path(p.name))) for p in files]
         else:
             raise ClipfuseError(f"image not found: {pattern}")
     stems = {}
@@ -91,6 +129,36 @@ def collect_inputs(patterns: List[str]) -> List[Tuple[Path, Path]]:
                                 "run them separately or pass their folder")
         stems[stem] = src
     return found
+
+
+def check_output_plan(images: List[Tuple[Path, Path]], out_dir: Path, overlay: bool) -> None:
+    """Refuse, before any inference, outputs that would leave OUT or replace something that is not
+    an output of ours: a clipfuse manifest (e.g. -o engines/ with an image named like a model),
+    one of the input images, or a folder."""
+    import json
+
+    from .errors import ClipfuseError
+    from .manifest import FORMAT
+    from .outputs import output_paths
+
+    root = out_dir.resolve()
+    inputs = {src.resolve() for src, _ in images}
+    for src, stem in images:
+        for target in output_paths(out_dir / stem, overlay):
+            if root not in target.resolve().parents:
+                raise ClipfuseError(f"outputs of {src} would be written outside {out_dir} ({target})")
+            if target.resolve() in inputs:
+                raise ClipfuseError(f"outputs of {src} would overwrite the input {target}")
+            if target.is_dir():
+                raise ClipfuseError(f"outputs of {src}: {target} is a folder")
+            if target.suffix == ".json" and target.is_file():
+                try:
+                    is_manifest = json.loads(target.read_text(encoding="utf-8")).get("format") == FORMAT
+                except (OSError, ValueError, AttributeError):
+                    is_manifest = False
+                if is_manifest:
+                    raise ClipfuseError(f"outputs of {src} would overwrite the model manifest {target}; "
+                                        "choose another -o folder")
 
 
 def _suffixes() -> List[str]:
@@ -122,13 +190,14 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import ClipfuseError
+    from .fileio import ensure_writable_dir
     from .imageio import DEFAULT_MAX_PIXELS, read_image
-    from .outputs import save_label_png, save_overlay_png, save_shares_json
+    from .outputs import write_image_outputs
     from .segmenter import Segmenter
 
-    if args.batch is not None and args.batch < 1:
-        raise ClipfuseError(f"--batch must be >= 1, got {args.batch}")
     images = collect_inputs(args.inputs)
+    out_dir = ensure_writable_dir(args.out, "-o folder")  # before the model is even opened
+    check_output_plan(images, out_dir, overlay=not args.no_overlay)
     options = {"threads": args.threads} if args.threads else {}
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
                          verify=not args.no_verify, short_side=args.short_side,
@@ -139,7 +208,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.text_model or args.classes:
         raise ClipfuseError(f"{Path(args.model).name} has a baked vocabulary; --text-model/--classes need a "
                             "graph exported with --vocab dynamic")
-    out_dir = Path(args.out)
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     failures = []
     with seg, tqdm(images, desc="segmenting", unit="img", disable=len(images) < 2, file=sys.stderr) as bar:
@@ -153,15 +221,11 @@ def run(args: argparse.Namespace) -> int:
                 tqdm.write(f"clipfuse run: skipped: {exc}", file=sys.stderr)
                 continue
             result = seg.segment(image)
-            base = out_dir / stem
-            save_label_png(base.with_name(base.name + ".labels.png"), result.labels, len(result.class_names))
-            if not args.no_overlay:
-                save_overlay_png(base.with_name(base.name + ".overlay.png"), image, result.labels,
-                                 result.class_names)
-            save_shares_json(base.with_name(base.name + ".json"), result.labels, result.class_names,
-                             source=str(src), extra={"model": str(args.model), "backend": seg.backend.name,
-                                                     "windows": result.num_windows,
-                                                     "processing_size": list(result.processing_size)})
+            write_image_outputs(out_dir / stem, image, result.labels, result.class_names,
+                                overlay=not args.no_overlay, source=str(src),
+                                extra={"model": str(args.model), "backend": seg.backend.name,
+                                       "windows": result.num_windows,
+                                       "processing_size": list(result.processing_size)})
     done = len(images) - len(failures)
     print(f"clipfuse run: {done} image(s) segmented into {out_dir}", file=sys.stderr)
     if failures:

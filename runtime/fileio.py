@@ -1,14 +1,83 @@
-"""Atomic file writes: an artifact is either complete or absent, never half-written."""
+"""Atomic file writes: an artifact is either complete or absent, never half-written.
+
+Temporaries sit next to their target (so the final rename is atomic) and are named
+`.NAME.clipfuse-PID-RANDOM.part`: recognisably ours and tied to the process writing them. A
+process killed with SIGKILL cannot clean up, so every write first removes the temporaries of the
+SAME target left by processes that no longer run on this machine (never another target's, never
+a live writer's).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Dict, Iterator, List, Mapping, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+TEMP_TAG = ".clipfuse-"
+TEMP_SUFFIX = ".part"
+# Room for the tag, pid, random part and suffix within the usual 255-byte name limit.
+_NAME_ROOM = 180
+
+
+def temp_prefix(final: PathLike) -> str:
+    """Name prefix of every temporary of `final` (`.NAME.clipfuse-`)."""
+    return f".{Path(final).name[:_NAME_ROOM]}{TEMP_TAG}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep its file
+    return True
+
+
+def clean_stale_temporaries(final: PathLike) -> List[Path]:
+    """Remove the temporaries of `final` whose writer process is gone; returns what was removed."""
+    final = Path(final)
+    prefix = temp_prefix(final)
+    removed: List[Path] = []
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        # also a temporary OF one of final's temporaries (a step that rewrote a temporary file)
+        start = len(prefix) if name.startswith(prefix) else len(prefix) + 1
+        if not (name.startswith(prefix) or name.startswith("." + prefix)) or not name.endswith(TEMP_SUFFIX):
+            continue
+        pid_text = name[start:].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _new_temp(final: Path) -> Path:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(final)}{os.getpid()}-", suffix=TEMP_SUFFIX,
+                               dir=final.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # mkstemp creates 0600; artifacts get the permissions a plain open() would give
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
 
 
 @contextlib.contextmanager
@@ -18,17 +87,10 @@ def atomic_path(final: PathLike) -> Iterator[Path]:
     The temp file lives in the destination folder so the rename is atomic (same filesystem).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _new_temp(final)
     try:
         yield tmp_path
-        # mkstemp creates 0600; artifacts get the permissions a plain open() would give
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, final)
+        _publish(tmp_path, final)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -41,6 +103,59 @@ def write_bytes_atomic(final: PathLike, data: bytes) -> None:
 
 def write_text_atomic(final: PathLike, text: str) -> None:
     write_bytes_atomic(final, text.encode("utf-8"))
+
+
+def write_file_set(files: Mapping[PathLike, bytes]) -> None:
+    """Write several files as one unit: all of them, or (on any error or Ctrl-C) none.
+
+    Every file is first written to its temporary; only then are they renamed, back to back, in
+    the given order (put the file that marks the set complete last). If a rename fails, the ones
+    already renamed are removed again, so a reader never finds half a set. (A SIGKILL between two
+    renames, a window of microseconds, can still leave the first files of the set; the next write
+    replaces them.)
+    """
+    temps: Dict[Path, Path] = {}
+    published: List[Path] = []
+    try:
+        for final, data in files.items():
+            final = Path(final)
+            temps[final] = _new_temp(final)
+            temps[final].write_bytes(data)
+        for final, tmp in temps.items():
+            _publish(tmp, final)
+            published.append(final)
+    except BaseException:
+        for final in published:
+            with contextlib.suppress(OSError):
+                final.unlink()
+        raise
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def ensure_writable_dir(folder: PathLike, what: str = "output folder") -> Path:
+    """Create `folder` (with parents) and prove a file can be written in it, before any slow work.
+
+    Raises ClipfuseError with one line when it is a file, under a file, read-only or full.
+    """
+    from .errors import ClipfuseError
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ClipfuseError(f"{what} {folder} is an existing file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".clipfuse-write-test-{os.getpid()}-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.EEXIST, errno.ENOTDIR):
+            reason = "a file is in the way of the folder"
+        raise ClipfuseError(f"cannot write to {what} {folder}: {reason}") from None
+    return folder
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:

@@ -7,16 +7,27 @@
   present (largest share first) on the right.
 - `NAME.json`: per-class pixel counts and shares (fractions of the image).
 Colours: the PASCAL VOC colour map (class 0 black), the convention of segmentation tools.
+
+The files of one image are written as a set (`write_image_outputs`): all encoded in memory first,
+then renamed into place together with the JSON last, so an image's outputs are complete or absent.
+Their names are reserved: `collect_inputs` of `clipfuse run` skips `*.labels.png` and
+`*.overlay.png` in folders, so running into the input folder twice does not segment the outputs.
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .fileio import atomic_path, write_text_atomic
+from .fileio import write_bytes_atomic, write_file_set
+
+LABELS_SUFFIX = ".labels.png"
+OVERLAY_SUFFIX = ".overlay.png"
+SHARES_SUFFIX = ".json"
+OUTPUT_SUFFIXES = (LABELS_SUFFIX, OVERLAY_SUFFIX)  # image files clipfuse writes (never inputs)
 
 OVERLAY_ALPHA = 0.5
 
@@ -45,7 +56,13 @@ def class_shares(labels: np.ndarray, class_names: Sequence[str]) -> List[Dict]:
              "share": round(float(counts[k]) / total, 6)} for k in order if counts[k] > 0]
 
 
-def save_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
+def _png_bytes(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def label_png_bytes(labels: np.ndarray, num_classes: int) -> bytes:
     from PIL import Image
     if num_classes <= 256:
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
@@ -54,8 +71,11 @@ def save_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
         img.putpalette(pal.ravel().tolist())
     else:
         img = Image.fromarray(labels.astype(np.uint16))  # 16-bit grayscale PNG of the indices
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
+    return _png_bytes(img)
+
+
+def save_label_png(path: Path, labels: np.ndarray, num_classes: int) -> None:
+    write_bytes_atomic(path, label_png_bytes(labels, num_classes))
 
 
 def overlay_image(image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
@@ -87,15 +107,36 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, class_names: Sequence[s
 
 
 def save_overlay_png(path: Path, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> None:
-    canvas = overlay_image(image, labels, class_names)
-    with atomic_path(path) as tmp:
-        canvas.save(tmp, format="PNG")
+    write_bytes_atomic(path, _png_bytes(overlay_image(image, labels, class_names)))
 
 
-def save_shares_json(path: Path, labels: np.ndarray, class_names: Sequence[str], source: str = "",
-                     extra: Dict = None) -> None:
+def shares_json_bytes(labels: np.ndarray, class_names: Sequence[str], source: str = "",
+                      extra: Optional[Dict] = None) -> bytes:
     data = {"image": source, "height": int(labels.shape[0]), "width": int(labels.shape[1]),
             "classes": class_shares(labels, class_names)}
     if extra:
         data.update(extra)
-    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def save_shares_json(path: Path, labels: np.ndarray, class_names: Sequence[str], source: str = "",
+                     extra: Optional[Dict] = None) -> None:
+    write_bytes_atomic(path, shares_json_bytes(labels, class_names, source, extra))
+
+
+def output_paths(base: Path, overlay: bool = True) -> List[Path]:
+    """The files written for output stem `base` (OUT/NAME), the JSON last."""
+    names = [LABELS_SUFFIX] + ([OVERLAY_SUFFIX] if overlay else []) + [SHARES_SUFFIX]
+    return [base.with_name(base.name + suffix) for suffix in names]
+
+
+def write_image_outputs(base: Path, image: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                        overlay: bool = True, source: str = "", extra: Optional[Dict] = None) -> List[Path]:
+    """Write NAME.labels.png, NAME.overlay.png (if `overlay`) and NAME.json as one set."""
+    paths = output_paths(base, overlay)
+    blobs = [label_png_bytes(labels, len(class_names))]
+    if overlay:
+        blobs.append(_png_bytes(overlay_image(image, labels, class_names)))
+    blobs.append(shares_json_bytes(labels, class_names, source, extra))
+    write_file_set(dict(zip(paths, blobs)))
+    return paths

@@ -4,8 +4,9 @@
     result = seg.segment(rgb_uint8)                            # result.labels: [H, W] int32
     seg.class_names[result.labels[0, 0]]
 
-Opening checks that the artifact and its manifest belong together (SHA-256 of the file against
-the manifest), so a re-exported graph with a stale manifest is refused instead of mislabelled.
+Opening checks that the artifact and its manifest belong together (clipfuse.runtime.artifact:
+SHA-256 of the file, and the contract stored in the graph), so a re-exported graph with a stale
+manifest, or a manifest whose class names were edited, is refused instead of mislabelled.
 The protocol defaults come from the manifest; keyword overrides replace single fields.
 """
 from __future__ import annotations
@@ -16,14 +17,12 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from .artifact import open_artifact
 from .backends.base import Backend, open_backend
 from .errors import ClipfuseError
-from .fileio import sha256_file
-from .manifest import manifest_path_for, read_manifest
 from .methods import Protocol
 from .protocol import ProtocolOutput, run_protocol
 
-ARTIFACT_SUFFIXES = (".onnx", ".engine")
 # Fields of Protocol a user may override at run time (window is fixed by the graph's input size).
 OVERRIDABLE = ("short_side", "stride", "long_side_max", "logit_scale", "prob_thd", "area_thd")
 
@@ -35,15 +34,6 @@ class SegmentationResult:
     scores: Optional[np.ndarray] = None  # [K, h, w] averaged window scores at processing_size
     processing_size: tuple = ()
     num_windows: int = 0
-
-
-def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
-    if not expected:
-        return
-    actual = sha256_file(path)
-    if actual != expected:
-        raise ClipfuseError(f"{path.name} does not match its manifest ({what} sha256 {actual[:12]}... "
-                            f"!= {expected[:12]}...): re-export, or copy the matching .json beside it")
 
 
 class Segmenter:
@@ -74,20 +64,9 @@ class Segmenter:
         `protocol_overrides`: any of OVERRIDABLE; None values are ignored (CLI defaults).
         `verify=False` skips the SHA-256 check (hashing a big engine on a slow SD card costs time).
         """
-        artifact = Path(artifact)
-        if not artifact.exists():
-            raise ClipfuseError(f"model not found: {artifact}")
-        if artifact.suffix not in ARTIFACT_SUFFIXES:
-            raise ClipfuseError(f"{artifact.name}: expected a .onnx graph or a .engine file")
-        manifest = read_manifest(manifest_path_for(artifact))
-        if manifest.get("kind") != "image":
-            raise ClipfuseError(f"{artifact.name} is a {manifest.get('kind')!r} artifact; "
-                                "`run` needs an image graph (clipfuse export)")
-        if verify:
-            if artifact.suffix == ".onnx":
-                _check_hash(artifact, manifest.get("onnx_sha256"), "onnx")
-            else:
-                _check_hash(artifact, (manifest.get("engine") or {}).get("sha256"), "engine")
+        opened = open_artifact(artifact, kinds=("image",), verify=verify,
+                               hint="`run` needs an image graph from `clipfuse export`")
+        artifact, manifest = opened.path, opened.manifest
         protocol = protocol_from_manifest(manifest, **protocol_overrides)
         be = open_backend(artifact, manifest, backend, **(backend_options or {}))
         return cls(artifact, manifest, be, protocol, batch=batch)

@@ -18,10 +18,9 @@ from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
+from .artifact import open_artifact
 from .backends import open_backend
 from .errors import ClipfuseError
-from .fileio import sha256_file
-from .manifest import manifest_path_for, read_manifest
 from .templates import fill, get_templates
 from .tokenizer import TOKENIZER_ID, tokenize
 from .vocab import Vocabulary, class_of_name, flat_names, validate
@@ -51,21 +50,12 @@ class TextEncoder:
     def open(cls, artifact: "str | Path", backend: str = "auto", verify: bool = True,
              backend_options: Optional[dict] = None) -> "TextEncoder":
         """Open a text graph (.onnx, or a built .engine) with its manifest beside it."""
-        artifact = Path(artifact)
-        if not artifact.is_file():
-            raise ClipfuseError(f"text graph not found: {artifact} (make one with `clipfuse export-text`)")
-        manifest = read_manifest(manifest_path_for(artifact))
-        if manifest.get("kind") != "text":
-            raise ClipfuseError(f"{artifact.name} is a {manifest.get('kind')!r} artifact; class embeddings "
-                                "need a text graph (clipfuse export-text)")
+        opened = open_artifact(artifact, kinds=("text",), verify=verify, what="text graph",
+                               hint="class embeddings need a text graph from `clipfuse export-text`")
+        artifact, manifest = opened.path, opened.manifest
         if manifest.get("tokenizer") != TOKENIZER_ID:
             raise ClipfuseError(f"{artifact.name} expects tokenizer {manifest.get('tokenizer')!r}; "
                                 f"this runtime has {TOKENIZER_ID!r}")
-        expected = manifest.get("onnx_sha256") if artifact.suffix == ".onnx" \
-            else (manifest.get("engine") or {}).get("sha256")
-        if verify and expected and sha256_file(artifact) != expected:
-            raise ClipfuseError(f"{artifact.name} does not match its manifest (sha256 differs): re-export, "
-                                "or copy the matching .json beside it")
         return cls(artifact, manifest, open_backend(artifact, manifest, backend, **(backend_options or {})))
 
     def encode(self, texts: Sequence[str], chunk: int = DEFAULT_CHUNK, progress: bool = False) -> np.ndarray:

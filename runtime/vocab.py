@@ -41,13 +41,15 @@ def validate(vocab: Vocabulary, source: str = "vocabulary", allow_duplicates: bo
     return vocab
 
 
-def parse_classes(text: str, source: str = "--classes") -> Vocabulary:
-    """Parse the CLI form: 'a,b,c' (three classes) or 'a;b1,b2;c' (b has a synonym)."""
+def parse_classes(text: str, source: str = "--classes", allow_duplicates: bool = False) -> Vocabulary:
+    """Parse the CLI form: 'a,b,c' (three classes) or 'a;b1,b2;c' (b has a synonym).
+
+    `allow_duplicates`: as in `validate` (the --allow-duplicate-names flag)."""
     if ";" in text:
         vocab = [_clean(part.split(",")) for part in text.split(";") if part.strip()]
     else:
         vocab = [[n] for n in _clean(text.split(","))]
-    return validate(vocab, source)
+    return validate(vocab, source, allow_duplicates)
 
 
 def read_classes_file(path: "str | Path", allow_duplicates: bool = False) -> Vocabulary:

@@ -137,6 +137,8 @@ def test_cli_build_refuses_bad_input(exported, tmp_path, capsys):
 def test_cli_build_refuses_a_graph_that_fails_the_checks(tmp_path, capsys):
     from onnx import TensorProto, helper
 
+    from clipfuse.export.artifacts import set_contract
+    from clipfuse.runtime.fileio import sha256_file
     from clipfuse.runtime.manifest import new_manifest, write_manifest
 
     img = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", "h", 224, 3])
@@ -145,8 +147,11 @@ def test_cli_build_refuses_a_graph_that_fails_the_checks(tmp_path, capsys):
                               "g", [img], [out])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     path = tmp_path / "dyn.onnx"
+    manifest = new_manifest("image", inputs=[], outputs=[], precision="fp32")
+    set_contract(model, manifest)  # a well-formed artifact, so the graph checks are what refuse it
     onnx.save(model, str(path))
-    write_manifest(tmp_path / "dyn.json", new_manifest("image", inputs=[], outputs=[], precision="fp32"))
+    manifest["onnx_sha256"] = sha256_file(path)
+    write_manifest(tmp_path / "dyn.json", manifest)
     assert cli_main(["build", str(path), "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "dynamic H=h" in err and "fails 1 build check" in err

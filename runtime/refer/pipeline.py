@@ -193,14 +193,10 @@ def text_feature(encode: EncodeText, phrase: NounPhrase) -> np.ndarray:
 # Graphs
 # ---------------------------------------------------------------------------------------------
 def _open(path: Path, kind: str, backend: str, options: Optional[dict]):
+    from ..artifact import open_artifact
     from ..backends.base import open_backend
-    from ..manifest import manifest_path_for, read_manifest
 
-    if not path.is_file():
-        raise ClipfuseError(f"graph not found: {path} (run `clipfuse export-refer` first)")
-    manifest = read_manifest(manifest_path_for(path))
-    if manifest.get("kind") != kind:
-        raise ClipfuseError(f"{path.name} is a {manifest.get('kind')!r} artifact, expected {kind!r}")
+    manifest = open_artifact(path, kinds=(kind,), what="graph", hint="run `clipfuse export-refer` first").manifest
     return open_backend(path, manifest, backend, **(options or {})), manifest
 
 
