@@ -33,6 +33,7 @@ import tritonclient.http as thttp  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from clipfuse.runtime import Segmenter  # noqa: E402
+from clipfuse.runtime.cli import main as main_cli  # noqa: E402
 
 CLASSES = [["background"], ["cat"], ["dog"], ["grass"]]
 MAX_PIXELS = 1200 * 1200
@@ -225,6 +226,19 @@ def _start_cli(artifact, ports, log):
 def _ready(port):
     with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/v2/models/tiny/ready", timeout=2) as r:
         return r.status == 200
+
+
+def test_taken_port_is_one_clear_error(artifact, capsys):
+    import socket
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        free = free_ports(2)
+        code = main_cli(["serve", str(artifact), "--http-port", str(free[0]), "--grpc-port", str(port),
+                         "--metrics-port", str(free[1])])
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port} for gRPC" in capsys.readouterr().err
 
 
 def test_cli_sigterm_drains_then_restart_serves(artifact, local, tmp_path):

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sysconfig
 import threading
 from dataclasses import dataclass, field
@@ -112,7 +113,6 @@ class ServedModel:
                                 "classes (clipfuse export --vocab baked)")
         self.options = options
         self.parameters = model_parameters(self.segmenter.manifest, self.segmenter.protocol, artifact.name)
-        self.last_stats: Optional[BatchStats] = None
         self.lock = threading.Lock()
         self.history: List[BatchStats] = []   # bounded: the last 1000 batches
 
@@ -169,6 +169,8 @@ class ClipfuseTriton:
         o = self.options
         if o.instances < 1 or o.max_batch_size < 1:
             raise ClipfuseError("--instances and --max-batch-size must be >= 1")
+        for what, port in (("HTTP", o.http_port), ("gRPC", o.grpc_port), ("metrics", o.metrics_port)):
+            _check_port_free(o.host, port, what)
         self.models: Dict[str, ServedModel] = {}
         for name, path in parse_artifacts(artifacts):
             self.models[name] = ServedModel(name, path, o)
@@ -197,7 +199,15 @@ class ClipfuseTriton:
         return self.triton.get_access_token()
 
     def start(self) -> "ClipfuseTriton":
-        self.triton.run()
+        try:
+            self.triton.run()
+        except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
+            try:
+                self.stop()
+            except Exception:
+                self.close()
+            raise ClipfuseError(f"Triton did not start: {type(exc).__name__}: {exc} "
+                                "(--log-verbose 1 shows the server's log)") from None
         return self
 
     def serve_forever(self) -> None:
@@ -222,6 +232,18 @@ class ClipfuseTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _check_port_free(host: str, port: int, what: str) -> None:
+    """A taken port makes tritonserver exit and PyTriton wait for it: say so at once instead."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ClipfuseError(f"cannot listen on {host}:{port} for {what} ({exc.strerror}); "
+                                f"choose another --{what.lower()}-port") from None
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
