@@ -160,3 +160,19 @@ def test_bundled_triton_answers_like_local_runtime(bundled_server, artifact):
         np.testing.assert_array_equal(c.infer("seg", [x]).as_numpy("labels")[0], results[0])
     finally:
         c.close()
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
+def test_python_stub_links_this_interpreters_libpython(tmp_path):
+    """The libpython trap (deploy.md): with the environment clipfuse gives tritonserver, the
+    Python-backend stub resolves libpython3.X from the running interpreter's LIBDIR."""
+    import os
+    import subprocess
+    import sysconfig
+    from clipfuse.runtime.serve import bundled
+    _, backends, env = bundled.prepare(tmp_path)
+    out = subprocess.run(["ldd", str(backends / "python" / "triton_python_backend_stub")], env=env,
+                         capture_output=True, text=True, timeout=60).stdout
+    line = next(l for l in out.splitlines() if "libpython" in l)
+    resolved = line.split("=>")[1].split("(")[0].strip()
+    assert os.path.dirname(resolved) == sysconfig.get_config_var("LIBDIR"), line
