@@ -84,7 +84,7 @@ def run_load_test(cfg: LoadConfig) -> dict:
     options = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, instances=cfg.instances,
                            max_batch_size=cfg.max_batch_size, queue_delay_us=cfg.queue_delay_us,
                            window_batch=cfg.window_batch, backend=cfg.backend, threads=cfg.threads,
-                           exit_timeout_s=5)
+                           exit_timeout_s=15)
     port = grpc if cfg.protocol == "grpc" else http
     load_before = load_average()
     server = ClipfuseTriton([f"model={cfg.artifact}"], options).start()

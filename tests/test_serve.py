@@ -57,7 +57,7 @@ def server(artifact):
     http, grpc, metrics = free_ports(3)
     options = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, instances=2,
                            max_batch_size=8, queue_delay_us=50_000, window_batch=64, threads=1,
-                           max_pixels=MAX_PIXELS, exit_timeout_s=3)
+                           max_pixels=MAX_PIXELS, exit_timeout_s=15)
     srv = ClipfuseTriton([f"tiny={artifact}"], options).start()
     try:
         yield srv, options
