@@ -31,6 +31,9 @@ COMMANDS = {
     "export-refer": "clipfuse.export.cmd_export_refer",
     "refer": "clipfuse.runtime.cmd_refer",
     "eval-refer": "clipfuse.runtime.cmd_eval_refer",
+    "serve": "clipfuse.runtime.cmd_serve",
+    "triton-repo": "clipfuse.runtime.cmd_triton_repo",
+    "bench-serve": "clipfuse.benchmarks.cmd_bench_serve",
 }
 
 EPILOG = """\

@@ -216,9 +216,18 @@ def labels_from_scores(avg: np.ndarray, size: Tuple[int, int], protocol: Protoco
     area_thd zeroes every non-background class whose argmax area is <= area_thd x (all
     non-background argmax pixels); pixels whose remaining max probability < prob_thd become class 0.
     """
+    return labels_and_confidence(avg, size, protocol)[0]
+
+
+def labels_and_confidence(avg: np.ndarray, size: Tuple[int, int],
+                          protocol: Protocol) -> Tuple[np.ndarray, np.ndarray]:
+    """`labels_from_scores` plus the confidence map [H, W] float32: the winning class's score
+    after the area rule (probability for cosine heads, the graph's score for probability heads),
+    i.e. the value prob_thd is compared with; pixels moved to class 0 keep that value."""
     height, width = size
     num_classes = avg.shape[0]
     labels = np.empty((height, width), dtype=np.int32)
+    confidence = np.empty((height, width), dtype=np.float32)
     cosine = protocol.score_type == "cosine"
     keep = None
     if cosine and protocol.area_thd is not None and num_classes > 1:
@@ -237,7 +246,8 @@ def labels_from_scores(avg: np.ndarray, size: Tuple[int, int], protocol: Protoco
         if cosine and protocol.prob_thd:
             block[top < protocol.prob_thd] = 0
         labels[r0:r1] = block
-    return labels
+        confidence[r0:r1] = top
+    return labels, confidence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,13 +259,28 @@ class ProtocolOutput:
     scores: np.ndarray           # [K, h, w] float32 averaged window scores at the processing size
     processing_size: Tuple[int, int]
     num_windows: int
+    confidence: Optional[np.ndarray] = None  # [H, W] float32 when asked for (labels_and_confidence)
 
 
-def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], protocol: Protocol,
-                 window: int, max_batch: Optional[int] = None) -> ProtocolOutput:
-    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores."""
+@dataclass
+class WindowPlan:
+    """One image's windows, cut and ready for the backend; `finish_windows` takes their scores.
+
+    Split from `run_protocol` so a server can put the windows of several images through one
+    backend call (clipfuse.runtime.serve)."""
+    image_size: Tuple[int, int]
+    processing_size: Tuple[int, int]
+    boxes: List[Tuple[int, int]]
+    crops: np.ndarray            # [B, window, window, 3] uint8
+    window: int
+
+
+def plan_windows(image: np.ndarray, protocol: Protocol, window: int) -> WindowPlan:
+    """Resize one H x W x 3 uint8 image and cut its window grid (the protocol's first half)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ClipfuseError(f"empty image {image.shape}")
     if protocol.window != window:
         # The graph's input size fixes the window; the manifest protocol must agree with it.
         raise ClipfuseError(f"protocol window {protocol.window} differs from the graph's input size "
@@ -264,13 +289,31 @@ def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], p
     size = processing_size(height, width, protocol.short_side, protocol.long_side_max)
     resized = resize_image(image, size)
     boxes = window_boxes(size[0], size[1], window, protocol.stride)
-    crops = extract_windows(resized, boxes, window)
-    chunk = len(boxes) if not max_batch else max(1, int(max_batch))
-    scores = np.concatenate([np.asarray(infer(crops[i:i + chunk]), dtype=np.float32)
-                             for i in range(0, len(boxes), chunk)], axis=0)
-    if scores.ndim != 4 or scores.shape[0] != len(boxes):
+    return WindowPlan((height, width), size, boxes, extract_windows(resized, boxes, window), window)
+
+
+def finish_windows(scores: np.ndarray, plan: WindowPlan, protocol: Protocol,
+                   confidence: bool = False) -> ProtocolOutput:
+    """[B, K, g, g] scores of `plan`'s windows -> labels (+ confidence) at the original size."""
+    scores = np.asarray(scores, dtype=np.float32)
+    if scores.ndim != 4 or scores.shape[0] != len(plan.boxes):
         raise ClipfuseError(f"backend returned scores of shape {scores.shape}, "
-                            f"expected [{len(boxes)}, K, h, w]")
-    avg = average_window_scores(scores, boxes, size, window)
-    labels = labels_from_scores(avg, (height, width), protocol)
-    return ProtocolOutput(labels=labels, scores=avg, processing_size=size, num_windows=len(boxes))
+                            f"expected [{len(plan.boxes)}, K, h, w]")
+    avg = average_window_scores(scores, plan.boxes, plan.processing_size, plan.window)
+    if confidence:
+        labels, conf = labels_and_confidence(avg, plan.image_size, protocol)
+    else:
+        labels, conf = labels_from_scores(avg, plan.image_size, protocol), None
+    return ProtocolOutput(labels=labels, scores=avg, processing_size=plan.processing_size,
+                          num_windows=len(plan.boxes), confidence=conf)
+
+
+def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], protocol: Protocol,
+                 window: int, max_batch: Optional[int] = None) -> ProtocolOutput:
+    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores."""
+    plan = plan_windows(image, protocol, window)
+    crops = plan.crops
+    chunk = len(crops) if not max_batch else max(1, int(max_batch))
+    scores = np.concatenate([np.asarray(infer(crops[i:i + chunk]), dtype=np.float32)
+                             for i in range(0, len(crops), chunk)], axis=0)
+    return finish_windows(scores, plan, protocol)

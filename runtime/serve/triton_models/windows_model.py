@@ -1,0 +1,43 @@
+"""Triton Python-backend model written by `clipfuse triton-repo --windows-backend python`:
+runs the exported graph (beside this file, with its manifest) with clipfuse's own backends, for
+Triton builds without the ONNX Runtime / TensorRT backends. windows [B, S, S, 3] -> scores."""
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+from clipfuse.runtime.backends.base import open_backend  # noqa: E402
+from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        artifact = os.path.join(HERE, params["clipfuse_artifact"])
+        manifest = read_manifest(manifest_path_for(artifact))
+        self.backend = open_backend(artifact, manifest, params.get("clipfuse_backend", "auto"))
+        self.input = manifest["inputs"][0]["name"]
+        self.output = manifest["outputs"][0]["name"]
+
+    def execute(self, requests):
+        # Triton's dynamic batcher hands several requests at once: one backend call for all.
+        arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
+        try:
+            scores = self.backend.run({self.input: np.concatenate(arrays, axis=0)})[self.output]
+        except Exception as exc:
+            return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
+        responses, start = [], 0
+        for arr in arrays:
+            part = scores[start:start + len(arr)]
+            start += len(arr)
+            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, part)]))
+        return responses
+
+    def finalize(self):
+        self.backend.close()

@@ -1,0 +1,96 @@
+"""Shared pieces of the Triton serving tests: skip reason, free loopback ports, smooth images."""
+from __future__ import annotations
+
+import socket
+import time
+from typing import Callable
+
+import numpy as np
+
+LOOPBACK = "127.0.0.1"
+
+
+def serve_deps_missing() -> str:
+    """'' when nvidia-pytriton and tritonclient[http,grpc] import, else the exact reason."""
+    try:
+        import pytriton.triton  # noqa: F401
+        import tritonclient.grpc  # noqa: F401
+        import tritonclient.http  # noqa: F401
+    except ImportError as exc:
+        return f"needs nvidia-pytriton and tritonclient[http,grpc] (pip install 'clipfuse[serve]'): {exc}"
+    return ""
+
+
+def free_ports(count: int) -> list:
+    """`count` distinct free TCP ports on 127.0.0.1 (bound, read, released)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((LOOPBACK, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
+    """Low-frequency RGB image: neighbouring patches look alike, as in photos (several classes win)."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 5, 3)).astype(np.float64)
+    ys = np.linspace(0, 3, height)[:, None]
+    xs = np.linspace(0, 4, width)[None, :]
+    y0, x0 = np.floor(ys).astype(int).clip(0, 2), np.floor(xs).astype(int).clip(0, 3)
+    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
+    img = (coarse[y0, x0] * (1 - wy) * (1 - wx) + coarse[y0 + 1, x0] * wy * (1 - wx)
+           + coarse[y0, x0 + 1] * (1 - wy) * wx + coarse[y0 + 1, x0 + 1] * wy * wx)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not within {timeout_s} s")
+
+
+def listening_addresses(port: int) -> set:
+    """Local addresses with a LISTEN socket on `port` (from /proc/net/tcp{,6}); IPv4-mapped IPv6
+    addresses (::ffff:127.0.0.1, how gRPC binds) are given as IPv4."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            addr, prt = fields[1].split(":")
+            if int(prt, 16) == port and fields[3] == "0A":
+                if len(addr) == 8:
+                    found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(addr)[::-1]))
+                else:
+                    raw = b"".join(bytes.fromhex(addr[i:i + 8])[::-1] for i in range(0, 32, 8))
+                    text = socket.inet_ntop(socket.AF_INET6, raw)
+                    found.add(text[7:] if text.startswith("::ffff:") and "." in text else text)
+    return found
+
+
+_EXPORTED: dict = {}
+
+
+def tiny_sclip(root) -> "Path":
+    """The tiny-ViT SCLIP graph (4 classes), exported once per test session under `root`."""
+    from pathlib import Path
+    if "sclip" not in _EXPORTED:
+        from clipfuse.export.api import export_image_graph
+        _EXPORTED["sclip"] = Path(export_image_graph(
+            "sclip", Path(root) / "serve_tiny" / "sclip", model="ViT-T-16-test", pretrained="none",
+            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0))
+    return _EXPORTED["sclip"]

@@ -1,0 +1,91 @@
+"""Serving pieces that need neither Triton nor a server: batch segmentation, config text."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import Protocol
+from clipfuse.runtime.protocol import class_scores, resize_scores, run_protocol
+from clipfuse.runtime.serve.core import check_images, segment_batch
+from clipfuse.runtime.serve.pbtxt import Enum, to_pbtxt
+from clipfuse.runtime.serve.server import parse_artifacts, python_libdir_first
+
+from serve_helpers import smooth_image
+
+PROTOCOL = Protocol(short_side=64, window=32, stride=16, long_side_max=256, score_type="cosine",
+                    logit_scale=40.0, prob_thd=0.3, area_thd=None)
+
+
+def fake_infer(calls):
+    """A deterministic 'graph': per-window class scores from the window's mean colour."""
+    def infer(crops):
+        calls.append(len(crops))
+        mean = crops.astype(np.float32).mean(axis=(1, 2)) / 255.0  # [B, 3]
+        grid = crops[:, ::8, ::8, :].astype(np.float32) / 255.0    # [B, 4, 4, 3]
+        k = np.stack([grid[..., 0], grid[..., 1], grid[..., 2], 1 - grid.mean(-1)], axis=1)
+        return (k + 0.1 * mean[:, :, None, None].mean(1, keepdims=True)) * 0.2
+    return infer
+
+
+def test_segment_batch_equals_one_image_at_a_time():
+    images = [smooth_image(50, 70, s) for s in range(3)] + [smooth_image(90, 40, 9)]
+    calls = []
+    results, stats = segment_batch(images, fake_infer(calls), PROTOCOL, 32, window_batch=7)
+    per_image = [run_protocol(img, fake_infer([]), PROTOCOL, 32) for img in images]
+    assert stats.images == 4 and stats.windows == sum(o.num_windows for o in per_image)
+    # windows of all images shared backend calls of at most 7
+    assert calls == [7] * (stats.windows // 7) + ([stats.windows % 7] if stats.windows % 7 else [])
+    one_at_a_time = sum(-(-o.num_windows // 7) for o in per_image)
+    assert stats.backend_calls == len(calls) < one_at_a_time
+    assert len(np.unique(np.concatenate([r[0].ravel() for r in results]))) > 1  # not one flat class
+    for (labels, confidence), ref in zip(results, per_image):
+        np.testing.assert_array_equal(labels, ref.labels)
+        # confidence = max softmax probability, from the full-size map computed independently
+        probs = class_scores(resize_scores(ref.scores, labels.shape), PROTOCOL)
+        np.testing.assert_allclose(confidence, probs.max(axis=0), atol=1e-5)
+        assert (labels[confidence < PROTOCOL.prob_thd] == 0).all()
+
+
+@pytest.mark.parametrize("shape,dtype,message", [
+    ((1, 0, 5, 3), np.uint8, "empty image"),
+    ((1, 5000, 4000, 3), np.uint8, "more than this server accepts"),
+    ((1, 5, 5, 3), np.float32, "uint8"),
+    ((5, 5, 3), np.uint8, "uint8 images"),
+])
+def test_check_images_refuses(shape, dtype, message):
+    images = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, [0] * len(shape))
+    with pytest.raises(ClipfuseError, match=message):
+        check_images(images, max_pixels=4096 * 4096)
+
+
+def test_parse_artifacts_names():
+    assert parse_artifacts(["engines/sclip.onnx", "b=x/y.engine"]) == [
+        ("sclip", __import__("pathlib").Path("engines/sclip.onnx")), ("b", __import__("pathlib").Path("x/y.engine"))]
+    assert parse_artifacts(["my model.v2.onnx"])[0][0] == "my_model.v2"
+    with pytest.raises(ClipfuseError, match="NAME=PATH"):
+        parse_artifacts(["a/sclip.onnx", "b/sclip.onnx"])
+
+
+def test_libdir_goes_first_once():
+    import sysconfig
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env = python_libdir_first({"LD_LIBRARY_PATH": f"/opt/x:{libdir}"})
+    assert env["LD_LIBRARY_PATH"] == f"{libdir}:/opt/x"
+    assert python_libdir_first({})["LD_LIBRARY_PATH"] == libdir
+
+
+def test_pbtxt_text():
+    text = to_pbtxt({"name": "m", "max_batch_size": 4, "input": [{"name": "image", "data_type": Enum("TYPE_UINT8"),
+                                                                "dims": [-1, 3]}],
+                     "dynamic_batching": {"max_queue_delay_microseconds": 100},
+                     "parameters": {"k": 'a "quoted" näme'}})
+    assert 'data_type: TYPE_UINT8' in text and "dims: [-1, 3]" in text
+    assert 'parameters { key: "k" value { string_value: "a \\"quoted\\" näme" } }' in text
+    tritonclient = pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                                       reason="needs tritonclient[grpc] for Triton's model-config schema")
+    from clipfuse.runtime.serve.pbtxt import parse_config
+    config = parse_config(text)
+    assert config.input[0].data_type == tritonclient.TYPE_UINT8
+    assert config.parameters["k"].string_value == 'a "quoted" näme'
+    assert list(config.input[0].dims) == [-1, 3]

@@ -1,0 +1,178 @@
+"""`clipfuse triton-repo`: the repository's Python-backend models load and answer in the
+tritonserver bundled with nvidia-pytriton (127.0.0.1, stopped by the test); the ONNX Runtime and
+TensorRT models cannot load there (those backends are not in the wheel), so their configs are
+checked against Triton's model-config schema (tritonclient's model_config_pb2)."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from serve_helpers import LOOPBACK, free_ports, serve_deps_missing, smooth_image, tiny_sclip, wait_until
+
+_MISSING = serve_deps_missing()
+if _MISSING:
+    pytest.skip(_MISSING, allow_module_level=True)
+
+import tritonclient.grpc as tgrpc  # noqa: E402
+import tritonclient.http as thttp  # noqa: E402
+from tritonclient.grpc import model_config_pb2 as mc  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from clipfuse.runtime import Segmenter  # noqa: E402
+from clipfuse.runtime.cli import main  # noqa: E402
+from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
+from clipfuse.runtime.fileio import sha256_file  # noqa: E402
+from clipfuse.runtime.serve.pbtxt import parse_config  # noqa: E402
+from clipfuse.runtime.serve.repository import validate_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    pytest.importorskip("torch")
+    return tiny_sclip(tmp_path_factory.getbasetemp())
+
+
+def _config(repo, name):
+    return parse_config((repo / name / "config.pbtxt").read_text())
+
+
+def test_onnx_repository_config(artifact, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", f"seg={artifact}", "-o", str(repo), "--device", "cpu", "--instances", "2",
+                 "--window-batch", "12"]) == 0
+    assert "checked against Triton's model-config schema" in capsys.readouterr().err
+    windows = _config(repo, "seg_windows")
+    assert windows.platform == "onnxruntime_onnx" and windows.max_batch_size == 12
+    assert list(windows.input[0].dims) == [224, 224, 3] and windows.input[0].data_type == mc.TYPE_UINT8
+    assert list(windows.output[0].dims) == [4, 14, 14] and windows.output[0].data_type == mc.TYPE_FP32
+    assert windows.instance_group[0].count == 2 and windows.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert windows.HasField("dynamic_batching")
+    assert (repo / "seg_windows" / "1" / "model.onnx").read_bytes() == artifact.read_bytes()
+    proto = _config(repo, "seg")
+    assert proto.backend == "python" and proto.parameters["clipfuse_windows_model"].string_value == "seg_windows"
+    assert proto.parameters["clipfuse_window_batch"].string_value == "12"
+    assert json.loads(proto.parameters["clipfuse_classes"].string_value)[1] == ["cat"]
+    assert (repo / "seg" / "1" / "clipfuse" / "runtime" / "protocol.py").is_file()
+
+
+def test_engine_repository_config(artifact, tmp_path):
+    """A .engine becomes a tensorrt_plan model with the profile's max batch (file not opened)."""
+    engine = tmp_path / "sclip.engine"
+    engine.write_bytes(b"not a real plan: triton-repo copies it, only Triton's TensorRT backend reads it")
+    manifest = json.loads(artifact.with_suffix(".json").read_text())
+    manifest["engine"] = {"sha256": sha256_file(engine), "batch_profile": [1, 4, 24]}
+    engine.with_suffix(".json").write_text(json.dumps(manifest))
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(engine), "-o", str(repo)]) == 0
+    plan = _config(repo, "sclip_windows")
+    assert plan.platform == "tensorrt_plan" and plan.max_batch_size == 24
+    assert plan.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
+    assert (repo / "sclip_windows" / "1" / "model.plan").read_bytes() == engine.read_bytes()
+    assert _config(repo, "sclip").parameters["clipfuse_window_batch"].string_value == "24"
+
+
+def test_schema_check_can_fail(artifact, tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", str(artifact), "-o", str(repo)]) == 0
+    model_dir = repo / "sclip_windows"
+    good = (model_dir / "config.pbtxt").read_text()
+    for bad, message in [(good.replace("max_batch_size", "max_batch"), "schema"),
+                         (good.replace("TYPE_UINT8", "TYPE_UINT7"), "schema"),
+                         (good.replace("onnxruntime_onnx", "onnxruntime_onnxx"), "unknown platform")]:
+        with pytest.raises(ClipfuseError, match=message):
+            validate_config(bad, model_dir)
+    (model_dir / "1" / "model.onnx").unlink()
+    with pytest.raises(ClipfuseError, match="1/model.onnx"):
+        validate_config(good, model_dir)
+    # an existing non-empty output is refused, and nothing half-written is left
+    assert main(["triton-repo", str(artifact), "-o", str(repo)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
+
+
+@pytest.fixture(scope="module")
+def bundled_server(artifact, tmp_path_factory):
+    from clipfuse.runtime.serve import bundled
+    root = tmp_path_factory.mktemp("triton_repo")
+    repo = root / "repo"
+    assert main(["triton-repo", f"seg={artifact}", "-o", str(repo), "--windows-backend", "python",
+                 "--protocol-instances", "2", "--window-batch", "8", "--max-pixels", str(1000 * 1000)]) == 0
+    http, grpc, metrics = free_ports(3)
+    proc = bundled.start(repo, root, http, grpc, metrics, log=root / "tritonserver.log")
+    client = thttp.InferenceServerClient(f"{LOOPBACK}:{http}")
+    try:
+        wait_until(lambda: proc.poll() is None and client.is_server_ready(), 90, "tritonserver ready")
+        yield http, grpc
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except Exception:
+            proc.kill()
+            proc.wait(10)
+        shutil.rmtree(root / "backends", ignore_errors=True)
+
+
+def test_bundled_triton_answers_like_local_runtime(bundled_server, artifact):
+    http, grpc = bundled_server
+    images = [smooth_image(150, 200, s) for s in range(4)] + [smooth_image(260, 180, 9)]
+    results = [None] * len(images)
+    barrier = threading.Barrier(len(images))
+
+    def client(i):
+        barrier.wait()
+        if i % 2:
+            c = tgrpc.InferenceServerClient(f"{LOOPBACK}:{grpc}")
+            x = tgrpc.InferInput("image", [1, *images[i].shape], "UINT8")
+        else:
+            c = thttp.InferenceServerClient(f"{LOOPBACK}:{http}")
+            x = thttp.InferInput("image", [1, *images[i].shape], "UINT8")
+        x.set_data_from_numpy(images[i][None])
+        try:
+            results[i] = c.infer("seg", [x]).as_numpy("labels")[0]
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    with Segmenter.open(artifact) as local:
+        for image, labels in zip(images, results):
+            assert labels is not None
+            np.testing.assert_array_equal(labels, local.segment(image).labels)
+    # an oversized image gets a Triton error; the server keeps serving
+    c = thttp.InferenceServerClient(f"{LOOPBACK}:{http}")
+    try:
+        x = thttp.InferInput("image", [1, 1100, 1000, 3], "UINT8")
+        x.set_data_from_numpy(np.zeros((1, 1100, 1000, 3), np.uint8))
+        with pytest.raises(InferenceServerException, match="more than this server accepts"):
+            c.infer("seg", [x])
+        assert c.is_model_ready("seg") and c.is_model_ready("seg_windows")
+        x = thttp.InferInput("image", [1, *images[0].shape], "UINT8")
+        x.set_data_from_numpy(images[0][None])
+        np.testing.assert_array_equal(c.infer("seg", [x]).as_numpy("labels")[0], results[0])
+    finally:
+        c.close()
+
+
+@pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
+def test_python_stub_links_this_interpreters_libpython(tmp_path):
+    """The libpython trap (deploy.md): with the environment clipfuse gives tritonserver, the
+    Python-backend stub resolves libpython3.X from the running interpreter's LIBDIR."""
+    import os
+    import subprocess
+    import sysconfig
+    from clipfuse.runtime.serve import bundled
+    _, backends, env = bundled.prepare(tmp_path)
+    out = subprocess.run(["ldd", str(backends / "python" / "triton_python_backend_stub")], env=env,
+                         capture_output=True, text=True, timeout=60).stdout
+    line = next(l for l in out.splitlines() if "libpython" in l)
+    resolved = line.split("=>")[1].split("(")[0].strip()
+    assert os.path.dirname(resolved) == sysconfig.get_config_var("LIBDIR"), line
