@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import ClipfuseError
+from ..manifest import manifest_path_for
 from .core import DEFAULT_MAX_PIXELS, INPUT, OUTPUTS, model_parameters
 from .pbtxt import Enum, parse_config, to_pbtxt
 from .server import parse_artifacts
@@ -160,18 +161,15 @@ def write_repository(artifacts: Sequence[str], out: Path, options: Optional[Repo
 def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> List[str]:
     # Opening checks the manifest and the hash; the ORT CPU session it builds is the cheap proof
     # that the graph loads at all. Engines are not opened (no GPU needed to write a repository).
-    from ..manifest import manifest_path_for, read_manifest
+    from ..artifact import open_artifact
 
-    if not path.exists():
-        raise ClipfuseError(f"model not found: {path}")
+    artifact = open_artifact(path, kinds=("image",), verify=options.verify,
+                             hint="triton-repo serves window graphs for now")
+    manifest = artifact.manifest
     manifest_path = manifest_path_for(path)
-    manifest = read_manifest(manifest_path)
-    if manifest.get("kind") != "image":
-        raise ClipfuseError(f"{path.name}: kind {manifest.get('kind')!r} is not supported by triton-repo yet "
-                            "(window graphs only)")
     if manifest.get("vocab") == "dynamic":
         raise ClipfuseError(f"{path.name} has a dynamic vocabulary; export one with baked classes")
-    engine = path.suffix == ".engine"
+    engine = artifact.is_engine
     backend = options.windows_backend
     if backend == "auto":
         backend = "tensorrt" if engine else "onnxruntime"
@@ -179,10 +177,6 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
         raise ClipfuseError(f"--windows-backend tensorrt needs a .engine, got {path.name}")
     if backend == "onnxruntime" and engine:
         raise ClipfuseError(f"--windows-backend onnxruntime needs a .onnx, got {path.name}")
-    if options.verify:
-        from ..segmenter import _check_hash
-        _check_hash(path, (manifest.get("engine") or {}).get("sha256") if engine else manifest.get("onnx_sha256"),
-                    "engine" if engine else "onnx")
     from ..segmenter import protocol_from_manifest
     protocol = protocol_from_manifest(manifest)
     if engine:
