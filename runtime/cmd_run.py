@@ -42,7 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--vocab dynamic graphs: prompt templates (default: the manifest's)")
     parser.add_argument("--backend", default="auto",
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
-                             "tensorrt, torch (default: %(default)s)")
+                             "tensorrt, openvino, torch (default: %(default)s)")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="openvino: compute precision (default auto: bf16 where the CPU has it and the "
+                             "head keeps its labels, else fp32); recorded in each NAME.json")
+    parser.add_argument("--device", default=None,
+                        help="openvino: device as OpenVINO names it (CPU, GPU, GPU.1, NPU; default CPU)")
     proto = parser.add_argument_group("protocol overrides (default: the manifest's values)")
     proto.add_argument("--short-side", type=int, help="resize so the short side has this many pixels")
     proto.add_argument("--long-side-max", type=int, help="cap on the long side after resizing")
@@ -108,7 +113,10 @@ def _feed_vocabulary(seg, args: argparse.Namespace) -> None:
         raise ClipfuseError(f"{Path(args.model).name} takes its vocabulary at run time: pass --text-model "
                             "(made by `clipfuse export-text` with the same --model/--pretrained)")
     vocab = parse_classes(args.classes) if args.classes else seg.classes
-    encoder = TextEncoder.open(args.text_model, backend="auto")
+    # the text graph is an .onnx too: openvino runs it as well (auto precision = fp32 for text)
+    text_backend = "openvino" if args.backend == "openvino" else "auto"
+    options = {"device": args.device} if args.device else {}
+    encoder = TextEncoder.open(args.text_model, backend=text_backend, backend_options=options)
     for key in ("model", "pretrained"):
         if encoder.manifest.get(key) != seg.manifest.get(key):
             raise ClipfuseError(f"text graph {Path(args.text_model).name} has {key} {encoder.manifest.get(key)!r}, "
@@ -130,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         raise ClipfuseError(f"--batch must be >= 1, got {args.batch}")
     images = collect_inputs(args.inputs)
     options = {"threads": args.threads} if args.threads else {}
+    if args.precision or args.device:
+        if args.backend != "openvino":
+            raise ClipfuseError("--precision/--device choose OpenVINO's compute precision and device: "
+                                "use them with --backend openvino")
+        options.update({k: v for k, v in (("precision", args.precision), ("device", args.device)) if v})
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
                          verify=not args.no_verify, short_side=args.short_side,
                          long_side_max=args.long_side_max, stride=args.window_stride,
@@ -160,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
                                  result.class_names)
             save_shares_json(base.with_name(base.name + ".json"), result.labels, result.class_names,
                              source=str(src), extra={"model": str(args.model), "backend": seg.backend.name,
+                                                     "precision": seg.backend.precision,
                                                      "windows": result.num_windows,
                                                      "processing_size": list(result.processing_size)})
     done = len(images) - len(failures)
