@@ -36,10 +36,20 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _OV_TYPE = {"fp32": ("f32", "FP32"), "bf16": ("bf16", "BF16"), "fp16": ("f16", "FP16")}
 _FROM_OV = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
-# Heads whose BF16 labels disagree with FP32 beyond the 99.5 % bar (measured by
-# tests/test_backend_openvino.py on smooth photo-like images); `auto` falls back to FP32 for them and
-# an explicit bf16 is refused with the numbers.
-BF16_REFUSED: Dict[str, str] = {}
+# Heads whose BF16 labels disagree with FP32 beyond the 99.5 % bar on tests/data/street.jpg and two
+# smooth photo-like images (min over the three images; OpenVINO 2026.4 on an AVX-512 BF16 AMD EPYC;
+# random ViT-B/16 weights with perturbed biases/gains, 21 VOC classes, each head's own protocol;
+# benchmarks/results/openvino-bf16-agreement.json; the tiny-ViT numbers are
+# tests/test_backend_openvino.py's). `auto` falls back to FP32 for them; an explicit bf16 is refused.
+# Accepted: naclip (ViT-B/16 min 99.65 %, no NaN/Inf).
+BF16_REFUSED: Dict[str, str] = {
+    "maskclip": "BF16 labels agree with FP32 on only 99.34 % of pixels (ViT-B/16, street.jpg; bar 99.5 %)",
+    "sclip": "BF16 labels agree with FP32 on only 99.46 % of pixels (ViT-B/16, smooth 640x480; bar 99.5 %)",
+    "clearclip": "BF16 labels agree with FP32 on only 99.41 % of pixels (ViT-B/16, smooth 500x375; bar 99.5 %)",
+    "clip-dinoiser": "BF16 flips the background rule and the 0.2 correlation threshold: labels agree on "
+                     "99.55 % (ViT-B/16) but only 99.32 % on the tiny test ViT (street.jpg), and "
+                     "scores jump by up to 0.92 (bar 99.5 %)",
+}
 
 
 def import_openvino():
@@ -61,8 +71,12 @@ def device_capabilities(core, device: str) -> List[str]:
         return []
 
 
-def resolve_precision(requested: str, manifest: dict, capabilities: List[str], device: str) -> str:
-    """The precision to compile with (fp32/bf16/fp16), or a ClipfuseError saying why not."""
+def resolve_precision(requested: str, manifest: dict, capabilities: List[str], device: str,
+                      allow_refused: bool = False) -> str:
+    """The precision to compile with (fp32/bf16/fp16), or a ClipfuseError saying why not.
+
+    `allow_refused` lets an explicit bf16 through for a refused head: benchmarks time it; never
+    for deployment."""
     if requested not in PRECISIONS:
         raise ClipfuseError(f"--precision {requested!r} is not one of {', '.join(PRECISIONS)}")
     head = (manifest.get("head") or {}).get("name") if isinstance(manifest.get("head"), dict) else None
@@ -76,7 +90,7 @@ def resolve_precision(requested: str, manifest: dict, capabilities: List[str], d
     if capabilities and _OV_TYPE[requested][1] not in capabilities:
         raise ClipfuseError(f"OpenVINO device {device} cannot compute in {requested} (it offers "
                             f"{', '.join(capabilities)}); use --precision fp32 or auto")
-    if requested == "bf16" and head in BF16_REFUSED:
+    if requested == "bf16" and head in BF16_REFUSED and not allow_refused:
         raise ClipfuseError(f"bf16 is refused for the {head} head: {BF16_REFUSED[head]}; "
                             "use --precision fp32 (auto does)")
     return requested
@@ -93,7 +107,7 @@ def default_cache_dir(artifact: Path) -> Path:
 class OpenVINOBackend(Backend):
     """One compiled model + one infer request. Options: device (CPU, GPU, GPU.1, NPU, AUTO:...:
     passed to OpenVINO as given), precision (auto/fp32/bf16/fp16), threads, cache_dir (None: the
-    default above; "" disables caching)."""
+    default above; "" disables caching), allow_refused_bf16 (benchmarks only)."""
 
     name = "openvino"
 
@@ -107,7 +121,8 @@ class OpenVINOBackend(Backend):
                                                                                                   "MULTI"}:
             raise ClipfuseError(f"OpenVINO has no device {self.device!r} here; available: {', '.join(available)}")
         caps = device_capabilities(self.core, self.device)
-        wanted = resolve_precision(str(options.get("precision") or "auto"), manifest, caps, self.device)
+        wanted = resolve_precision(str(options.get("precision") or "auto"), manifest, caps, self.device,
+                                   allow_refused=bool(options.get("allow_refused_bf16")))
         config: Dict[str, object] = {
             hint.inference_precision: getattr(ov.Type, _OV_TYPE[wanted][0]),
             # one stream, all cores on one request: what a segmenter's batched window call wants
