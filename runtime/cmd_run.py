@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None,
                         help="windows per backend call (default: all windows of an image, capped by "
                              "the engine's max batch)")
-    parser.add_argument("--threads", type=int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="ort-cpu, openvino: CPU threads (default: all cores)")
     parser.add_argument("--max-pixels", type=int, default=None,
                         help="refuse (or, for JPEG, decode reduced) images above this many pixels "
                              "(default: 89478485, Pillow's limit)")

@@ -11,14 +11,15 @@ that have it (AVX-512 BF16 / AMX), which changes the numbers:
   bf16  BF16 matmuls/convolutions (refused where the device lacks it, and for heads whose labels
         measurably change, see BF16_REFUSED)
   fp16  for GPU/NPU devices (refused on CPUs that lack it)
-  auto  image graphs: bf16 where the device has it and the head is not refused, else fp32;
-        text and refer graphs: fp32 (they produce embeddings other graphs consume)
+  auto  window graphs of a head measured to keep its labels (BF16_ACCEPTED): bf16 where the device
+        has it; image graphs on GPU/NPU: fp16; everything else (other heads, frame graphs until
+        measured, text and refer graphs, whose embeddings other graphs consume): fp32
 The precision the compiled model actually uses is read back from OpenVINO and recorded
 (`Backend.precision`), so outputs say what ran.
 
 Compiled models are cached (OpenVINO CACHE_DIR): by default beside the graph in
-`<stem>.openvino-cache/`, or in ~/.cache/clipfuse/openvino when that folder is not writable;
-the second start then skips compilation.
+`<stem>.openvino-cache/<sha256 of the graph, 16 hex>/`, or under ~/.cache/clipfuse/openvino when
+that folder is not writable; the second start then skips compilation.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ _FROM_OV = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 # random ViT-B/16 weights with perturbed biases/gains, 21 VOC classes, each head's own protocol;
 # benchmarks/results/openvino-bf16-agreement.json; the tiny-ViT numbers are
 # tests/test_backend_openvino.py's). `auto` falls back to FP32 for them; an explicit bf16 is refused.
-# Accepted: naclip (ViT-B/16 min 99.65 %, no NaN/Inf).
+BF16_ACCEPTED = ("naclip",)  # ViT-B/16 min 99.65 %, tiny ViT >= 99.5 %, no NaN/Inf
 BF16_REFUSED: Dict[str, str] = {
     "maskclip": "BF16 labels agree with FP32 on only 99.34 % of pixels (ViT-B/16, street.jpg; bar 99.5 %)",
     "sclip": "BF16 labels agree with FP32 on only 99.46 % of pixels (ViT-B/16, smooth 640x480; bar 99.5 %)",
@@ -82,7 +83,7 @@ def resolve_precision(requested: str, manifest: dict, capabilities: List[str], d
     head = (manifest.get("head") or {}).get("name") if isinstance(manifest.get("head"), dict) else None
     image_graph = manifest.get("kind", "image") in ("image", "frame")
     if requested == "auto":
-        if image_graph and "BF16" in capabilities and head not in BF16_REFUSED:
+        if manifest.get("kind", "image") == "image" and "BF16" in capabilities and head in BF16_ACCEPTED:
             return "bf16"
         if image_graph and device.split(".")[0] in ("GPU", "NPU") and "FP16" in capabilities:
             return "fp16"
@@ -117,8 +118,9 @@ class OpenVINOBackend(Backend):
         self.core = ov.Core()
         self.device = str(options.get("device") or "CPU")
         available = list(self.core.available_devices)
-        if self.device.split(".")[0].split(":")[0] not in {d.split(".")[0] for d in available} | {"AUTO", "HETERO",
-                                                                                                  "MULTI"}:
+        # "GPU.1" is a GPU; AUTO/HETERO/MULTI ("AUTO:GPU,CPU") are OpenVINO's own device selectors
+        family = self.device.split(":")[0].split(".")[0]
+        if family not in {d.split(".")[0] for d in available} | {"AUTO", "HETERO", "MULTI"}:
             raise ClipfuseError(f"OpenVINO has no device {self.device!r} here; available: {', '.join(available)}")
         caps = device_capabilities(self.core, self.device)
         wanted = resolve_precision(str(options.get("precision") or "auto"), manifest, caps, self.device,
@@ -133,8 +135,15 @@ class OpenVINOBackend(Backend):
         cache = options.get("cache_dir")
         self.cache_dir: Optional[Path] = None
         if cache != "":
-            self.cache_dir = Path(cache) if cache else default_cache_dir(self.artifact)
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            # one sub-folder per graph content: a graph re-exported under the same name never meets
+            # the blob compiled from its predecessor
+            digest = str(manifest.get("onnx_sha256") or "unhashed")[:16]
+            self.cache_dir = (Path(cache) if cache else default_cache_dir(self.artifact)) / digest
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ClipfuseError(f"cannot create the OpenVINO cache folder {self.cache_dir}: {exc.strerror}; "
+                                    "pass another cache_dir") from None
             self.core.set_property({props.cache_dir: str(self.cache_dir)})
         try:
             # compiling from the path (not a read model) lets a cache hit skip reading the ONNX too
