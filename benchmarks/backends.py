@@ -8,7 +8,8 @@ end-to-end scope and the output check use.
 Names: torch-ref (the PyTorch reference of clipfuse.export.reference, the baseline every speed-up
 is relative to), torch-fused (clipfuse's fused module), -fp16 (CUDA autocast), torch-compile,
 ort-cpu-fp32/-fp16, ort-cuda-fp32/-fp16 (IOBinding), ort-trt-fp32/-fp16 (TensorRT EP),
-tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph).
+tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph),
+openvino-fp32/-bf16 (clipfuse's OpenVINO backend on the CPU, input bound once as a shared tensor).
 """
 from __future__ import annotations
 
@@ -356,6 +357,48 @@ def _make_tensorrt(cuda_graph: bool):
     return make
 
 
+# ---------------------------------------------------------------------------------------------
+# OpenVINO (CPU; needs the openvino extra)
+# ---------------------------------------------------------------------------------------------
+class OpenVINORunner(Runner):
+    """clipfuse's OpenVINOBackend at an explicit precision; the staged batch is bound to the infer
+    request as a tensor sharing the host array, so a timed call is one `infer()`."""
+
+    def __init__(self, precision: str, ctx: BenchContext) -> None:
+        from clipfuse.runtime.backends import open_backend
+        self.name, self.precision = f"openvino-{precision}", precision
+        self.label = f"OpenVINO CPU {precision.upper()}"
+        try:
+            # BF16 is timed for every head; the runtime refuses it for heads whose labels change
+            # (BF16_REFUSED), which the report's tables say
+            self.backend = open_backend(ctx.onnx_path, ctx.manifest, "openvino", precision=precision,
+                                        threads=ctx.threads, device="CPU", allow_refused_bf16=True)
+        except ClipfuseError as exc:
+            raise Unavailable(str(exc)) from None
+        if self.backend.precision != precision:
+            raise Unavailable(f"OpenVINO compiled {precision} as {self.backend.precision}")
+        self._staged: Optional[np.ndarray] = None
+
+    def prepare(self, images: np.ndarray) -> None:
+        import openvino
+        self._staged = np.ascontiguousarray(images, dtype=np.uint8)
+        self.backend.request.set_tensor("image", openvino.Tensor(self._staged, shared_memory=True))
+
+    def call(self) -> None:
+        self.backend.request.infer()
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        return self.backend.run({"image": images})["scores"]
+
+    def close(self) -> None:
+        self.backend.close()
+        self._staged = None
+
+
+def _make_openvino(precision: str):
+    return lambda ctx: OpenVINORunner(precision, ctx)
+
+
 # name -> factory(ctx) -> Runner (raises Unavailable with the reason)
 FACTORIES: Dict[str, Callable[[BenchContext], Runner]] = {
     "torch-ref": _make_torch_ref,
@@ -372,6 +415,8 @@ FACTORIES: Dict[str, Callable[[BenchContext], Runner]] = {
     "ort-trt-fp16": _make_ort("ort-trt", "fp16"),
     "tensorrt-fp16": _make_tensorrt(False),
     "tensorrt-fp16-graph": _make_tensorrt(True),
+    "openvino-fp32": _make_openvino("fp32"),
+    "openvino-bf16": _make_openvino("bf16"),
 }
 
 # What `--backends cpu` / `gpu` / `all` mean.
@@ -379,7 +424,8 @@ CPU_SET = ("torch-ref", "torch-fused", "ort-cpu-fp32", "ort-cpu-fp16")
 GPU_SET = ("torch-ref", "torch-fused", "torch-ref-fp16", "torch-fused-fp16", "torch-compile",
            "torch-compile-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-trt-fp16", "tensorrt-fp16",
            "tensorrt-fp16-graph")
-BACKEND_SETS = {"cpu": CPU_SET, "gpu": GPU_SET, "all": tuple(FACTORIES)}
+OPENVINO_SET = ("openvino-fp32", "openvino-bf16")
+BACKEND_SETS = {"cpu": CPU_SET, "gpu": GPU_SET, "openvino": OPENVINO_SET, "all": tuple(FACTORIES)}
 
 
 def parse_backends(text: str) -> List[str]:

@@ -39,7 +39,10 @@ skipped with the reason, failing ones as failed):
   ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP with IOBinding (onnxruntime-gpu)
   ort-trt-fp32, ort-trt-fp16             ONNX Runtime TensorRT EP (engine cache in the work folder)
   tensorrt-fp16, tensorrt-fp16-graph     TensorRT engine built with `clipfuse build` (+ CUDA graph)
+  openvino-fp32, openvino-bf16           OpenVINO CPU at an explicit precision (openvino extra); bf16 is
+                                         timed for every head, also those the runtime refuses it for
   cpu = torch-ref,torch-fused,ort-cpu-fp32,ort-cpu-fp16   gpu = the GPU ones + torch-ref/torch-fused
+  openvino = openvino-fp32,openvino-bf16 (e.g. --backends cpu,openvino)
 
 writes OUT.json (every raw sample, machine, versions, git commit, load averages before/after each
 measurement), OUT.md (tables) and OUT-SIZE.png (latency and throughput vs batch per backend).
@@ -83,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--batch", default="1,4",
                       help="batch sizes, comma-separated; in e2e scope: windows per backend call (default: %(default)s)")
     what.add_argument("--backends", default="cpu",
-                      help="backend names and/or sets cpu, gpu, all, comma-separated (default: %(default)s)")
+                      help="backend names and/or sets cpu, gpu, openvino, all, comma-separated (default: %(default)s)")
     what.add_argument("--scope", choices=("model", "e2e"), default="model",
                       help="model: one graph call on resident input; e2e: JPEG decode -> protocol -> labels "
                            "(default: %(default)s)")

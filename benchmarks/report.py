@@ -60,6 +60,7 @@ def machine_info(threads: int) -> dict:
         "onnxruntime_providers": doc.get("onnxruntime_providers"),
         "load_average_at_start": load_average(),
         "versions": doc.get("versions"),
+        "openvino": doc.get("openvino"),  # version, devices, the CPU's BF16/AMX/VNNI flags
     }
 
 
@@ -176,7 +177,8 @@ def render_markdown(doc: dict) -> str:
                  f"used), GPU: {gpu['name'] if gpu else 'none'}; {mach['platform']}")
     lines.append(f"- Versions: clipfuse {v.get('clipfuse')}, python {v.get('python')}, torch {v.get('torch')}, "
                  f"onnxruntime {v.get('onnxruntime')}, onnx {v.get('onnx')}, numpy {v.get('numpy')}, "
-                 f"tensorrt {v.get('tensorrt') or 'absent'}")
+                 f"tensorrt {v.get('tensorrt') or 'absent'}"
+                 + (f", openvino {mach['openvino']['version']}" if (mach.get("openvino") or {}).get("version") else ""))
     git = doc.get("git") or {}
     lines.append(f"- Commit {git.get('commit') or '?'}{' (+ uncommitted changes)' if git.get('dirty') else ''}; "
                  f"created {doc['created']}")

@@ -55,7 +55,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--vocab dynamic graphs: prompt templates (default: the manifest's)")
     parser.add_argument("--backend", default="auto",
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
-                             "tensorrt, torch (default: %(default)s)")
+                             "tensorrt, openvino, torch (default: %(default)s)")
+    parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
+                        help="openvino: compute precision (default auto: bf16 where the CPU has it and the "
+                             "head keeps its labels, else fp32); recorded in each NAME.json")
+    parser.add_argument("--device", default=None,
+                        help="openvino: device as OpenVINO names it (CPU, GPU, GPU.1, NPU; default CPU)")
     proto = parser.add_argument_group("protocol overrides (default: the manifest's values)")
     proto.add_argument("--short-side", type=SIDE, help="resize so the short side has this many pixels (1-16384)")
     proto.add_argument("--long-side-max", type=SIDE, help="cap on the long side after resizing (1-16384)")
@@ -69,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=BATCH, default=None,
                         help="windows per backend call (default: all windows of an image, capped by "
                              "the engine's max batch)")
-    parser.add_argument("--threads", type=THREADS, default=None, help="ort-cpu: intra-op threads (default: all cores)")
+    parser.add_argument("--threads", type=THREADS, default=None, help="ort-cpu, openvino: CPU threads (default: all cores)")
     parser.add_argument("--max-pixels", type=MAX_PIXELS, default=None,
                         help="refuse (or, for JPEG, decode reduced) images above this many pixels "
                              "(default: 89478485, Pillow's limit)")
@@ -176,7 +181,10 @@ def _feed_vocabulary(seg, args: argparse.Namespace) -> None:
         raise ClipfuseError(f"{Path(args.model).name} takes its vocabulary at run time: pass --text-model "
                             "(made by `clipfuse export-text` with the same --model/--pretrained)")
     vocab = parse_classes(args.classes) if args.classes else seg.classes
-    encoder = TextEncoder.open(args.text_model, backend="auto")
+    # the text graph is an .onnx too: openvino runs it as well (auto precision = fp32 for text)
+    text_backend = "openvino" if args.backend == "openvino" else "auto"
+    options = {"device": args.device} if args.device else {}
+    encoder = TextEncoder.open(args.text_model, backend=text_backend, backend_options=options)
     for key in ("model", "pretrained"):
         if encoder.manifest.get(key) != seg.manifest.get(key):
             raise ClipfuseError(f"text graph {Path(args.text_model).name} has {key} {encoder.manifest.get(key)!r}, "
@@ -199,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
     out_dir = ensure_writable_dir(args.out, "-o folder")  # before the model is even opened
     check_output_plan(images, out_dir, overlay=not args.no_overlay)
     options = {"threads": args.threads} if args.threads else {}
+    if args.precision or args.device:
+        if args.backend != "openvino":
+            raise ClipfuseError("--precision/--device choose OpenVINO's compute precision and device: "
+                                "use them with --backend openvino")
+        options.update({k: v for k, v in (("precision", args.precision), ("device", args.device)) if v})
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
                          verify=not args.no_verify, short_side=args.short_side,
                          long_side_max=args.long_side_max, stride=args.window_stride,
@@ -224,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
             write_image_outputs(out_dir / stem, image, result.labels, result.class_names,
                                 overlay=not args.no_overlay, source=str(src),
                                 extra={"model": str(args.model), "backend": seg.backend.name,
+                                       "precision": seg.backend.precision,
                                        "windows": result.num_windows,
                                        "processing_size": list(result.processing_size)})
     done = len(images) - len(failures)

@@ -157,6 +157,7 @@ def collect() -> Dict[str, Any]:
         "host_memory": _host_memory(),
     }
     report["can"] = capabilities(versions, providers, gpu)
+    report["openvino"] = openvino_report()
     notes = []
     if len(ort_dists) > 1:
         notes.append("both onnxruntime and onnxruntime-gpu are installed: they shadow each other; "
@@ -214,6 +215,80 @@ def format_report(report: Dict[str, Any]) -> str:
     lines.append("what clipfuse can do here:")
     for key, ok in report["can"].items():
         lines.append(f"  [{'yes' if ok else ' no'}] {_CAN_TEXT[key]}")
+    lines += format_openvino(report.get("openvino"))
     for note in report["notes"]:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO and the CPU's low-precision instructions (the openvino backend's precision choice)
+# ---------------------------------------------------------------------------------------------
+# /proc/cpuinfo flag -> what it means for OpenVINO's CPU plugin
+CPU_FLAGS = {
+    "avx512_bf16": "AVX-512 BF16 (bf16 dot products)",
+    "amx_bf16": "AMX BF16 (bf16 tile matmuls)",
+    "amx_int8": "AMX INT8",
+    "avx512_vnni": "AVX-512 VNNI (int8 dot products)",
+    "avx_vnni": "AVX-VNNI (int8 dot products, 256-bit)",
+    "avx512_fp16": "AVX-512 FP16",
+}
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[Dict[str, bool]]:
+    """Which of CPU_FLAGS the CPU has; None where /proc/cpuinfo is not readable (not Linux)."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as fh:
+            flags = set()
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    flags.update(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return None
+    return {flag: flag in flags for flag in CPU_FLAGS}
+
+
+def openvino_report() -> Dict[str, Any]:
+    """OpenVINO's version, devices (name, capabilities) and the CPU's BF16/AMX/VNNI flags."""
+    out: Dict[str, Any] = {"version": None, "devices": [], "cpu_flags": cpu_flags(), "error": None}
+    try:
+        import openvino
+        core = openvino.Core()
+        out["version"] = openvino.get_version()
+        for device in core.available_devices:
+            entry: Dict[str, Any] = {"name": device}
+            for key in ("FULL_DEVICE_NAME", "OPTIMIZATION_CAPABILITIES"):
+                try:
+                    value = core.get_property(device, key)
+                    entry[key.lower()] = [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value)
+                except Exception:
+                    entry[key.lower()] = None
+            out["devices"].append(entry)
+    except ImportError:
+        pass
+    except Exception as exc:  # a broken install is reported, never raised
+        out["error"] = f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    return out
+
+
+def format_openvino(info: Optional[Dict[str, Any]]) -> List[str]:
+    if not info:
+        return []
+    if info["version"] is None:
+        lines = ["OpenVINO: not installed (pip install 'clipfuse[openvino]' for --backend openvino)"
+                 + (f"; import failed: {info['error']}" if info.get("error") else "")]
+    else:
+        lines = [f"OpenVINO {info['version']}, devices:"]
+        for dev in info["devices"]:
+            caps = ", ".join(dev.get("optimization_capabilities") or []) or "?"
+            lines.append(f"  {dev['name']:<6} {dev.get('full_device_name') or '?'} [{caps}]")
+        if not info["devices"]:
+            lines.append("  (none)")
+    flags = info.get("cpu_flags")
+    if flags is None:
+        lines.append("CPU low-precision instructions: unknown (/proc/cpuinfo not readable)")
+    else:
+        have = [CPU_FLAGS[f] for f, ok in flags.items() if ok]
+        lines.append(f"CPU low-precision instructions: {', '.join(have) if have else 'none of BF16/AMX/VNNI'}")
+    return lines

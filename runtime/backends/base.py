@@ -26,6 +26,8 @@ class Backend:
         self.artifact = Path(artifact)
         self.manifest = manifest
         self.options = options
+        # What the graph is computed in, recorded in outputs; backends that choose (openvino) set it.
+        self.precision: str = str(manifest.get("precision") or "fp32")
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
@@ -46,6 +48,7 @@ _REGISTRY: Dict[str, tuple] = {
     "ort-cuda": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
     "ort-trt": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
     "tensorrt": ("clipfuse.runtime.backends.tensorrt", "TensorRTBackend", (".engine",)),
+    "openvino": ("clipfuse.runtime.backends.openvino", "OpenVINOBackend", (".onnx",)),
     "torch": ("clipfuse.runtime.backends.torch_ref", "TorchReferenceBackend", (".onnx", ".engine")),
 }
 
