@@ -195,23 +195,29 @@ def _feed_vocabulary(seg, args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from .errors import ClipfuseError
-    from .fileio import ensure_writable_dir
-    from .imageio import DEFAULT_MAX_PIXELS, read_image
-    from .outputs import write_image_outputs
-    from .segmenter import Segmenter
+    from .fileio import writable_dir
 
     images = collect_inputs(args.inputs)
-    out_dir = ensure_writable_dir(args.out, "-o folder")  # before the model is even opened
-    check_output_plan(images, out_dir, overlay=not args.no_overlay)
     options = {"threads": args.threads} if args.threads else {}
     if args.precision or args.device:
         if args.backend != "openvino":
             raise ClipfuseError("--precision/--device choose OpenVINO's compute precision and device: "
                                 "use them with --backend openvino")
         options.update({k: v for k, v in (("precision", args.precision), ("device", args.device)) if v})
+    with writable_dir(args.out, "-o folder") as out_dir:  # before the model is even opened
+        check_output_plan(images, out_dir, overlay=not args.no_overlay)
+        return _segment_all(args, images, out_dir, options)
+
+
+def _segment_all(args: argparse.Namespace, images: list, out_dir: Path, options: dict) -> int:
+    from tqdm import tqdm
+
+    from .errors import ClipfuseError
+    from .imageio import DEFAULT_MAX_PIXELS, read_image
+    from .outputs import write_image_outputs
+    from .segmenter import Segmenter
+
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
                          verify=not args.no_verify, short_side=args.short_side,
                          long_side_max=args.long_side_max, stride=args.window_stride,

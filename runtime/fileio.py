@@ -158,6 +158,25 @@ def ensure_writable_dir(folder: PathLike, what: str = "output folder") -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def writable_dir(folder: PathLike, what: str = "output folder") -> Iterator[Path]:
+    """`ensure_writable_dir` for the length of a command: the folders it had to create are removed
+    again when the command fails before writing anything into them (a failed command leaves no
+    trace, not even an empty `-o`)."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    out = ensure_writable_dir(folder, what)
+    try:
+        yield out
+    except BaseException:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: something was written, keep it
+                break
+        raise
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
