@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from clipfuse.runtime import trt_support
 from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.trt_support import check_io_contract  # noqa: F401  (re-exported)
 from clipfuse.runtime.trt_support import major as trt_major  # noqa: F401  (re-exported)
 from clipfuse.runtime.trt_support import short_version as short_trt_version
 
@@ -177,35 +178,6 @@ def network_io(trt, network, profiles: Dict[str, Shapes]) -> Dict[str, list]:
         t = network.get_output(i)
         io["outputs"].append({"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
     return io
-
-
-def check_io_contract(io: Dict[str, list], manifest: dict, label: str) -> None:
-    """Refuse an engine whose I/O tensors differ from the manifest's contract: same names in the same
-    order, same dtypes, fixed dims equal, symbolic dims dynamic (-1) and covered by the profile."""
-    problems = []
-    for kind in ("inputs", "outputs"):
-        want, got = manifest.get(kind, []), io.get(kind, [])
-        if [w["name"] for w in want] != [g["name"] for g in got]:
-            problems.append(f"{kind} {[g['name'] for g in got]} != manifest {[w['name'] for w in want]}")
-            continue
-        for w, g in zip(want, got):
-            if w["dtype"] != g["dtype"]:
-                problems.append(f"{g['name']} dtype {g['dtype']} != manifest {w['dtype']}")
-            if len(w["shape"]) != len(g["shape"]):
-                problems.append(f"{g['name']} rank {len(g['shape'])} != manifest {len(w['shape'])}")
-                continue
-            for axis, (wd, gd) in enumerate(zip(w["shape"], g["shape"])):
-                if isinstance(wd, int) and wd != gd:
-                    problems.append(f"{g['name']} axis {axis} is {gd}, manifest says {wd}")
-                if isinstance(wd, str) and gd != -1 and kind == "inputs":
-                    problems.append(f"{g['name']} axis {axis} ({wd}) is fixed to {gd}, must stay dynamic")
-            if kind == "inputs":
-                mn, _, mx = g["profile"]
-                for axis, wd in enumerate(w["shape"]):
-                    if isinstance(wd, int) and not mn[axis] == mx[axis] == wd:
-                        problems.append(f"{g['name']} profile axis {axis} {mn[axis]}..{mx[axis]} != {wd}")
-    if problems:
-        raise ClipfuseError(f"{label}: engine I/O does not match the manifest: {'; '.join(problems)}")
 
 
 def build_engine_bytes(flavour: str, onnx_path: Path, *, profiles: Dict[str, Shapes], strongly_typed: bool,

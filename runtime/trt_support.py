@@ -140,6 +140,52 @@ def cuda_check(result, what: str = "CUDA call") -> tuple:
     return rest
 
 
+def check_io_contract(io: Dict[str, list], manifest: dict, label: str) -> None:
+    """Refuse an engine whose I/O tensors differ from the manifest's contract: same names in the same
+    order, same dtypes, fixed dims equal, symbolic dims dynamic (-1) and covered by the profile."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        want, got = manifest.get(kind, []), io.get(kind, [])
+        if [w["name"] for w in want] != [g["name"] for g in got]:
+            problems.append(f"{kind} {[g['name'] for g in got]} != manifest {[w['name'] for w in want]}")
+            continue
+        for w, g in zip(want, got):
+            if w["dtype"] != g["dtype"]:
+                problems.append(f"{g['name']} dtype {g['dtype']} != manifest {w['dtype']}")
+            if len(w["shape"]) != len(g["shape"]):
+                problems.append(f"{g['name']} rank {len(g['shape'])} != manifest {len(w['shape'])}")
+                continue
+            for axis, (wd, gd) in enumerate(zip(w["shape"], g["shape"])):
+                if isinstance(wd, int) and wd != gd:
+                    problems.append(f"{g['name']} axis {axis} is {gd}, manifest says {wd}")
+                if isinstance(wd, str) and gd != -1 and kind == "inputs":
+                    problems.append(f"{g['name']} axis {axis} ({wd}) is fixed to {gd}, must stay dynamic")
+            if kind == "inputs":
+                mn, _, mx = g["profile"]
+                for axis, wd in enumerate(w["shape"]):
+                    if isinstance(wd, int) and not mn[axis] == mx[axis] == wd:
+                        problems.append(f"{g['name']} profile axis {axis} {mn[axis]}..{mx[axis]} != {wd}")
+    if problems:
+        raise ClipfuseError(f"{label}: engine I/O does not match the manifest: {'; '.join(problems)}")
+
+
+def engine_io(trt, engine) -> Dict[str, list]:
+    """I/O tensors of a deserialized engine, in the form check_io_contract reads."""
+    import numpy as np
+
+    io: Dict[str, list] = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        entry = {"name": name, "dtype": np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
+                 "shape": list(engine.get_tensor_shape(name))}
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            entry["profile"] = [list(s) for s in engine.get_tensor_profile_shape(name, 0)]
+            io["inputs"].append(entry)
+        else:
+            io["outputs"].append(entry)
+    return io
+
+
 def polygraphy_trt(key: str):
     """Polygraphy's TensorRT backend (polygraphy.backend.trt), driving flavour `key`.
 
