@@ -13,7 +13,6 @@ tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph)
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
