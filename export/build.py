@@ -100,6 +100,7 @@ def _resolve_target(options: BuildOptions) -> Tuple[Optional[str], Optional[str]
         flavour = options.trt if not auto else (trt_support.available() or [None])[0]
     else:
         flavour = trt_support.choose(options.trt)
+        trt_support.import_trt(flavour)  # the one-line "not usable here, install X" before any work
     version = options.target_version or (trt_support.probe(flavour) if flavour else None)
     gpu = None
     if flavour == "rtx":
