@@ -10,6 +10,7 @@ Everything here except `build_engine_bytes` works without TensorRT.
 from __future__ import annotations
 
 import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -195,8 +196,9 @@ def build_engine_bytes(flavour: str, onnx_path: Path, *, profiles: Dict[str, Sha
     try:
         builder, network, parser = pg_trt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed or None)()
     except PolygraphyException as exc:
+        reason = _parser_errors(trt, onnx_path, strongly_typed) or _first_line(exc)
         raise ClipfuseError(f"{trt_support.flavour(flavour).label} could not parse {onnx_path.name}: "
-                            f"{_first_line(exc)}") from None
+                            f"{reason}") from None
     profile = pg_trt.Profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
@@ -216,12 +218,32 @@ def build_engine_bytes(flavour: str, onnx_path: Path, *, profiles: Dict[str, Sha
         save_cache = str(timing_cache) if timing_cache else None
     io = network_io(trt, network, profiles)
     try:
-        engine = pg_trt.EngineBytesFromNetwork((builder, network, parser), config=config,
-                                               save_timing_cache=save_cache)()
+        with warnings.catch_warnings():
+            # Polygraphy's common config touches the timing cache, a documented no-op in RTX
+            warnings.simplefilter("ignore", DeprecationWarning)
+            engine = pg_trt.EngineBytesFromNetwork((builder, network, parser), config=config,
+                                                   save_timing_cache=save_cache)()
     except PolygraphyException as exc:
         raise ClipfuseError(f"{trt_support.flavour(flavour).label} build of {onnx_path.name} failed: "
                             f"{_first_line(exc)}") from None
     return bytes(engine), io
+
+
+def _parser_errors(trt, onnx_path: Path, strongly_typed: bool) -> str:
+    """The ONNX parser's own errors (Polygraphy logs them and raises a generic message)."""
+    try:
+        logger = trt_support.make_logger(trt, echo_severity=-1)
+        builder = trt.Builder(logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if parser.parse_from_file(str(onnx_path)):
+            return ""
+        # one line: the descriptions carry newlines
+        return "; ".join(" ".join(f"{parser.get_error(i).node_name() or '?'}: {parser.get_error(i).desc()}".split())
+                         for i in range(parser.num_errors))
+    except Exception:
+        return ""
 
 
 def _existing(path: Optional[Path]) -> Optional[str]:
