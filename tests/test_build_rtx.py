@@ -185,3 +185,18 @@ def test_cli_build_rtx_and_polygraphy_flavour_stays_consistent(graphs, capsys):
     assert pg_config.USE_TENSORRT_RTX is True
     with pytest.raises(ClipfuseError, match="already drives TensorRT flavour 'rtx'"):
         trt_support.polygraphy_trt("tensorrt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["naclip", "clip-dinoiser"])
+def test_rtx_builds_full_vitb16_fp16_per_head_family(head, vitb16_clip, tmp_path):
+    """Full size once per head family (self-correlation heads share one block; CLIP-DINOiser adds
+    its pooling and background head): the folded ViT-B/16 FP16 graph parses and builds."""
+    from clipfuse.export.api import export_image_graph
+
+    path = export_image_graph(head, tmp_path / head, model="ViT-B-16", pretrained="none", classes=VOCAB,
+                              size=224, templates="single", clip=vitb16_clip)
+    manifest = read_manifest(manifest_path_for(path))
+    assert manifest["folding"]["nodes_after"] < manifest["folding"]["nodes_before"] // 3
+    result = _build(path, "fp16")
+    _assert_engine_matches_contract(result, manifest, "fp16")
