@@ -30,7 +30,8 @@ def _symbolic_io(model) -> Dict[str, tuple]:
 
 
 def fold_file(path: Path) -> Dict[str, int]:
-    """Fold `path` in place; return {"nodes_before", "nodes_after"}.
+    """Fold `path` in place; return {"nodes_before", "nodes_after"}. Also refuses a graph whose
+    UInt8 input does not go straight into a Cast (graph_checks.uint8_only_into_cast).
 
     Refuses (ClipfuseError) a result whose graph inputs/outputs changed name, dtype or shape:
     the manifest describes them, and the batch axis must stay dynamic.
@@ -53,5 +54,10 @@ def fold_file(path: Path) -> Dict[str, int]:
             {vi.name: vi.type.tensor_type.elem_type for vi in list(folded.graph.input) + list(folded.graph.output)} != types_before:
         raise ClipfuseError(f"constant folding changed the inputs/outputs of {path.name}: "
                             f"{io_before} -> {_symbolic_io(folded)}")
+    # Every graph clipfuse writes must be TensorRT-legal, not only those that reach `clipfuse build`.
+    from .graph_checks import uint8_only_into_cast
+    illegal = uint8_only_into_cast(folded)
+    if illegal:
+        raise ClipfuseError(f"{path.name} is not TensorRT-legal: {illegal[0]}")
     onnx.save(folded, str(path))
     return {"nodes_before": before, "nodes_after": len(folded.graph.node)}
