@@ -253,3 +253,17 @@ def test_cli_dry_run_for_tensorrt_8_6_uses_the_weak_typed_fallback(exported, cap
     from clipfuse.runtime.fileio import sha256_file
     assert f"--onnx={exported}" in args and sha256_file(exported)[:8] in line
     assert "sclip.trt8.6-sm87-fp16-b1_4_16-" in line
+
+
+@pytest.mark.tensorrt
+def test_compare_engine_vs_onnx_fp32(exported, capsys):
+    """Item 7 of issue 11 on a GPU: `clipfuse compare` of the FP16 engine against the FP32 graph."""
+    _need_tensorrt_gpu()
+    from clipfuse.runtime.doctor import gpu_info
+
+    assert cli_main(["build", str(exported), "--precision", "fp16", "--batch", "1:4:8", "--workspace-gb", "1",
+                     "--target-sm", gpu_info().sm]) == 0
+    engine = sorted(exported.parent.glob("sclip.*-fp16-b1_4_8-*.engine"))[-1]
+    street = str(Path(__file__).parent / "data" / "street.jpg")
+    assert cli_main(["compare", str(exported), str(engine), "--images", street, "--atol", "2e-2"]) == 0
+    assert "ok" in capsys.readouterr().out
