@@ -9,6 +9,7 @@ Everything here except `build_engine_bytes` works without TensorRT.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import warnings
 from dataclasses import dataclass
@@ -54,8 +55,6 @@ class BatchProfile:
 
 def normalise_sm(sm: str) -> str:
     """'8.7', 'sm87', 'SM_87', '87' -> '87'."""
-    import re
-
     digits = re.sub(r"^sm_?", "", str(sm).strip().lower()).replace(".", "")
     if not digits.isdigit() or len(digits) < 2:
         raise ClipfuseError(f"cannot read a GPU SM from {sm!r} (expected e.g. 87 or 8.7)")
