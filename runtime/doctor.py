@@ -15,6 +15,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
+# one home for the TensorRT/CUDA helpers; import_cudart stays importable from here
+from .trt_support import cuda_check, import_cudart  # noqa: F401
+
 
 @dataclass
 class GpuInfo:
@@ -29,28 +32,17 @@ class GpuInfo:
         return asdict(self)
 
 
-from .trt_support import import_cudart  # noqa: E402,F401  (one home for the TensorRT/CUDA helpers)
-
-
-def _cuda_ok(result) -> tuple:
-    """cuda-python returns (error, *values); raise on anything but success."""
-    err, rest = result[0], result[1:]
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {int(err)} ({getattr(err, 'name', err)})")
-    return rest
-
-
 def _gpu_via_cuda_python(device: int) -> Optional[GpuInfo]:
     cudart = import_cudart()
-    (count,) = _cuda_ok(cudart.cudaGetDeviceCount())
+    (count,) = cuda_check(cudart.cudaGetDeviceCount())
     if count <= device:
         return None
-    (props,) = _cuda_ok(cudart.cudaGetDeviceProperties(device))
+    (props,) = cuda_check(cudart.cudaGetDeviceProperties(device))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     name = name.split("\x00", 1)[0]
-    _cuda_ok(cudart.cudaSetDevice(device))
-    free, total = _cuda_ok(cudart.cudaMemGetInfo())
-    (drv,) = _cuda_ok(cudart.cudaDriverGetVersion())
+    cuda_check(cudart.cudaSetDevice(device))
+    free, total = cuda_check(cudart.cudaMemGetInfo())
+    (drv,) = cuda_check(cudart.cudaDriverGetVersion())
     driver = f"CUDA {drv // 1000}.{(drv % 1000) // 10}"
     return GpuInfo(name=name, sm=f"{props.major}{props.minor}", total_bytes=int(total),
                    free_bytes=int(free), driver=driver, source="cuda-python")
