@@ -14,8 +14,6 @@ openvino-fp32/-bf16 (clipfuse's OpenVINO backend on the CPU, input bound once as
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -295,28 +293,27 @@ class TensorRTRunner(Runner):
             self.backend = TensorRTBackend(engine, manifest, cuda_graph=cuda_graph)
         except ClipfuseError as exc:
             raise Unavailable(str(exc)) from None
-        self._key = None
+        self._staged: Dict[str, np.ndarray] = {}
 
     def prepare(self, images: np.ndarray) -> None:
         # One full run stages the input in the engine's device buffer, sets the shape and (with
-        # cuda_graph) captures the graph; `call` then re-executes on the resident buffers only.
+        # cuda_graph) captures the graph; `call` then re-launches on the resident buffers only.
         images = np.ascontiguousarray(images, dtype=np.uint8)
         self.backend.run({"image": images})
-        self._key = (("image", images.shape),)
+        self._staged = {"image": images}
 
     def call(self) -> None:
-        self.backend._execute(self._key)
+        self.backend.launch(self._staged)
 
     def sync(self) -> None:
-        self.backend._check(self.backend._cudart.cudaStreamSynchronize(self.backend._stream))
+        self.backend.synchronize()
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         return self.backend.run({"image": images})["scores"]
 
     def device_peak_mb(self) -> Optional[float]:
         try:
-            free, total = self.backend._check(self.backend._cudart.cudaMemGetInfo())
-            return (total - free) / 2 ** 20  # device-wide use, the engine's share included
+            return self.backend.device_memory_in_use() / 2 ** 20  # device-wide, the engine's share included
         except Exception:
             return None
 
@@ -329,28 +326,26 @@ def _build_engine(ctx: BenchContext) -> Path:
     found = sorted(ctx.workdir.glob(f"{ctx.onnx_path.stem}*.engine"))
     if found:
         return found[0]
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:
-        raise Unavailable(f"TensorRT is not importable ({type(exc).__name__}: {exc})") from None
+    from clipfuse.export.build import BuildOptions, build
+    from clipfuse.export.trt_build import BatchProfile
     from clipfuse.runtime.doctor import gpu_info
+    from clipfuse.runtime.artifact import open_artifact
     if gpu_info() is None:
         raise Unavailable("no CUDA GPU visible")
-    cmd = [sys.executable, "-m", "clipfuse.runtime.cli", "build", str(ctx.onnx_path), "--precision", "fp16",
-           "--batch", f"1:{ctx.max_batch}:{ctx.max_batch}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(ctx.workdir.glob(f"{ctx.onnx_path.stem}*.engine"))
-    if proc.returncode != 0 or not found:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise Unavailable(f"engine build failed: {tail}")
-    return found[0]
+    try:
+        result = build(ctx.onnx_path, open_artifact(ctx.onnx_path).manifest,
+                       BuildOptions(precision="fp16", batch=BatchProfile(1, ctx.max_batch, ctx.max_batch)),
+                       log=lambda msg: None)
+    except ClipfuseError as exc:
+        raise Unavailable(f"engine build failed: {exc}") from None
+    return result.engine
 
 
 def _make_tensorrt(cuda_graph: bool):
     def make(ctx: BenchContext):
         engine = _build_engine(ctx)
-        from clipfuse.runtime.manifest import manifest_path_for, read_manifest
-        manifest = read_manifest(manifest_path_for(engine))
+        from clipfuse.runtime.artifact import open_artifact
+        manifest = open_artifact(engine).manifest
         suffix = " + CUDA graph" if cuda_graph else ""
         return TensorRTRunner("tensorrt-fp16" + ("-graph" if cuda_graph else ""), f"TensorRT engine FP16{suffix}",
                               engine, manifest, cuda_graph)

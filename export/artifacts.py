@@ -9,6 +9,8 @@ from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
 from clipfuse.runtime.fileio import atomic_path, sha256_file
 from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
+from .folding import fold_file
+
 
 def set_contract(model, manifest: dict) -> None:
     """Store the manifest's contract (clipfuse.runtime.artifact) in `model.metadata_props`,
@@ -36,9 +38,10 @@ def write_contract(onnx_path: Path, manifest: dict, atomic: bool = True) -> None
 
 @contextlib.contextmanager
 def graph_with_manifest(onnx_path: Path, manifest: dict) -> Iterator[Path]:
-    """Yield a temporary path for the graph; when the block succeeds, store the manifest's
-    contract in the graph's metadata_props, run onnx.checker on it, record its sha256 in
-    `manifest` and move graph and `NAME.json` into place.
+    """Yield a temporary path for the graph; when the block succeeds, constant-fold it
+    (export.folding), store the manifest's contract in the graph's metadata_props (the last
+    rewrite: nothing may drop it after), run onnx.checker on it, record its sha256 in `manifest`
+    and move graph and `NAME.json` into place.
 
     Any failure inside the block (export, conversion, checker) leaves no file behind.
     """
@@ -46,6 +49,7 @@ def graph_with_manifest(onnx_path: Path, manifest: dict) -> Iterator[Path]:
 
     with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
         yield tmp_onnx
+        manifest["folding"] = fold_file(tmp_onnx)
         write_contract(tmp_onnx, manifest, atomic=False)
         onnx.checker.check_model(str(tmp_onnx))
         manifest["onnx_sha256"] = sha256_file(tmp_onnx)

@@ -6,7 +6,10 @@ Each check takes an onnx.ModelProto and returns a list of one-line messages (emp
   LayerNorm, computing in FP16 (the first cause of FP16 overflow in ViTs);
 * attention_scale_on_q: in every MatMul -> Softmax -> MatMul chain the 1/sqrt(d) scale is applied
   before the first MatMul (TensorRT fuses the chain into one MHA kernel only then);
-* static_image_hw: the image input has fixed H/W (only the batch axis is dynamic).
+* static_image_hw: the image input has fixed H/W (only the batch axis is dynamic);
+* uint8_only_into_cast: UInt8 tensors only as graph inputs consumed by Cast nodes and nothing
+  else (TensorRT's ONNX parser rejects a UInt8 network input that feeds any other layer, e.g.
+  "/trunk/Transpose: first input has type UInt8 but must have type Float, Half, ...").
 """
 from __future__ import annotations
 
@@ -150,7 +153,12 @@ def _through_layout(name: str, consumers) -> List[onnx.NodeProto]:
 
 def static_image_hw(model: onnx.ModelProto, input_name: Optional[str] = None) -> List[str]:
     inputs = {i.name: i for i in model.graph.input}
-    name = input_name or ("image" if "image" in inputs else model.graph.input[0].name)
+    if input_name is None:
+        # the image (or refer crops): the first rank-4 input; a text graph has none
+        rank4 = [n for n, i in inputs.items() if len(i.type.tensor_type.shape.dim) == 4]
+        if "image" not in inputs and not rank4:
+            return []
+    name = input_name or ("image" if "image" in inputs else rank4[0])
     if name not in inputs:
         return [f"graph has no input named {name!r} (inputs: {', '.join(inputs)})"]
     dims = inputs[name].type.tensor_type.shape.dim
@@ -163,11 +171,30 @@ def static_image_hw(model: onnx.ModelProto, input_name: Optional[str] = None) ->
     return []
 
 
+def uint8_only_into_cast(model: onnx.ModelProto) -> List[str]:
+    graph = model.graph
+    types = tensor_types(model)
+    inputs = {i.name for i in graph.input}
+    messages = []
+    for node in graph.node:
+        for x in node.input:
+            if x and types.get(x) == TensorProto.UINT8:
+                if x not in inputs:
+                    messages.append(f"UInt8 tensor {x!r} is computed inside the graph and consumed by "
+                                    f"{_label(node)}: TensorRT allows UInt8 only as a network input or "
+                                    "output going straight through a Cast")
+                elif node.op_type != "Cast":
+                    messages.append(f"UInt8 input {x!r} feeds {_label(node)}: TensorRT accepts a UInt8 "
+                                    "input only when it goes straight into a Cast (cast it first)")
+    return messages
+
+
 CHECKS: Dict[str, Callable[[onnx.ModelProto], List[str]]] = {
     "supported_ops": supported_ops,
     "no_fp16_layernorm": no_fp16_layernorm,
     "attention_scale_on_q": attention_scale_on_q,
     "static_image_hw": static_image_hw,
+    "uint8_only_into_cast": uint8_only_into_cast,
 }
 
 

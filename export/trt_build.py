@@ -1,25 +1,29 @@
-"""TensorRT engine build from an ONNX graph: naming, trtexec equivalent, and the build itself.
+"""TensorRT engine pieces: naming, shape profiles, the trtexec equivalent, the build itself.
 
-Written against the TensorRT 10/11 Python API (tensor I/O, STRONGLY_TYPED networks, OnnxParser,
-memory pool limits, builder_optimization_level, timing caches). Precision is decided in the ONNX
-(clipfuse.export.fp16): TensorRT >= 10 builds strongly typed, so what the graph says is what runs.
-The weak-typed BuilderFlag.FP16 path (FP32 ONNX + FP16 flag) exists only for TensorRT < 10 (8.6,
-JetPack 6.0). Everything here except `build_engine` works without TensorRT.
+The build goes through Polygraphy's loaders (NetworkFromOnnxPath -> CreateConfig[RTX] ->
+EngineBytesFromNetwork), for both flavours (clipfuse.runtime.trt_support). Precision is decided
+in the ONNX (clipfuse.export.fp16): networks are STRONGLY_TYPED, so what the graph says is what
+runs. The weak-typed FP16 flag (FP32 ONNX + BuilderFlag.FP16) exists only for enterprise
+TensorRT < 10 (8.6, JetPack 6.0); TensorRT for RTX has no weak typing at all.
+Everything here except `build_engine_bytes` works without TensorRT.
 """
 from __future__ import annotations
 
 import re
 import shlex
-import sys
-import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from clipfuse.runtime import trt_support
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.fileio import atomic_path, sha256_file, write_bytes_atomic
+from clipfuse.runtime.trt_support import check_io_contract  # noqa: F401  (re-exported)
+from clipfuse.runtime.trt_support import major as trt_major  # noqa: F401  (re-exported)
+from clipfuse.runtime.trt_support import short_version as short_trt_version
 
 PRECISIONS = ("fp16", "fp32")
+Shapes = Tuple[List[int], List[int], List[int]]
 
 
 @dataclass(frozen=True)
@@ -49,31 +53,31 @@ class BatchProfile:
         return f"{self.min}:{self.opt}:{self.max}"
 
 
-def short_trt_version(version: str) -> str:
-    """'10.3.0.30' -> '10.3' (engines are tied to the TensorRT release)."""
-    m = re.match(r"(\d+)\.(\d+)", version or "")
-    if not m:
-        raise ClipfuseError(f"cannot read a TensorRT version from {version!r} (expected e.g. 10.3)")
-    return f"{m.group(1)}.{m.group(2)}"
-
-
 def normalise_sm(sm: str) -> str:
-    """'8.7', 'sm87', '87' -> '87'."""
+    """'8.7', 'sm87', 'SM_87', '87' -> '87'."""
     digits = re.sub(r"^sm_?", "", str(sm).strip().lower()).replace(".", "")
     if not digits.isdigit() or len(digits) < 2:
         raise ClipfuseError(f"cannot read a GPU SM from {sm!r} (expected e.g. 87 or 8.7)")
     return digits
 
 
-def engine_file_name(stem: str, trt_version: str, sm: str, precision: str,
+def targets_tag(targets: Sequence[str]) -> str:
+    """['80', '86'] -> 'sm80_86' (RTX builds for several compute capabilities)."""
+    return "sm" + "_".join(normalise_sm(t) for t in targets)
+
+
+def engine_file_name(stem: str, flavour: str, version: str, targets: Sequence[str], precision: str,
                      profile: BatchProfile, onnx_sha256: str) -> str:
-    """NAME.trt10.3-sm87-fp16-b1_4_16-<hash8>.engine: every property an engine is tied to."""
-    return (f"{stem}.trt{short_trt_version(trt_version)}-sm{normalise_sm(sm)}-{precision}-"
+    """NAME.<trt|rtx><X.Y>-sm<targets>-<prec>-b<min>_<opt>_<max>-<hash8>.engine: every property an
+    engine is tied to, e.g. sclip.trt10.3-sm87-fp16-b1_4_16-1a2b3c4d.engine or
+    sclip.rtx1.7-sm80_86_89_120-fp16-b1_4_16-1a2b3c4d.engine."""
+    prefix = trt_support.flavour(flavour).prefix
+    return (f"{stem}.{prefix}{short_trt_version(version)}-{targets_tag(targets)}-{precision}-"
             f"{profile.tag()}-{onnx_sha256[:8]}.engine")
 
 
-def timing_cache_name(trt_version: str, sm: str) -> str:
-    return f"timing.trt{short_trt_version(trt_version)}-sm{normalise_sm(sm)}.cache"
+def timing_cache_name(version: str, sm: str) -> str:
+    return f"timing.trt{short_trt_version(version)}-sm{normalise_sm(sm)}.cache"
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,8 @@ class InputShape:
     name: str
     dims: Tuple[Optional[int], ...]
 
-    def shapes(self, dynamic: Dict[int, BatchProfile]) -> Tuple[List[int], List[int], List[int]]:
-        out: Tuple[List[int], List[int], List[int]] = ([], [], [])
+    def shapes(self, dynamic: Dict[int, BatchProfile]) -> Shapes:
+        out: Shapes = ([], [], [])
         for axis, d in enumerate(self.dims):
             if d is not None:
                 for s in out:
@@ -92,7 +96,7 @@ class InputShape:
                 continue
             if axis not in dynamic:
                 raise ClipfuseError(f"input {self.name!r} has a dynamic axis {axis} without a profile "
-                                    "(only the batch axis, and the class axis of class_embeddings, may be dynamic)")
+                                    "(only axis 0 (batch, masks, crops; classes of class_embeddings) may be dynamic)")
             p = dynamic[axis]
             out[0].append(p.min), out[1].append(p.opt), out[2].append(p.max)
         return out
@@ -112,115 +116,139 @@ def graph_inputs(onnx_path: "str | Path") -> List[InputShape]:
     return result
 
 
-def input_profiles(inputs: Sequence[InputShape], batch: BatchProfile,
-                   classes: BatchProfile) -> Dict[str, Tuple[List[int], List[int], List[int]]]:
-    """min/opt/max shape of every input: axis 0 of the image is the batch; a dynamic
-    class_embeddings [K, E] input gets the class-count profile on axis 0."""
-    profiles = {}
-    for inp in inputs:
-        axis_profile = {0: classes if inp.name == "class_embeddings" else batch}
-        profiles[inp.name] = inp.shapes(axis_profile)
-    return profiles
+def input_profiles(inputs: Sequence[InputShape], batch: BatchProfile, classes: BatchProfile) -> Dict[str, Shapes]:
+    """min/opt/max shape of every input: a dynamic axis 0 gets the batch profile (images, text
+    tokens, refer masks/crops); a dynamic class_embeddings [K, E] input gets the class profile."""
+    return {inp.name: inp.shapes({0: classes if inp.name == "class_embeddings" else batch}) for inp in inputs}
 
 
-def trtexec_command(onnx_path: "str | Path", engine_path: "str | Path",
-                    profiles: Dict[str, Tuple[List[int], List[int], List[int]]],
+def trtexec_command(onnx_path: "str | Path", engine_path: "str | Path", profiles: Dict[str, Shapes],
                     timing_cache: "str | Path", workspace_bytes: int, opt_level: int,
                     strongly_typed: bool = True, weak_fp16: bool = False) -> str:
-    """The trtexec line that builds the same engine on the device."""
-    def spec(k: int) -> str:
-        return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[k])}" for name, shapes in profiles.items())
-
+    """The trtexec line that builds the same engine on the device (enterprise TensorRT)."""
     args = ["trtexec", f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
     if strongly_typed:
         args.append("--stronglyTyped")
     if weak_fp16:
         args.append("--fp16")
-    if any(mn != mx for mn, _, mx in profiles.values()):
-        args += [f"--minShapes={spec(0)}", f"--optShapes={spec(1)}", f"--maxShapes={spec(2)}"]
+    args += _shape_args(profiles, "--{}Shapes=")
     args += [f"--timingCacheFile={timing_cache}",
              f"--memPoolSize=workspace:{max(1, workspace_bytes >> 20)}M",
              f"--builderOptimizationLevel={opt_level}"]
     return " ".join(shlex.quote(a) for a in args)
 
 
-def trt_major(version: str) -> int:
-    return int(short_trt_version(version).split(".")[0])
+def polygraphy_command(onnx_path: "str | Path", engine_path: "str | Path", profiles: Dict[str, Shapes],
+                       targets: Sequence[str], workspace_bytes: int, opt_level: int) -> str:
+    """The Polygraphy line that builds the same TensorRT-RTX engine (RTX ships no trtexec)."""
+    args = ["polygraphy", "convert", str(onnx_path), "--strongly-typed", "-o", str(engine_path)]
+    if any(mn != mx for mn, _, mx in profiles.values()):
+        for key, k in (("min", 0), ("opt", 1), ("max", 2)):
+            args.append(f"--trt-{key}-shapes")
+            args += [f"{n}:[{','.join(str(d) for d in s[k])}]" for n, s in profiles.items()]
+    args += ["--compute-capabilities", *[f"{t[:-1]}.{t[-1]}" for t in targets],
+             "--pool-limit", f"workspace:{workspace_bytes}", "--builder-optimization-level", str(opt_level)]
+    return "POLYGRAPHY_USE_TENSORRT_RTX=1 " + " ".join(shlex.quote(a) for a in args)
 
 
-class _CapturingLogger:
-    """A trt.ILogger that keeps every message (shown when a build or deserialize fails)."""
+def _shape_args(profiles: Dict[str, Shapes], fmt: str) -> List[str]:
+    if not any(mn != mx for mn, _, mx in profiles.values()):
+        return []
 
-    def __new__(cls, trt, min_severity):
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
-                self.lines: List[str] = []
-
-            def log(self, severity, msg):
-                self.lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
-                if int(severity) <= int(min_severity):
-                    print(f"tensorrt: {msg}", file=sys.stderr)
-
-        return Logger()
+    def spec(k: int) -> str:
+        return ",".join(f"{name}:{'x'.join(str(d) for d in shapes[k])}" for name, shapes in profiles.items())
+    return [fmt.format(key) + spec(k) for k, key in enumerate(("min", "opt", "max"))]
 
 
-def import_tensorrt():
+def _dtype_name(trt, dtype) -> str:
+    import numpy as np
+    return np.dtype(trt.nptype(dtype)).name
+
+
+def network_io(trt, network, profiles: Dict[str, Shapes]) -> Dict[str, list]:
+    """I/O tensors of the network the engine is built from: name, dtype, shape (-1 = dynamic),
+    and each input's min/opt/max profile."""
+    io: Dict[str, list] = {"inputs": [], "outputs": []}
+    for i in range(network.num_inputs):
+        t = network.get_input(i)
+        mn, opt, mx = profiles[t.name]
+        io["inputs"].append({"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape),
+                             "profile": [list(mn), list(opt), list(mx)]})
+    for i in range(network.num_outputs):
+        t = network.get_output(i)
+        io["outputs"].append({"name": t.name, "dtype": _dtype_name(trt, t.dtype), "shape": list(t.shape)})
+    return io
+
+
+def build_engine_bytes(flavour: str, onnx_path: Path, *, profiles: Dict[str, Shapes], strongly_typed: bool,
+                       weak_fp16: bool, workspace_bytes: int, opt_level: int, targets: Sequence[str],
+                       timing_cache: Optional[Path]) -> Tuple[bytes, Dict[str, list]]:
+    """Parse + configure + build with Polygraphy's loaders; returns (engine bytes, network I/O).
+
+    enterprise TensorRT: one target (this GPU), timing cache read and updated;
+    TensorRT for RTX: compute-capability `targets`, ahead of time (no GPU needed), no timing cache.
+    """
+    pg_trt = trt_support.polygraphy_trt(flavour)
+    trt = trt_support.import_trt(flavour)
+    from polygraphy.exception import PolygraphyException
+
     try:
-        import tensorrt as trt  # type: ignore
-    except Exception as exc:
-        raise ClipfuseError(f"TensorRT is not usable here ({type(exc).__name__}: {exc}); "
-                            "use --dry-run for the FP16 ONNX and the trtexec line to build on the device") from None
-    return trt
-
-
-def build_engine(onnx_path: Path, engine_path: Path, *, precision: str,
-                 profiles: Dict[str, Tuple[List[int], List[int], List[int]]], workspace_bytes: int,
-                 opt_level: int, timing_cache: Path) -> Dict[str, object]:
-    """Build and write the engine (+ the updated timing cache). Returns build facts."""
-    trt = import_tensorrt()
-    logger = _CapturingLogger(trt, trt.ILogger.Severity.WARNING)
-    major = trt_major(trt.__version__)
-    builder = trt.Builder(logger)
-    if major >= 10:
-        # Strongly typed: the ONNX's dtypes (FP16 with FP32 islands + Casts) are the precisions.
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    else:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ClipfuseError(f"TensorRT could not parse {onnx_path.name}: {errors}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
-    config.builder_optimization_level = int(opt_level)
-    if major < 10 and precision == "fp16":
-        # TensorRT 8.6 fallback: weak typing, the builder picks FP16 kernels where it likes.
-        config.set_flag(trt.BuilderFlag.FP16)
-
-    profile = builder.create_optimization_profile()
+        builder, network, parser = pg_trt.NetworkFromOnnxPath(str(onnx_path), strongly_typed=strongly_typed or None)()
+    except PolygraphyException as exc:
+        reason = _parser_errors(trt, onnx_path, strongly_typed) or _first_line(exc)
+        raise ClipfuseError(f"{trt_support.flavour(flavour).label} could not parse {onnx_path.name}: "
+                            f"{reason}") from None
+    profile = pg_trt.Profile()
     for i in range(network.num_inputs):
         name = network.get_input(i).name
         if name not in profiles:
             raise ClipfuseError(f"network input {name!r} has no shape profile")
         mn, opt, mx = profiles[name]
-        profile.set_shape(name, mn, opt, mx)
-    config.add_optimization_profile(profile)
+        profile.add(name, mn, opt, mx)
+    common = dict(profiles=[profile], memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_bytes)},
+                  builder_optimization_level=int(opt_level))
+    if flavour == "rtx":
+        from polygraphy.backend.tensorrt_rtx import CreateConfigRTX
+        caps = [(int(t[:-1]), int(t[-1])) for t in targets]
+        config = CreateConfigRTX(compute_capabilities=caps, **common)
+        save_cache = None
+    else:
+        config = pg_trt.CreateConfig(fp16=weak_fp16 or None, load_timing_cache=_existing(timing_cache), **common)
+        save_cache = str(timing_cache) if timing_cache else None
+    io = network_io(trt, network, profiles)
+    try:
+        with warnings.catch_warnings():
+            # Polygraphy's common config touches the timing cache, a documented no-op in RTX
+            warnings.simplefilter("ignore", DeprecationWarning)
+            engine = pg_trt.EngineBytesFromNetwork((builder, network, parser), config=config,
+                                                   save_timing_cache=save_cache)()
+    except PolygraphyException as exc:
+        raise ClipfuseError(f"{trt_support.flavour(flavour).label} build of {onnx_path.name} failed: "
+                            f"{_first_line(exc)}") from None
+    return bytes(engine), io
 
-    cache_bytes = timing_cache.read_bytes() if timing_cache.is_file() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
 
-    start = time.perf_counter()
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        tail = " | ".join(logger.lines[-5:]) or "no log"
-        raise ClipfuseError(f"TensorRT build of {onnx_path.name} failed: {tail}")
-    seconds = time.perf_counter() - start
-    write_bytes_atomic(engine_path, bytes(serialized))
-    with atomic_path(timing_cache) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    return {"build_seconds": round(seconds, 1), "tensorrt_version": trt.__version__,
-            "engine_sha256": sha256_file(engine_path)}
+def _parser_errors(trt, onnx_path: Path, strongly_typed: bool) -> str:
+    """The ONNX parser's own errors (Polygraphy logs them and raises a generic message)."""
+    try:
+        logger = trt_support.make_logger(trt, echo_severity=-1)
+        builder = trt.Builder(logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strongly_typed else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if parser.parse_from_file(str(onnx_path)):
+            return ""
+        # one line: the descriptions carry newlines
+        return "; ".join(" ".join(f"{parser.get_error(i).node_name() or '?'}: {parser.get_error(i).desc()}".split())
+                         for i in range(parser.num_errors))
+    except Exception:
+        return ""
+
+
+def _existing(path: Optional[Path]) -> Optional[str]:
+    return str(path) if path is not None and Path(path).is_file() else None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

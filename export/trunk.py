@@ -45,7 +45,9 @@ class VisionTrunk(nn.Module):
         self.guide_block = guide_block
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float()
+        # Cast first: TensorRT accepts a UInt8 network input only when it feeds a Cast directly
+        # (graph_checks.uint8_only_into_cast); the Transpose then runs on float.
+        x = image.float().permute(0, 3, 1, 2)
         x = (x - self.pixel_mean) / self.pixel_std
         x = self.conv1(x).flatten(2).transpose(1, 2)
         cls = self.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)

@@ -26,6 +26,7 @@ COMMANDS = {
     "build": "clipfuse.export.cmd_build",
     "doctor": "clipfuse.runtime.cmd_doctor",
     "run": "clipfuse.runtime.cmd_run",
+    "compare": "clipfuse.runtime.cmd_compare",
     "bench": "clipfuse.benchmarks.cmd_bench",
     "eval": "clipfuse.runtime.cmd_eval",
     "export-refer": "clipfuse.export.cmd_export_refer",

@@ -15,6 +15,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
+# one home for the TensorRT/CUDA helpers; import_cudart stays importable from here
+from .trt_support import cuda_check, import_cudart  # noqa: F401
+
 
 @dataclass
 class GpuInfo:
@@ -29,34 +32,17 @@ class GpuInfo:
         return asdict(self)
 
 
-def import_cudart():
-    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+/13.x), else `cuda.cudart`."""
-    try:
-        from cuda.bindings import runtime as cudart  # type: ignore
-    except ImportError:
-        from cuda import cudart  # type: ignore  # cuda-python < 12.6; gone in 13.x
-    return cudart
-
-
-def _cuda_ok(result) -> tuple:
-    """cuda-python returns (error, *values); raise on anything but success."""
-    err, rest = result[0], result[1:]
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA error {int(err)} ({getattr(err, 'name', err)})")
-    return rest
-
-
 def _gpu_via_cuda_python(device: int) -> Optional[GpuInfo]:
     cudart = import_cudart()
-    (count,) = _cuda_ok(cudart.cudaGetDeviceCount())
+    (count,) = cuda_check(cudart.cudaGetDeviceCount())
     if count <= device:
         return None
-    (props,) = _cuda_ok(cudart.cudaGetDeviceProperties(device))
+    (props,) = cuda_check(cudart.cudaGetDeviceProperties(device))
     name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
     name = name.split("\x00", 1)[0]
-    _cuda_ok(cudart.cudaSetDevice(device))
-    free, total = _cuda_ok(cudart.cudaMemGetInfo())
-    (drv,) = _cuda_ok(cudart.cudaDriverGetVersion())
+    cuda_check(cudart.cudaSetDevice(device))
+    free, total = cuda_check(cudart.cudaMemGetInfo())
+    (drv,) = cuda_check(cudart.cudaDriverGetVersion())
     driver = f"CUDA {drv // 1000}.{(drv % 1000) // 10}"
     return GpuInfo(name=name, sm=f"{props.major}{props.minor}", total_bytes=int(total),
                    free_bytes=int(free), driver=driver, source="cuda-python")
@@ -143,6 +129,8 @@ def collect() -> Dict[str, Any]:
         "onnxruntime": _dist_version("onnxruntime") or _dist_version("onnxruntime-gpu"),
         # imported: a tensorrt wheel whose libraries are missing (the PyPI stubs) does not count
         "tensorrt": _version("tensorrt"),
+        "tensorrt_rtx": _version("tensorrt_rtx"),
+        "polygraphy": _dist_version("polygraphy"),
         "cuda-python": _dist_version("cuda-python") or _dist_version("cuda-bindings"),
     }
     ort_dists = [d for d in ("onnxruntime", "onnxruntime-gpu") if _dist_version(d)]
@@ -156,7 +144,8 @@ def collect() -> Dict[str, Any]:
         "gpu": gpu.to_dict() if gpu else None,
         "host_memory": _host_memory(),
     }
-    report["can"] = capabilities(versions, providers, gpu)
+    report["rtx_targets"] = _rtx_targets() if versions["tensorrt_rtx"] else []
+    report["can"] = capabilities(versions, providers, gpu, report["rtx_targets"])
     report["openvino"] = openvino_report()
     notes = []
     if len(ort_dists) > 1:
@@ -164,32 +153,52 @@ def collect() -> Dict[str, Any]:
                      "uninstall both and install one")
     if gpu is None and versions["tensorrt"]:
         notes.append("tensorrt is installed but no GPU is visible")
+    if versions["tensorrt_rtx"] and gpu is None:
+        notes.append("TensorRT for RTX builds engines here without a GPU (ahead of time, for SM "
+                     f"{', '.join(report['rtx_targets'])}); they run (JIT) on one of those GPUs")
+    elif versions["tensorrt_rtx"] and gpu is not None and gpu.sm not in report["rtx_targets"]:
+        notes.append(f"this GPU (SM {gpu.sm}) is not a TensorRT for RTX target "
+                     f"({', '.join(report['rtx_targets'])}): RTX engines will not run here")
     report["notes"] = notes
     return report
 
 
+def _rtx_targets() -> List[str]:
+    try:
+        from . import trt_support
+        return trt_support.rtx_targets(trt_support.import_trt("rtx"))
+    except Exception:
+        return []
+
+
 def capabilities(versions: Dict[str, Optional[str]], providers: List[str],
-                 gpu: Optional[GpuInfo]) -> Dict[str, bool]:
+                 gpu: Optional[GpuInfo], rtx_targets: Optional[List[str]] = None) -> Dict[str, bool]:
     have = {k: bool(v) for k, v in versions.items()}
+    cuda = have.get("cuda-python", False) and gpu is not None
     return {
         "export": have["torch"] and have["open_clip"] and have["onnx"],
         "build_fp16_onnx": have["onnx"],
-        "build_engines": have["tensorrt"] and gpu is not None,
+        # enterprise TensorRT builds on the GPU the engine is for; RTX builds ahead of time on any machine
+        "build_engines_tensorrt": have["tensorrt"] and have.get("polygraphy", False) and gpu is not None,
+        "build_engines_rtx": have.get("tensorrt_rtx", False) and have.get("polygraphy", False),
         "run_ort_cpu": "CPUExecutionProvider" in providers,
         "run_ort_cuda": "CUDAExecutionProvider" in providers and gpu is not None,
         "run_ort_trt": "TensorrtExecutionProvider" in providers and gpu is not None,
-        "run_engines": have["tensorrt"] and have["cuda-python"] and gpu is not None,
+        "run_engines_tensorrt": have["tensorrt"] and cuda,
+        "run_engines_rtx": have.get("tensorrt_rtx", False) and cuda and gpu.sm in (rtx_targets or []),
     }
 
 
 _CAN_TEXT = {
     "export": "export ONNX graphs (clipfuse export)        needs torch, open_clip, onnx",
     "build_fp16_onnx": "build FP16 ONNX (clipfuse build --dry-run)   needs onnx",
-    "build_engines": "build TensorRT engines (clipfuse build)     needs tensorrt + a GPU",
+    "build_engines_tensorrt": "build TensorRT engines (--trt tensorrt)     needs tensorrt + polygraphy + a GPU",
+    "build_engines_rtx": "build TensorRT-RTX engines (--trt rtx)     needs tensorrt-rtx + polygraphy (CPU-only AOT counts)",
     "run_ort_cpu": "run on ONNX Runtime CPU (--backend ort-cpu) needs onnxruntime",
     "run_ort_cuda": "run on ONNX Runtime CUDA (ort-cuda)         needs onnxruntime-gpu + a GPU",
     "run_ort_trt": "run on ONNX Runtime TensorRT EP (ort-trt)   needs onnxruntime-gpu + TensorRT",
-    "run_engines": "run TensorRT engines (--backend tensorrt)   needs tensorrt + cuda-python + a GPU",
+    "run_engines_tensorrt": "run TensorRT engines (--backend tensorrt)   needs tensorrt + cuda-python + a GPU",
+    "run_engines_rtx": "run TensorRT-RTX engines (--backend tensorrt) needs tensorrt-rtx + cuda-python + an RTX-target GPU",
 }
 
 

@@ -116,6 +116,46 @@ def test_dynamic_image_hw_fails_and_static_passes():
 
 def test_run_checks_collects_every_failure():
     msgs = graph_checks.run_checks(_layernorm_model(F16))
-    # an FP16 LayerNorm graph with input "x" of rank 3: LayerNorm + image-input messages
     assert any(m.startswith("[no_fp16_layernorm]") for m in msgs)
-    assert any(m.startswith("[static_image_hw]") for m in msgs)
+    # a graph with two faults gets both messages, each under its check's name
+    both = graph_checks.run_checks(_uint8_model(cast_first=False, h="height"))
+    assert any(m.startswith("[static_image_hw]") for m in both)
+    assert any(m.startswith("[uint8_only_into_cast]") for m in both)
+
+
+def test_graph_without_an_image_input_skips_the_image_check():
+    # the text encoder's only input is tokens [batch, 77]: no H/W to check
+    tokens = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", 77])
+    out = helper.make_tensor_value_info("emb", F32, ["batch", 77])
+    model = _model([helper.make_node("Cast", ["tokens"], ["emb"], to=F32)], [tokens], [out])
+    assert graph_checks.static_image_hw(model) == []
+
+
+def _uint8_model(cast_first: bool, h=224):
+    """image uint8 NHWC -> NCHW float, with the Cast before (TensorRT-legal) or after the Transpose."""
+    img = helper.make_tensor_value_info("image", TensorProto.UINT8, ["batch", h, 224, 3])
+    out = helper.make_tensor_value_info("x", F32, ["batch", 3, h, 224])
+    if cast_first:
+        nodes = [helper.make_node("Cast", ["image"], ["f"], to=F32, name="cast"),
+                 helper.make_node("Transpose", ["f"], ["x"], perm=[0, 3, 1, 2], name="nchw")]
+    else:
+        nodes = [helper.make_node("Transpose", ["image"], ["t"], perm=[0, 3, 1, 2], name="nchw"),
+                 helper.make_node("Cast", ["t"], ["x"], to=F32, name="cast")]
+    return _model(nodes, [img], [out])
+
+
+def test_uint8_input_must_go_straight_into_a_cast():
+    # the exact class of graph TensorRT's parser rejected ("/trunk/Transpose: first input has type UInt8")
+    msgs = graph_checks.uint8_only_into_cast(_uint8_model(cast_first=False))
+    assert "'image' feeds Transpose node 'nchw'" in msgs[0]
+    assert "computed inside the graph" in msgs[1]  # the transposed UInt8 tensor, cast too late
+    assert graph_checks.uint8_only_into_cast(_uint8_model(cast_first=True)) == []
+    # a UInt8 tensor made inside the graph and used further is refused too
+    x = helper.make_tensor_value_info("x", F32, [4])
+    y = helper.make_tensor_value_info("y", F32, [4])
+    inner = _model([helper.make_node("Cast", ["x"], ["u"], to=TensorProto.UINT8),
+                    helper.make_node("Cast", ["u"], ["y"], to=F32, name="back")], [x], [y])
+    msgs = graph_checks.uint8_only_into_cast(inner)
+    assert len(msgs) == 1 and "computed inside the graph" in msgs[0]
+
+

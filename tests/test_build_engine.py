@@ -27,13 +27,28 @@ def test_batch_profile_parsing():
 
 
 def test_engine_name_encodes_everything_it_is_tied_to():
-    name = trt_build.engine_file_name("sclip", "10.3.0.30", "8.7", "fp16", BatchProfile(1, 4, 16), "ab" * 32)
+    name = trt_build.engine_file_name("sclip", "tensorrt", "10.3.0.30", ["8.7"], "fp16", BatchProfile(1, 4, 16),
+                                      "ab" * 32)
     assert name == "sclip.trt10.3-sm87-fp16-b1_4_16-abababab.engine"
-    assert trt_build.engine_file_name("x", "11.4", "sm_90", "fp32", BatchProfile(1, 8, 32), "0" * 64) == \
-        "x.trt11.4-sm90-fp32-b1_8_32-00000000.engine"
+    assert trt_build.engine_file_name("x", "tensorrt", "11.4", ["sm_90"], "fp32", BatchProfile(1, 8, 32),
+                                      "0" * 64) == "x.trt11.4-sm90-fp32-b1_8_32-00000000.engine"
+    # TensorRT for RTX: its own prefix and every compute-capability target
+    assert trt_build.engine_file_name("x", "rtx", "1.7.1.116", ["80", "86", "120"], "fp16", BatchProfile(1, 4, 16),
+                                      "1" * 64) == "x.rtx1.7-sm80_86_120-fp16-b1_4_16-11111111.engine"
     with pytest.raises(ClipfuseError):
-        trt_build.engine_file_name("x", "ten", "87", "fp16", BatchProfile(1, 1, 1), "0" * 64)
+        trt_build.engine_file_name("x", "tensorrt", "ten", ["87"], "fp16", BatchProfile(1, 1, 1), "0" * 64)
+    with pytest.raises(ClipfuseError, match="unknown TensorRT flavour"):
+        trt_build.engine_file_name("x", "trt", "10.3", ["87"], "fp16", BatchProfile(1, 1, 1), "0" * 64)
     assert trt_build.timing_cache_name("10.3.0", "87") == "timing.trt10.3-sm87.cache"
+
+
+def test_polygraphy_line_for_rtx_names_targets_and_profile():
+    profiles = {"image": ([1, 224, 224, 3], [4, 224, 224, 3], [16, 224, 224, 3])}
+    line = trt_build.polygraphy_command("e/m.fp16.onnx", "e/m.engine", profiles, ["86", "120"], 1 << 30, 3)
+    assert line.startswith("POLYGRAPHY_USE_TENSORRT_RTX=1 polygraphy convert")
+    args = shlex.split(line.split(" ", 1)[1])
+    assert "--strongly-typed" in args and args[args.index("--compute-capabilities") + 1:][:2] == ["8.6", "12.0"]
+    assert args[args.index("--trt-max-shapes") + 1] == "image:[16,224,224,3]"
 
 
 def test_trtexec_line_profiles_only_the_batch_axis():
@@ -59,30 +74,42 @@ def test_trtexec_line_profiles_only_the_batch_axis():
 
 
 def test_engine_manifest_section(tmp_path):
-    from clipfuse.export.cmd_build import engine_section
+    from clipfuse.export.build import engine_section
 
     section = engine_section(engine=tmp_path / "m.trt10.3-sm87-fp16-b1_4_16-12345678.engine", engine_sha256="e" * 64,
-                             tensorrt_version="10.3.0.30", sm="8.7", gpu_name="Orin", precision="fp16",
-                             batch=BatchProfile(1, 4, 16), onnx_sha256="1" * 64, trtexec="trtexec ...",
-                             workspace_bytes=1 << 30, opt_level=3, timing_cache=tmp_path / "timing.cache")
-    assert set(section) >= {"file", "sha256", "tensorrt_version", "sm", "gpu_name", "precision", "batch_profile",
-                            "onnx_sha256", "trtexec", "workspace_bytes", "opt_level", "timing_cache"}
-    assert section["sm"] == "87" and section["batch_profile"] == [1, 4, 16]
+                             flavour="tensorrt", version="10.3.0.30", targets=["8.7"], gpu_name="Orin",
+                             precision="fp16", batch=BatchProfile(1, 4, 16), onnx_sha256="1" * 64,
+                             command="trtexec ...", workspace_bytes=1 << 30, opt_level=3,
+                             timing_cache=tmp_path / "timing.cache")
+    assert set(section) >= {"file", "sha256", "flavour", "tensorrt_version", "targets", "gpu_name", "precision",
+                            "batch_profile", "onnx_sha256", "command", "workspace_bytes", "opt_level",
+                            "timing_cache", "strongly_typed", "io"}
+    assert section["targets"] == ["87"] and section["batch_profile"] == [1, 4, 16]
     assert section["file"].endswith(".engine") and section["timing_cache"] == "timing.cache"
 
 
-def test_backend_refuses_engine_of_another_trt_or_sm(tmp_path):
+def test_backend_refuses_engine_of_another_flavour_release_or_gpu(tmp_path):
     from clipfuse.runtime.backends.tensorrt import check_engine_target
 
-    manifest = {"engine": {"tensorrt_version": "10.3.0.30", "sm": "87", "gpu_name": "Orin"}}
+    manifest = {"engine": {"flavour": "tensorrt", "tensorrt_version": "10.3.0.30", "targets": ["87"],
+                           "gpu_name": "Orin"}}
     eng = tmp_path / "m.engine"
-    check_engine_target(manifest, "10.3.0.26", "87", eng)  # same release, same SM: fine
+    check_engine_target(manifest, "tensorrt", "10.3.0.26", "87", eng)  # same release, same SM: fine
     with pytest.raises(ClipfuseError, match="TensorRT 10.3.0.30, this machine has 10.13"):
-        check_engine_target(manifest, "10.13.0.35", "87", eng)
+        check_engine_target(manifest, "tensorrt", "10.13.0.35", "87", eng)
     with pytest.raises(ClipfuseError, match="SM 87 .*SM 90"):
-        check_engine_target(manifest, "10.3.0.30", "90", eng)
+        check_engine_target(manifest, "tensorrt", "10.3.0.30", "90", eng)
+    with pytest.raises(ClipfuseError, match="built by TensorRT, this backend runs TensorRT for RTX"):
+        check_engine_target(manifest, "rtx", "10.3.0.30", "87", eng)
     with pytest.raises(ClipfuseError, match="no 'engine' section"):
-        check_engine_target({}, "10.3", "87", eng)
+        check_engine_target({}, "tensorrt", "10.3", "87", eng)
+    # an RTX engine runs on any of its targets, and nowhere else (Hopper is not an RTX target)
+    rtx = {"engine": {"flavour": "rtx", "tensorrt_version": "1.7.1.116", "targets": ["80", "86", "89"]}}
+    check_engine_target(rtx, "rtx", "1.7.0", "86", eng)
+    with pytest.raises(ClipfuseError, match="SM 80, 86, 89 .*SM 90"):
+        check_engine_target(rtx, "rtx", "1.7.1", "90", eng)
+    # manifests written before flavours existed are enterprise TensorRT with one "sm"
+    check_engine_target({"engine": {"tensorrt_version": "10.3", "sm": "87"}}, "tensorrt", "10.3", "87", eng)
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +136,8 @@ def test_cli_build_dry_run_writes_fp16_graph_and_plans_the_engine(exported, caps
     expected = f"sclip.trt10.3-sm87-fp16-b1_4_16-{manifest['onnx_sha256'][:8]}.engine"
     assert expected in out and "--stronglyTyped" in out and "--minShapes=image:1x224x224x3" in out
     assert "--memPoolSize=workspace:2048M" in out and "dry run: no engine built" in out
-    assert manifest["engine_plan"]["file"] == expected and "--stronglyTyped" in manifest["engine_plan"]["trtexec"]
+    assert manifest["engine_plan"]["file"] == expected and "--stronglyTyped" in manifest["engine_plan"]["command"]
+    assert manifest["engine_plan"]["flavour"] == "tensorrt" and manifest["engine_plan"]["targets"] == ["87"]
     assert not list(exported.parent.glob("*.engine"))
     # I/O contract unchanged and the FP16 graph runs on ONNX Runtime CPU
     model = onnx.load(str(fp16_onnx))
@@ -158,27 +186,25 @@ def test_cli_build_refuses_a_graph_that_fails_the_checks(tmp_path, capsys):
     assert not (tmp_path / "dyn.fp16.onnx").exists()
 
 
-def test_build_without_tensorrt_says_so(exported, capsys):
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("tensorrt is installed here; this checks the message where it is not")
-    except ImportError:
-        pass
-    assert cli_main(["build", str(exported), "--precision", "fp32"]) == 2
-    assert "--dry-run" in capsys.readouterr().err
+def test_build_with_enterprise_tensorrt_missing_says_so(exported, capsys):
+    from clipfuse.runtime import trt_support
+    if trt_support.probe("tensorrt"):
+        pytest.skip("enterprise tensorrt imports here; this checks the message where it does not")
+    assert cli_main(["build", str(exported), "--precision", "fp32", "--trt", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT (module tensorrt) is not usable here" in err and len(err.strip().splitlines()) == 1
+    assert not list(exported.parent.glob("*.engine"))
 
 
 # --- TensorRT + GPU: build and load for real ----------------------------------------------------
 
 def _need_tensorrt_gpu():
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:
-        pytest.skip(f"TensorRT not installed ({type(exc).__name__}): engine build/load runs only where "
-                    "tensorrt and a CUDA GPU are present")
+    from clipfuse.runtime import trt_support
+    if not trt_support.available():
+        pytest.skip("neither tensorrt nor tensorrt_rtx imports: engine execution needs one and a CUDA GPU")
     from clipfuse.runtime.doctor import gpu_info
     if gpu_info() is None:
-        pytest.skip("no CUDA GPU visible (cuda-python / nvidia-smi): engine build/load needs one")
+        pytest.skip("no CUDA GPU visible (cuda-python / nvidia-smi): engine execution needs one")
 
 
 @pytest.mark.tensorrt
@@ -189,11 +215,12 @@ def test_tensorrt_build_and_run_matches_onnx(exported, precision, capsys):
 
     assert cli_main(["build", str(exported), "--precision", precision, "--batch", "1:2:4",
                      "--workspace-gb", "1"]) == 0
-    engines = sorted(exported.parent.glob(f"sclip.trt*-{precision}-b1_2_4-*.engine"))
+    engines = sorted(exported.parent.glob(f"sclip.*-{precision}-b1_2_4-*.engine"))
     assert len(engines) == 1
     manifest = read_manifest(engines[0].with_suffix(".json"))
     assert manifest["engine"]["precision"] == precision and manifest["engine"]["batch_profile"] == [1, 2, 4]
-    assert Path(exported.parent / manifest["engine"]["timing_cache"]).is_file()
+    if manifest["engine"]["flavour"] == "tensorrt":
+        assert Path(exported.parent / manifest["engine"]["timing_cache"]).is_file()
     ort = pytest.importorskip("onnxruntime")
     image = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     ref = ort.InferenceSession(str(exported), providers=["CPUExecutionProvider"]).run(None, {"image": image})[0]
@@ -215,8 +242,9 @@ def test_tensorrt_backend_refuses_foreign_engine(exported, tmp_path):
     fake = tmp_path / "x.engine"
     fake.write_bytes(b"not an engine")
     manifest = json.loads(exported.with_suffix(".json").read_text())
-    manifest["engine"] = {"tensorrt_version": "1.0", "sm": "10"}
-    with pytest.raises(ClipfuseError, match="TensorRT 1.0"):
+    from clipfuse.runtime import trt_support
+    manifest["engine"] = {"flavour": trt_support.available()[0], "tensorrt_version": "0.1", "targets": ["10"]}
+    with pytest.raises(ClipfuseError, match="0.1, this machine has"):
         open_backend(fake, manifest, backend="tensorrt")
 
 
@@ -230,3 +258,17 @@ def test_cli_dry_run_for_tensorrt_8_6_uses_the_weak_typed_fallback(exported, cap
     from clipfuse.runtime.fileio import sha256_file
     assert f"--onnx={exported}" in args and sha256_file(exported)[:8] in line
     assert "sclip.trt8.6-sm87-fp16-b1_4_16-" in line
+
+
+@pytest.mark.tensorrt
+def test_compare_engine_vs_onnx_fp32(exported, capsys):
+    """Item 7 of issue 11 on a GPU: `clipfuse compare` of the FP16 engine against the FP32 graph."""
+    _need_tensorrt_gpu()
+    from clipfuse.runtime.doctor import gpu_info
+
+    assert cli_main(["build", str(exported), "--precision", "fp16", "--batch", "1:4:8", "--workspace-gb", "1",
+                     "--target-sm", gpu_info().sm]) == 0
+    engine = sorted(exported.parent.glob("sclip.*-fp16-b1_4_8-*.engine"))[-1]
+    street = str(Path(__file__).parent / "data" / "street.jpg")
+    assert cli_main(["compare", str(exported), str(engine), "--images", street, "--atol", "2e-2"]) == 0
+    assert "ok" in capsys.readouterr().out

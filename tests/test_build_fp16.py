@@ -99,7 +99,7 @@ class TinySegmenter(nn.Module):
         self.obj_proj = nn.Conv2d(width, 16, 3, padding=1, padding_mode="replicate")
 
     def forward(self, image):
-        x = image.permute(0, 3, 1, 2).float()
+        x = image.float().permute(0, 3, 1, 2)  # Cast first: TensorRT-legal uint8 input
         x = (x - self.mean) / self.std
         x = self.conv(x)
         b, d, h, w = x.shape

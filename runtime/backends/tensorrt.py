@@ -1,38 +1,48 @@
-"""TensorRT engine backend: tensor I/O API (TensorRT 10/11) + cuda-python device buffers.
+"""TensorRT engine backend (both flavours): tensor I/O API + cuda-python device buffers.
 
-One CUDA stream; device buffers allocated once at the profile's max shapes; host outputs
-preallocated per batch size; optional CUDA-graph replay per batch size (`cuda_graph=True`).
-Refuses an engine built for another TensorRT version or GPU SM before TensorRT does (its own
-error is a None from deserialize_cuda_engine and a log line).
+Runs engines of enterprise TensorRT (10.x/11.x) and of TensorRT for RTX, whichever built the
+engine (its manifest's engine.flavour). One CUDA stream; device buffers allocated once at the
+profile's max shapes; host outputs preallocated per batch size; optional CUDA-graph replay per
+batch size (`cuda_graph=True`). TensorRT for RTX JIT-specialises the engine on first use and keeps
+the kernels in a runtime cache, persisted beside the engine (NAME.runtime.cache). Refuses an
+engine of another flavour, release or GPU with one line before TensorRT does (its own error is a
+None from deserialize_cuda_engine and a log line).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 
+from .. import trt_support
 from ..errors import ClipfuseError
 from .base import Backend
 
 
-def _short(version: str) -> str:
-    parts = str(version).split(".")
-    return ".".join(parts[:2])
+def engine_flavour(manifest: dict) -> str:
+    """The flavour that built the engine (manifests before flavours existed: enterprise TensorRT)."""
+    eng = manifest.get("engine")
+    return str(eng.get("flavour") or "tensorrt") if isinstance(eng, dict) else "tensorrt"
 
 
-def check_engine_target(manifest: dict, trt_version: str, sm: Optional[str], artifact: Path) -> None:
-    """One-line refusal when the engine was built for another TensorRT release or GPU SM."""
+def check_engine_target(manifest: dict, flavour: str, trt_version: str, sm: Optional[str], artifact: Path) -> None:
+    """One-line refusal when the engine was built by another flavour or release, or for another GPU."""
     eng = manifest.get("engine")
     if not isinstance(eng, dict):
         raise ClipfuseError(f"{artifact.name}: manifest has no 'engine' section; build engines with `clipfuse build`")
-    built_trt, built_sm = str(eng.get("tensorrt_version", "?")), str(eng.get("sm", "?"))
-    if _short(built_trt) != _short(trt_version):
-        raise ClipfuseError(f"{artifact.name} was built with TensorRT {built_trt}, this machine has {trt_version}: "
-                            "rebuild the engine here (clipfuse build, or the trtexec line in its manifest)")
-    if sm is not None and built_sm != str(sm):
-        raise ClipfuseError(f"{artifact.name} was built for GPU SM {built_sm} ({eng.get('gpu_name') or '?'}), "
+    built_flavour = engine_flavour(manifest)
+    built_trt = str(eng.get("tensorrt_version", "?"))
+    targets = [str(t) for t in eng.get("targets") or ([eng["sm"]] if eng.get("sm") else [])]
+    if built_flavour != flavour:
+        raise ClipfuseError(f"{artifact.name} was built by {trt_support.flavour(built_flavour).label}, this backend "
+                            f"runs {trt_support.flavour(flavour).label}: rebuild with clipfuse build --trt {flavour}")
+    if trt_support.short_version(built_trt) != trt_support.short_version(trt_version):
+        label = trt_support.flavour(flavour).label
+        raise ClipfuseError(f"{artifact.name} was built with {label} {built_trt}, this machine has {trt_version}: "
+                            f"rebuild the engine here (clipfuse build, or the command in its manifest)")
+    if sm is not None and targets and str(sm) not in targets:
+        raise ClipfuseError(f"{artifact.name} was built for GPU SM {', '.join(targets)} ({eng.get('gpu_name') or '?'}), "
                             f"this GPU is SM {sm}: engines are not portable across GPU architectures; rebuild here")
 
 
@@ -41,32 +51,45 @@ class TensorRTBackend(Backend):
 
     def __init__(self, artifact: Path, manifest: dict, **options) -> None:
         super().__init__(artifact, manifest, **options)
+        self.flavour = engine_flavour(manifest)
+        trt = trt_support.import_trt(self.flavour)
+        from ..doctor import gpu_info
         try:
-            import tensorrt as trt  # type: ignore
-        except Exception as exc:
-            raise ClipfuseError(f"the tensorrt backend needs TensorRT ({type(exc).__name__}: {exc}); "
-                                "run the .onnx with --backend ort-cpu/ort-cuda instead") from None
-        from ..doctor import gpu_info, import_cudart
-        try:
-            self._cudart = import_cudart()
+            self._cudart = trt_support.import_cudart()
         except ImportError:
             raise ClipfuseError("the tensorrt backend needs cuda-python (pip install cuda-python)") from None
         device = int(options.get("device", 0))
         gpu = gpu_info(device)
         if gpu is None:
             raise ClipfuseError("no CUDA GPU visible: TensorRT engines need one")
-        check_engine_target(manifest, trt.__version__, gpu.sm, self.artifact)
+        check_engine_target(manifest, self.flavour, trt.__version__, gpu.sm, self.artifact)
         self._trt = trt
-        self._log: List[str] = []
         self._check(self._cudart.cudaSetDevice(device))
 
-        logger = self._make_logger(trt)
+        logger = trt_support.make_logger(trt)
+        self._logger = logger
         self._runtime = trt.Runtime(logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.artifact.read_bytes())
         if self.engine is None:
-            tail = " | ".join(self._log[-3:]) or "no TensorRT log"
-            raise ClipfuseError(f"TensorRT could not deserialize {self.artifact.name}: {tail}")
-        self.context = self.engine.create_execution_context()
+            raise ClipfuseError(f"TensorRT could not deserialize {self.artifact.name}: {self._logger.tail()}")
+        # the engine must honour the graph contract the protocol relies on
+        trt_support.check_io_contract(trt_support.engine_io(trt, self.engine), manifest, self.artifact.name)
+        self._runtime_cache = None
+        if self.flavour == "rtx":
+            # JIT-compiled kernels survive the process in a runtime cache beside the engine
+            self._cache_path = self.artifact.with_suffix(".runtime.cache")
+            runtime_config = self.engine.create_runtime_config()
+            cache = runtime_config.create_runtime_cache()
+            if self._cache_path.is_file():
+                cache.deserialize(self._cache_path.read_bytes())
+            runtime_config.set_runtime_cache(cache)
+            self._runtime_cache = cache
+            self.context = self.engine.create_execution_context(runtime_config)
+        else:
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise ClipfuseError(f"TensorRT could not create an execution context for {self.artifact.name}: "
+                                f"{self._logger.tail()}")
         (self._stream,) = self._check(self._cudart.cudaStreamCreate())
 
         self.inputs: List[str] = []
@@ -95,26 +118,25 @@ class TensorRTBackend(Backend):
         self._graphs: Dict[tuple, object] = {}
         self._use_graph = bool(options.get("cuda_graph", False))
 
-    # -- cuda-python helpers ------------------------------------------------------------------
     def _check(self, result):
-        err, rest = result[0], result[1:]
-        if int(err) != 0:
-            raise ClipfuseError(f"CUDA error {getattr(err, 'name', int(err))} in the tensorrt backend")
-        return rest
+        return trt_support.cuda_check(result, "the tensorrt backend")
 
-    def _make_logger(self, trt):
-        sink = self._log
+    # -- public hooks for benchmarks: re-launch on resident buffers, sync, memory ----------------
+    def launch(self, feeds_like: Dict[str, np.ndarray]) -> None:
+        """Enqueue one more execution for the input shapes of `feeds_like` on the buffers the last
+        `run` of those shapes staged (no copies); pair with `synchronize`."""
+        key = tuple((n, tuple(np.shape(feeds_like[n]))) for n in self.inputs)
+        for n, shape in key:
+            self.context.set_input_shape(n, shape)
+        self._execute(key)
 
-        class Logger(trt.ILogger):
-            def __init__(self):
-                trt.ILogger.__init__(self)
+    def synchronize(self) -> None:
+        self._check(self._cudart.cudaStreamSynchronize(self._stream))
 
-            def log(self, severity, msg):
-                sink.append(msg)
-                if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                    print(f"tensorrt: {msg}", file=sys.stderr)
-
-        return Logger()
+    def device_memory_in_use(self) -> int:
+        """Bytes in use on the device (device-wide, this engine's share included)."""
+        free, total = self._check(self._cudart.cudaMemGetInfo())
+        return int(total - free)
 
     # -- inference ----------------------------------------------------------------------------
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -128,7 +150,7 @@ class TensorRTBackend(Backend):
             if any(d > m for d, m in zip(a.shape, limit)):
                 raise ClipfuseError(f"input {n} shape {list(a.shape)} exceeds the engine profile max "
                                     f"{list(limit)}; split the batch (max_batch={self.max_batch})")
-        key = tuple((n, a.shape) for n, a in arrays.items())
+        key = tuple((n, tuple(a.shape)) for n, a in arrays.items())
         for n, a in arrays.items():
             self.context.set_input_shape(n, a.shape)
             self._check(cudart.cudaMemcpyAsync(self._device[n], a.ctypes.data, a.nbytes,
@@ -168,6 +190,14 @@ class TensorRTBackend(Backend):
         cudart = getattr(self, "_cudart", None)
         if cudart is None:
             return
+        cache = getattr(self, "_runtime_cache", None)
+        if cache is not None:
+            try:
+                from ..fileio import write_bytes_atomic
+                write_bytes_atomic(self._cache_path, bytes(cache.serialize()))
+            except Exception:
+                pass  # a cache is an optimisation; never fail a run over it
+            self._runtime_cache = None
         for ge in getattr(self, "_graphs", {}).values():
             cudart.cudaGraphExecDestroy(ge)
         for ptr in getattr(self, "_device", {}).values():

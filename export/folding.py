@@ -1,0 +1,63 @@
+"""Constant folding of every exported graph (one call in artifacts.graph_with_manifest).
+
+The TorchScript exporter leaves the shape arithmetic of every reshape in the graph (Shape ->
+Gather -> Unsqueeze -> Concat, Constants, Identity copies of weights): ~70 % of a NACLIP graph's
+nodes. onnxslim folds it and removes dead/duplicate nodes; on clipfuse's graphs it went furthest of
+the three candidates (tiny-ViT NACLIP: 476 nodes -> onnxslim 110, Polygraphy `FoldConstants` 180,
+onnx-graphsurgeon `fold_constants` 312), keeps symbolic axes (batch, classes, masks) symbolic and
+changes outputs by float reassociation only (<= 4e-7). Its rewrites are re-checked by
+onnx.checker and by the graph checks of `clipfuse build`.
+"""
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+from typing import Dict
+
+from clipfuse.runtime.errors import ClipfuseError
+
+
+def node_counts(model) -> Dict[str, int]:
+    """op type -> count, plus 'total'."""
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    return {"total": sum(counts.values()), **dict(sorted(counts.items()))}
+
+
+def _symbolic_io(model) -> Dict[str, tuple]:
+    def dims(vi):
+        return tuple(d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim)
+    return {vi.name: dims(vi) for vi in list(model.graph.input) + list(model.graph.output)}
+
+
+def fold_file(path: Path) -> Dict[str, int]:
+    """Fold `path` in place; return {"nodes_before", "nodes_after"}. Also refuses a graph whose
+    UInt8 input does not go straight into a Cast (graph_checks.uint8_only_into_cast).
+
+    Refuses (ClipfuseError) a result whose graph inputs/outputs changed name, dtype or shape:
+    the manifest describes them, and the batch axis must stay dynamic.
+    """
+    import onnx
+    try:
+        import onnxslim
+    except ImportError:
+        raise ClipfuseError("onnxslim is not installed: pip install 'clipfuse[export]' "
+                            "(exports are constant-folded with it)") from None
+
+    model = onnx.load(str(path))
+    before = len(model.graph.node)
+    io_before = _symbolic_io(model)
+    types_before = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
+    folded = onnxslim.slim(model)
+    if folded is None:
+        raise ClipfuseError(f"onnxslim could not fold {path.name}")
+    if _symbolic_io(folded) != io_before or \
+            {vi.name: vi.type.tensor_type.elem_type for vi in list(folded.graph.input) + list(folded.graph.output)} != types_before:
+        raise ClipfuseError(f"constant folding changed the inputs/outputs of {path.name}: "
+                            f"{io_before} -> {_symbolic_io(folded)}")
+    # Every graph clipfuse writes must be TensorRT-legal, not only those that reach `clipfuse build`.
+    from .graph_checks import uint8_only_into_cast
+    illegal = uint8_only_into_cast(folded)
+    if illegal:
+        raise ClipfuseError(f"{path.name} is not TensorRT-legal: {illegal[0]}")
+    onnx.save(folded, str(path))
+    return {"nodes_before": before, "nodes_after": len(folded.graph.node)}

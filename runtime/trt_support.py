@@ -1,0 +1,225 @@
+"""The one place that knows TensorRT's two flavours, its logger, versions and CUDA error codes.
+
+Flavours (both Python modules expose the same core API: Builder, OnnxParser, Runtime, tensor I/O):
+* ``tensorrt``: NVIDIA TensorRT 8.6 / 10.x / 11.x (module ``tensorrt``): the device and Jetson
+  path. Engines are tied to the TensorRT release and to the GPU they were built on; timing cache.
+* ``rtx``: TensorRT for RTX (module ``tensorrt_rtx``, wheel ``tensorrt-rtx-cu13``): builds ahead of
+  time on any machine, GPU or not ("CPU-only AOT"), for a list of compute-capability targets;
+  the engine is JIT-specialised on the first run; runtime cache instead of a timing cache;
+  strongly typed only.
+
+Torch-free and import-light: nothing here imports a flavour until asked, so the runtime (and
+`clipfuse doctor`) can use it on a machine with neither. Polygraphy picks its TensorRT module from
+``polygraphy.config.USE_TENSORRT_RTX`` (env POLYGRAPHY_USE_TENSORRT_RTX) when its TensorRT backend
+is first imported; `polygraphy_trt` sets both to the flavour clipfuse chose, so clipfuse and
+Polygraphy never drive two different TensorRTs in one process.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from .errors import ClipfuseError
+
+
+@dataclass(frozen=True)
+class Flavour:
+    key: str          # what --trt takes and manifests record: "tensorrt" or "rtx"
+    module: str       # Python module name
+    label: str        # for messages
+    prefix: str       # engine file name prefix: NAME.<prefix><X.Y>-...
+    wheel: str        # what to pip install
+
+
+FLAVOURS: Dict[str, Flavour] = {
+    "tensorrt": Flavour("tensorrt", "tensorrt", "TensorRT", "trt", "tensorrt (NVIDIA's index; JetPack on Jetson)"),
+    "rtx": Flavour("rtx", "tensorrt_rtx", "TensorRT for RTX", "rtx", "tensorrt-rtx-cu13"),
+}
+# "auto" prefers the enterprise TensorRT: where both exist it is the deployment target.
+AUTO_ORDER = ("tensorrt", "rtx")
+
+
+def flavour(key: str) -> Flavour:
+    if key not in FLAVOURS:
+        raise ClipfuseError(f"unknown TensorRT flavour {key!r}; choose one of: {', '.join(FLAVOURS)}")
+    return FLAVOURS[key]
+
+
+def _import(module: str):
+    # the enterprise PyPI wheels are stubs that raise at import time when their libraries are
+    # missing, so any exception (not only ImportError) means "not usable here"
+    return importlib.import_module(module)
+
+
+def import_trt(key: str):
+    """The TensorRT module of flavour `key`, or one ClipfuseError line saying how to get it."""
+    fl = flavour(key)
+    try:
+        return _import(fl.module)
+    except Exception as exc:
+        raise ClipfuseError(f"{fl.label} (module {fl.module}) is not usable here ({type(exc).__name__}: "
+                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                            f"install {fl.wheel}") from None
+
+
+def probe(key: str) -> Optional[str]:
+    """The flavour's version when it imports here, else None (never raises)."""
+    try:
+        return str(_import(flavour(key).module).__version__)
+    except Exception:
+        return None
+
+
+def available() -> List[str]:
+    return [k for k in AUTO_ORDER if probe(k)]
+
+
+def choose(requested: Optional[str] = None) -> str:
+    """'tensorrt' / 'rtx' as asked, or for None/'auto' the first importable of AUTO_ORDER."""
+    if requested and requested != "auto":
+        flavour(requested)
+        return requested
+    found = available()
+    if not found:
+        raise ClipfuseError("no TensorRT here: neither tensorrt nor tensorrt_rtx imports "
+                            "(pip install tensorrt-rtx-cu13 builds on any machine; use --dry-run to plan)")
+    return found[0]
+
+
+def short_version(version: str) -> str:
+    """'10.3.0.30' -> '10.3' (engines are tied to the release)."""
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    if not m:
+        raise ClipfuseError(f"cannot read a TensorRT version from {version!r} (expected e.g. 10.3)")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def major(version: str) -> int:
+    return int(short_version(version).split(".")[0])
+
+
+def make_logger(trt, echo_severity: Any = None):
+    """A trt.ILogger that keeps every line in `.lines` (quoted when a build or load fails) and
+    echoes WARNING and worse to stderr."""
+    threshold = int(echo_severity if echo_severity is not None else trt.ILogger.Severity.WARNING)
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.lines: List[str] = []
+
+        def log(self, severity, msg):
+            self.lines.append(f"[{str(severity).rsplit('.', 1)[-1]}] {msg}")
+            if int(severity) <= threshold:
+                print(f"tensorrt: {msg}", file=sys.stderr)
+
+        def tail(self, n: int = 3) -> str:
+            return " | ".join(self.lines[-n:]) or "no TensorRT log"
+
+    return Logger()
+
+
+def import_cudart():
+    """cuda-python's runtime module: `cuda.bindings.runtime` (12.6+/13.x), else `cuda.cudart`."""
+    try:
+        from cuda.bindings import runtime as cudart  # type: ignore
+    except ImportError:
+        from cuda import cudart  # type: ignore  # cuda-python < 12.6; gone in 13.x
+    return cudart
+
+
+def cuda_check(result, what: str = "CUDA call") -> tuple:
+    """cuda-python returns (error, *values): the values, or one ClipfuseError line."""
+    err, rest = result[0], result[1:]
+    if int(err) != 0:
+        raise ClipfuseError(f"CUDA error {getattr(err, 'name', int(err))} in {what}")
+    return rest
+
+
+def check_io_contract(io: Dict[str, list], manifest: dict, label: str) -> None:
+    """Refuse an engine whose I/O tensors differ from the manifest's contract: same names in the same
+    order, same dtypes, fixed dims equal, symbolic dims dynamic (-1) and covered by the profile."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        want, got = manifest.get(kind, []), io.get(kind, [])
+        if [w["name"] for w in want] != [g["name"] for g in got]:
+            problems.append(f"{kind} {[g['name'] for g in got]} != manifest {[w['name'] for w in want]}")
+            continue
+        for w, g in zip(want, got):
+            if w["dtype"] != g["dtype"]:
+                problems.append(f"{g['name']} dtype {g['dtype']} != manifest {w['dtype']}")
+            if len(w["shape"]) != len(g["shape"]):
+                problems.append(f"{g['name']} rank {len(g['shape'])} != manifest {len(w['shape'])}")
+                continue
+            for axis, (wd, gd) in enumerate(zip(w["shape"], g["shape"])):
+                if isinstance(wd, int) and wd != gd:
+                    problems.append(f"{g['name']} axis {axis} is {gd}, manifest says {wd}")
+                if isinstance(wd, str) and gd != -1 and kind == "inputs":
+                    problems.append(f"{g['name']} axis {axis} ({wd}) is fixed to {gd}, must stay dynamic")
+            if kind == "inputs":
+                mn, _, mx = g["profile"]
+                for axis, wd in enumerate(w["shape"]):
+                    if isinstance(wd, int) and not mn[axis] == mx[axis] == wd:
+                        problems.append(f"{g['name']} profile axis {axis} {mn[axis]}..{mx[axis]} != {wd}")
+    if problems:
+        raise ClipfuseError(f"{label}: engine I/O does not match the manifest: {'; '.join(problems)}")
+
+
+def engine_io(trt, engine) -> Dict[str, list]:
+    """I/O tensors of a deserialized engine, in the form check_io_contract reads."""
+    import numpy as np
+
+    io: Dict[str, list] = {"inputs": [], "outputs": []}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        entry = {"name": name, "dtype": np.dtype(trt.nptype(engine.get_tensor_dtype(name))).name,
+                 "shape": list(engine.get_tensor_shape(name))}
+        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+            entry["profile"] = [list(s) for s in engine.get_tensor_profile_shape(name, 0)]
+            io["inputs"].append(entry)
+        else:
+            io["outputs"].append(entry)
+    return io
+
+
+def polygraphy_trt(key: str):
+    """Polygraphy's TensorRT backend (polygraphy.backend.trt), driving flavour `key`.
+
+    Polygraphy binds its TensorRT module when polygraphy.backend.trt is first imported, from
+    config.USE_TENSORRT_RTX; set it (and the env var child processes inherit) first, and refuse
+    a process that already bound the other flavour.
+    """
+    want_rtx = flavour(key).key == "rtx"
+    try:
+        from polygraphy import config as pg_config
+    except ImportError:
+        raise ClipfuseError("polygraphy is not installed: pip install polygraphy "
+                            "(it is in clipfuse's trt and dev extras)") from None
+    bound = "polygraphy.backend.trt" in sys.modules
+    if bound and bool(pg_config.USE_TENSORRT_RTX) != want_rtx:
+        other = "rtx" if pg_config.USE_TENSORRT_RTX else "tensorrt"
+        raise ClipfuseError(f"Polygraphy in this process already drives TensorRT flavour {other!r}; "
+                            f"use one flavour per process (--trt {other}, or a new process)")
+    pg_config.USE_TENSORRT_RTX = want_rtx
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if want_rtx else "0"
+    import_trt(key)  # one clear line now rather than Polygraphy's critical log later
+    from polygraphy.backend import trt as pg_trt
+    from polygraphy.logger import G_LOGGER
+    # clipfuse prints its own progress; Polygraphy's INFO lines (config dumps) are noise for users
+    if not os.environ.get("CLIPFUSE_DEBUG"):
+        G_LOGGER.module_severity = G_LOGGER.WARNING
+    return pg_trt
+
+
+def rtx_targets(trt) -> List[str]:
+    """Compute-capability targets this TensorRT-RTX build knows (e.g. ['75', '80', '86', ...])."""
+    return sorted((name[2:] for name in trt.ComputeCapability.__members__ if re.fullmatch(r"SM\d+", name)),
+                  key=int)
+
+
+# Turing (7.5) is opt-in in TensorRT-RTX's support matrix: not a default target.
+RTX_DEFAULT_EXCLUDED = ("75",)
