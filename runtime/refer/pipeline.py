@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ClipfuseError
-from ..protocol import linear_taps, resize_image
+from ..protocol import linear_taps, resize_image_float as resize_image
 from .nounphrase import NounPhrase, extract_noun_phrase
 
 # The public code's fill, a constant in the normalised space (see module docstring).
