@@ -13,7 +13,9 @@ where the maps are small (window upsampling) and as a two-tap gather where they 
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -309,36 +311,235 @@ def labels_from_scores(avg: np.ndarray, size: Tuple[int, int], protocol: Protoco
 
 
 # ---------------------------------------------------------------------------------------------
+# The fast host path: window scores -> labels without materialising the intermediate maps
+# ---------------------------------------------------------------------------------------------
+# Every step between the window scores and the full-size score map is linear and separable:
+# per-window upsampling (g -> window), placing the window, dividing by the overlap count (which
+# is a product of a row count and a column count, the windows forming a grid) and the final
+# resize to the image. So full[k] = R @ S_k @ C^T, where S_k tiles all window scores of class k
+# on one coarse grid [ny*gy, nx*gx] and R [H, ny*gy], C [W, nx*gx] are the composed matrices
+# (precomputed in float64 once per geometry). Two BLAS calls replace the per-window upsampling,
+# the averaging and both resizes; R is banded, so each block of output rows reads a few coarse
+# rows. Softmax is monotonic: labels come from the logits, and the K exponentials per pixel are
+# paid only where prob_thd or the confidence needs the top probability.
+_BLOCK_FLOATS = 1 << 21  # output rows x W x K floats per block (8 MB): stays in cache-sized chunks
+
+
+def _axis_matrix(starts: Tuple[int, ...], proc: int, window: int, grid: int,
+                 out: Optional[int]) -> np.ndarray:
+    """[out or proc, len(starts) * grid] float64: coarse window scores along one axis -> averaged
+    (and, with `out`, resized) values along that axis."""
+    up = interpolation_matrix(grid, window, np.float64)
+    full = max(proc, window)
+    place = np.zeros((full, len(starts) * grid))
+    count = np.zeros(full)
+    for i, s in enumerate(starts):
+        place[s:s + window, i * grid:(i + 1) * grid] += up
+        count[s:s + window] += 1.0
+    avg = place[:proc] / count[:proc, None]
+    return avg if out is None else interpolation_matrix(proc, out, np.float64) @ avg
+
+
+@lru_cache(maxsize=64)
+def _geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
+              gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices."""
+    ys = tuple(window_starts(proc_h, window, stride))
+    xs = tuple(window_starts(proc_w, window, stride))
+    rows = _axis_matrix(ys, proc_h, window, gy, out_h if to_output else None)
+    cols = _axis_matrix(xs, proc_w, window, gx, out_w if to_output else None)
+    nz = rows != 0
+    band = np.stack([nz.argmax(1), nz.shape[1] - nz[:, ::-1].argmax(1)], axis=1)
+    for m in (rows, cols, band):
+        m.setflags(write=False)
+    return rows.astype(np.float32), cols.astype(np.float32), band
+
+
+def _coarse_columns(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """[ny*nx, K, gy, gx] (row-major windows) -> [nx*gx, ny*gy*K]: coarse column j, then (row i, class)."""
+    b, k, gy, gx = scores.shape
+    return np.ascontiguousarray(scores.reshape(ny, nx, k, gy, gx).transpose(1, 4, 0, 3, 2)
+                                ).reshape(nx * gx, ny * gy * k)
+
+
+def _row_major(scores: np.ndarray, rows: np.ndarray, cols: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """Columns applied: [ny*gy, W*K] (coarse row, then output column, then class)."""
+    k = scores.shape[1]
+    t = cols @ _coarse_columns(scores.astype(np.float32, copy=False), ny, nx)   # [W, ny*gy*K]
+    width = cols.shape[0]
+    return np.ascontiguousarray(t.reshape(width, rows.shape[1], k).transpose(1, 0, 2)).reshape(rows.shape[1], -1)
+
+
+def _blocks(height: int, width: int, classes: int) -> Iterator[Tuple[int, int]]:
+    step = max(1, _BLOCK_FLOATS // max(1, width * classes))
+    for r0 in range(0, height, step):
+        yield r0, min(height, r0 + step)
+
+
+def _logit_block(t: np.ndarray, rows: np.ndarray, band: np.ndarray, r0: int, r1: int,
+                 width: int, classes: int) -> np.ndarray:
+    lo, hi = int(band[r0:r1, 0].min()), int(band[r0:r1, 1].max())
+    return (rows[r0:r1, lo:hi] @ t[lo:hi]).reshape(r1 - r0, width, classes)
+
+
+def _top_probability(block: np.ndarray, labels: np.ndarray, scale: float) -> np.ndarray:
+    """softmax(scale * block)[label] per pixel, softmax over ALL classes (as SCLIP: the area rule
+    zeroes probabilities after the softmax)."""
+    top = np.take_along_axis(block, np.argmax(block, axis=-1)[..., None], axis=-1)
+    z = block - top
+    z *= np.float32(scale)
+    np.exp(z, out=z)
+    denom = z.reshape(-1, z.shape[-1]) @ np.ones(z.shape[-1], np.float32)
+    chosen = np.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
+    return (chosen / denom.reshape(chosen.shape)).astype(np.float32)
+
+
+def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], size: Tuple[int, int],
+                              protocol: Protocol, window: int, want_confidence: bool = False,
+                              timings: Optional[dict] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """[B, K, gy, gx] window scores (windows of `window_boxes(proc_size, ...)`, row-major) ->
+    (labels [H, W] int32, confidence [H, W] float32 or None) at the image size `size`.
+
+    Same result as average_window_scores -> resize to `size` -> labels_from_scores (the reference
+    path, kept for the processing-size scores and the tests), up to float32 rounding order.
+    confidence: the probability of the chosen class (cosine: softmax(logit_scale x score) over all
+    classes, before thresholds; probability heads: the score itself).
+    """
+    t_start = time.perf_counter()
+    height, width = size
+    b, k, gy, gx = scores.shape
+    ny = len(window_starts(proc_size[0], window, protocol.stride))
+    nx = len(window_starts(proc_size[1], window, protocol.stride))
+    if ny * nx != b:
+        raise ClipfuseError(f"{b} window scores for a {ny} x {nx} window grid")
+    rows, cols, band = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    t = _row_major(scores, rows, cols, ny, nx)
+    cosine = protocol.score_type == "cosine"
+    if not cosine and protocol.score_type != "probability":
+        raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
+    labels = np.empty((height, width), dtype=np.int32)
+    confidence = np.empty((height, width), dtype=np.float32) if want_confidence else None
+    need_top = cosine and (bool(protocol.prob_thd) or want_confidence)
+    area_rule = cosine and protocol.area_thd is not None and k > 1
+    t_post = 0.0
+    cache: dict = {}
+    cache_ok = height * width * k <= _TARGET_BLOCK_FLOATS
+    if area_rule:
+        area = np.zeros(k, dtype=np.int64)
+        for r0, r1 in _blocks(height, width, k):
+            block = _logit_block(t, rows, band, r0, r1, width, k)
+            t0 = time.perf_counter()
+            labels[r0:r1] = np.argmax(block, axis=-1)
+            area += np.bincount(labels[r0:r1].ravel(), minlength=k)
+            t_post += time.perf_counter() - t0
+            if cache_ok:
+                cache[r0] = block
+        foreground = area[1:]
+        keep = np.ones(k, dtype=bool)
+        keep[1:] = foreground > protocol.area_thd * foreground.sum()
+        removed = np.flatnonzero(~keep)
+    else:
+        removed = np.zeros(0, dtype=np.int64)
+    if area_rule and not removed.size and not need_top:
+        _record(timings, t_start, t_post)
+        return labels, confidence
+    for r0, r1 in _blocks(height, width, k):
+        block = cache.pop(r0, None)
+        if block is None:
+            block = _logit_block(t, rows, band, r0, r1, width, k)
+        t0 = time.perf_counter()
+        lab = labels[r0:r1] if area_rule else np.argmax(block, axis=-1).astype(np.int32)
+        if removed.size:
+            fix = np.isin(lab, removed)
+            if fix.any():
+                sub = block[fix]
+                sub[:, removed] = -np.inf
+                lab[fix] = np.argmax(sub, axis=-1)
+        if need_top:
+            top = _top_probability(block, lab, protocol.logit_scale)
+            if protocol.prob_thd:
+                lab[top < protocol.prob_thd] = 0
+            if confidence is not None:
+                confidence[r0:r1] = top
+        elif confidence is not None:
+            confidence[r0:r1] = np.take_along_axis(block, lab[..., None], axis=-1)[..., 0]
+        labels[r0:r1] = lab
+        t_post += time.perf_counter() - t0
+    _record(timings, t_start, t_post)
+    return labels, confidence
+
+
+def _record(timings: Optional[dict], t_start: float, t_post: float) -> None:
+    if timings is not None:
+        total = time.perf_counter() - t_start
+        timings["protocol"] = timings.get("protocol", 0.0) + total - t_post
+        timings["postprocess"] = timings.get("postprocess", 0.0) + t_post
+
+
+def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,
+                          stride: int) -> np.ndarray:
+    """[B, K, gy, gx] -> [K, h, w] averaged scores at the processing size (= average_window_scores)."""
+    b, k, gy, gx = scores.shape
+    rows, cols, _ = _geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
+    ny, nx = rows.shape[1] // gy, cols.shape[1] // gx
+    t = _row_major(scores, rows, cols, ny, nx)                          # [ny*gy, w*K]
+    avg = (rows @ t).reshape(proc_size[0], proc_size[1], k)
+    return np.ascontiguousarray(avg.transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole protocol
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ProtocolOutput:
-    labels: np.ndarray           # [H, W] int32 at the original image size
-    scores: np.ndarray           # [K, h, w] float32 averaged window scores at the processing size
+    labels: np.ndarray                   # [H, W] int32 at the original image size
+    scores: Optional[np.ndarray]         # [K, h, w] float32 averaged window scores at the processing size
     processing_size: Tuple[int, int]
     num_windows: int
+    num_classes: int = 0
+    confidence: Optional[np.ndarray] = None  # [H, W] float32 probability of the chosen class
+    timings: Optional[dict] = None           # seconds per stage (when asked for)
 
 
 def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], protocol: Protocol,
-                 window: int, max_batch: Optional[int] = None) -> ProtocolOutput:
-    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores."""
+                 window: int, max_batch: Optional[int] = None, return_scores: bool = True,
+                 return_confidence: bool = False, timings: Optional[dict] = None) -> ProtocolOutput:
+    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores.
+
+    `timings`: a dict that receives seconds per stage (resize, windows, model, protocol,
+    postprocess), accumulated, for `bench --scope e2e`.
+    """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
     if protocol.window != window:
         # The graph's input size fixes the window; the manifest protocol must agree with it.
         raise ClipfuseError(f"protocol window {protocol.window} differs from the graph's input size "
                             f"{window}; windows cannot be overridden without re-exporting")
+    clock = {} if timings is None else timings
+    t0 = time.perf_counter()
     height, width = image.shape[:2]
     size = processing_size(height, width, protocol.short_side, protocol.long_side_max)
     resized = resize_image(image, size)
+    t1 = time.perf_counter()
     boxes = window_boxes(size[0], size[1], window, protocol.stride)
     crops = extract_windows(resized, boxes, window)
     chunk = len(boxes) if not max_batch else max(1, int(max_batch))
+    t2 = time.perf_counter()
     scores = np.concatenate([np.asarray(infer(crops[i:i + chunk]), dtype=np.float32)
                              for i in range(0, len(boxes), chunk)], axis=0)
+    t3 = time.perf_counter()
+    for name, dt in (("resize", t1 - t0), ("windows", t2 - t1), ("model", t3 - t2)):
+        clock[name] = clock.get(name, 0.0) + dt
     if scores.ndim != 4 or scores.shape[0] != len(boxes):
         raise ClipfuseError(f"backend returned scores of shape {scores.shape}, "
                             f"expected [{len(boxes)}, K, h, w]")
-    avg = average_window_scores(scores, boxes, size, window)
-    labels = labels_from_scores(avg, (height, width), protocol)
-    return ProtocolOutput(labels=labels, scores=avg, processing_size=size, num_windows=len(boxes))
+    labels, confidence = labels_from_window_scores(scores, size, (height, width), protocol, window,
+                                                   return_confidence, clock)
+    avg = None
+    if return_scores:
+        t4 = time.perf_counter()
+        avg = window_scores_average(scores, size, window, protocol.stride)
+        clock["protocol"] = clock.get("protocol", 0.0) + time.perf_counter() - t4
+    return ProtocolOutput(labels=labels, scores=avg, processing_size=size, num_windows=len(boxes),
+                          num_classes=int(scores.shape[1]), confidence=confidence,
+                          timings=timings)

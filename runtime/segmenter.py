@@ -35,6 +35,7 @@ class SegmentationResult:
     scores: Optional[np.ndarray] = None  # [K, h, w] averaged window scores at processing_size
     processing_size: tuple = ()
     num_windows: int = 0
+    confidence: Optional[np.ndarray] = None  # [H, W] probability of the chosen class (if asked)
 
 
 def _check_hash(path: Path, expected: Optional[str], what: str) -> None:
@@ -136,16 +137,22 @@ class Segmenter:
             scores = reduced
         return scores
 
-    def segment(self, image: np.ndarray, return_scores: bool = False) -> SegmentationResult:
-        """Segment one H x W x 3 uint8 RGB image with the protocol (see clipfuse.runtime.protocol)."""
+    def segment(self, image: np.ndarray, return_scores: bool = False, return_confidence: bool = False,
+                timings: Optional[dict] = None) -> SegmentationResult:
+        """Segment one H x W x 3 uint8 RGB image with the protocol (see clipfuse.runtime.protocol).
+
+        `timings`: a dict that receives seconds per stage (resize, windows, model, protocol,
+        postprocess), for profiling.
+        """
         out: ProtocolOutput = run_protocol(np.asarray(image), self.infer_windows, self.protocol,
-                                           self.window, self.batch)
-        if out.scores.shape[0] != len(self.classes):
-            raise ClipfuseError(f"graph returned {out.scores.shape[0]} classes but the manifest "
+                                           self.window, self.batch, return_scores=return_scores,
+                                           return_confidence=return_confidence, timings=timings)
+        if out.num_classes != len(self.classes):
+            raise ClipfuseError(f"graph returned {out.num_classes} classes but the manifest "
                                 f"lists {len(self.classes)}")
-        return SegmentationResult(labels=out.labels, class_names=self.class_names,
-                                  scores=out.scores if return_scores else None,
-                                  processing_size=out.processing_size, num_windows=out.num_windows)
+        return SegmentationResult(labels=out.labels, class_names=self.class_names, scores=out.scores,
+                                  processing_size=out.processing_size, num_windows=out.num_windows,
+                                  confidence=out.confidence)
 
     def close(self) -> None:
         self.backend.close()
