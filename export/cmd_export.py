@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-duplicate-names", action="store_true",
                         help="accept one name in two classes (SCLIP's COCO-Object file lists 'bed' as a "
                              "background synonym too); the first class wins ties, as in SCLIP")
+    parser.add_argument("--frame", default=None, metavar="WxH",
+                        help="write a frame graph for this fixed frame size (e.g. 1280x720): uint8 frames "
+                             "in, per-pixel labels + confidence out, the whole protocol inside "
+                             "(see README 'C++ / DeepStream')")
     parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
@@ -94,10 +98,14 @@ def run(args: argparse.Namespace) -> int:
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import export_image_graph
+    frame = None
+    if args.frame is not None:
+        from clipfuse.export.frame_graph import parse_frame
+        frame = parse_frame(args.frame)
 
     export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
                        classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
                        heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
                        seed=args.seed, opset=args.opset, quiet=args.quiet,
-                       allow_duplicates=args.allow_duplicate_names)
+                       allow_duplicates=args.allow_duplicate_names, frame=frame)
     return 0
