@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a frame graph for this fixed frame size (e.g. 1280x720): uint8 frames "
                              "in, per-pixel labels + confidence out, the whole protocol inside "
                              "(see README 'C++ / DeepStream')")
+    for flag, what in (("--logit-scale", "logit scale"), ("--prob-thd", "probability threshold"),
+                       ("--area-thd", "area threshold"), ("--short-side", "short side (pixels)"),
+                       ("--stride", "window stride (pixels)")):
+        parser.add_argument(flag, type=(int if flag in ("--short-side", "--stride") else float),
+                            default=None, help=f"frame graphs: {what} baked into the graph "
+                                               "(default: the head's, as `clipfuse run`)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
@@ -102,10 +108,16 @@ def run(args: argparse.Namespace) -> int:
     if args.frame is not None:
         from clipfuse.export.frame_graph import parse_frame
         frame = parse_frame(args.frame)
+    baked = {"logit_scale": args.logit_scale, "prob_thd": args.prob_thd, "area_thd": args.area_thd,
+             "short_side": args.short_side, "stride": args.stride}
+    if frame is None and any(v is not None for v in baked.values()):
+        raise ClipfuseError("--logit-scale/--prob-thd/--area-thd/--short-side/--stride are baked into "
+                            "frame graphs only (add --frame WxH); window graphs take them at run time")
 
     export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
                        classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
                        heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
                        seed=args.seed, opset=args.opset, quiet=args.quiet,
-                       allow_duplicates=args.allow_duplicate_names, frame=frame)
+                       allow_duplicates=args.allow_duplicate_names, frame=frame,
+                       frame_protocol=baked)
     return 0

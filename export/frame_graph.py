@@ -176,9 +176,16 @@ def frame_manifest(window_manifest: dict, frame: Tuple[int, int], size: Tuple[in
 
 
 def export_frame_graph(build, window_manifest: dict, frame: Tuple[int, int], onnx_path: Path,
-                       opset: int, log=lambda msg: None) -> Path:
-    """Write `onnx_path` + manifest for the fused module of `build` (export.api.FusedBuild)."""
-    protocol = Protocol.from_dict(window_manifest["protocol"])
+                       opset: int, log=lambda msg: None, overrides: Optional[dict] = None) -> Path:
+    """Write `onnx_path` + manifest for the fused module of `build` (export.api.FusedBuild).
+
+    `overrides`: protocol fields (segmenter.OVERRIDABLE) baked into the graph instead of the head's
+    defaults, e.g. SCLIP's VOC rules {logit_scale: 65, prob_thd: 0.1, area_thd: 0.1}.
+    """
+    from clipfuse.runtime.segmenter import protocol_from_manifest
+    protocol = protocol_from_manifest(window_manifest, **(overrides or {}))
+    window_manifest = dict(window_manifest, protocol=dict(window_manifest["protocol"], **{
+        k: v for k, v in (overrides or {}).items() if v is not None}))
     dynamic = build.vocab_mode == "dynamic"
     module = FrameSegmenter(build.module, protocol, frame, build.grid, dynamic).eval()
     manifest = frame_manifest(window_manifest, frame, module.size, len(module.boxes), onnx_path)
