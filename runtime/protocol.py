@@ -318,11 +318,12 @@ def labels_from_scores(avg: np.ndarray, size: Tuple[int, int], protocol: Protoco
 # is a product of a row count and a column count, the windows forming a grid) and the final
 # resize to the image. So full[k] = R @ S_k @ C^T, where S_k tiles all window scores of class k
 # on one coarse grid [ny*gy, nx*gx] and R [H, ny*gy], C [W, nx*gx] are the composed matrices
-# (precomputed in float64 once per geometry). Two BLAS calls replace the per-window upsampling,
-# the averaging and both resizes; R is banded, so each block of output rows reads a few coarse
-# rows. Softmax is monotonic: labels come from the logits, and the K exponentials per pixel are
-# paid only where prob_thd or the confidence needs the top probability.
-_BLOCK_FLOATS = 1 << 21  # output rows x W x K floats per block (8 MB): stays in cache-sized chunks
+# (precomputed in float64 once per geometry). R and C are banded: a tile of the output reads a
+# small rectangle of the coarse grid, and since each output value is a convex combination of that
+# rectangle's values, only classes whose coarse maximum reaches the best coarse minimum can win
+# there; most tiles have one such class and cost nothing (see _tile_pass). Softmax is monotonic:
+# labels come from the logits, exponentials are paid only where prob_thd or the confidence needs
+# the top probability, and only for the classes that can matter.
 
 
 def _axis_matrix(starts: Tuple[int, ...], proc: int, window: int, grid: int,
@@ -348,11 +349,7 @@ def _geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, str
     xs = tuple(window_starts(proc_w, window, stride))
     rows = _axis_matrix(ys, proc_h, window, gy, out_h if to_output else None)
     cols = _axis_matrix(xs, proc_w, window, gx, out_w if to_output else None)
-    nz = rows != 0
-    band = np.stack([nz.argmax(1), nz.shape[1] - nz[:, ::-1].argmax(1)], axis=1)
-    for m in (rows, cols, band):
-        m.setflags(write=False)
-    return rows.astype(np.float32), cols.astype(np.float32), band
+    return rows.astype(np.float32), cols.astype(np.float32), _bands(rows)
 
 
 def _coarse_columns(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -370,28 +367,85 @@ def _row_major(scores: np.ndarray, rows: np.ndarray, cols: np.ndarray, ny: int, 
     return np.ascontiguousarray(t.reshape(width, rows.shape[1], k).transpose(1, 0, 2)).reshape(rows.shape[1], -1)
 
 
-def _blocks(height: int, width: int, classes: int) -> Iterator[Tuple[int, int]]:
-    step = max(1, _BLOCK_FLOATS // max(1, width * classes))
-    for r0 in range(0, height, step):
-        yield r0, min(height, r0 + step)
+# Tiles of the output: each reads a small rectangle of the coarse grid (rows/cols are banded).
+_TILE = (64, 128)
+# Softmax terms below exp(-_NEGLIGIBLE) x the top one cannot move a float32 sum of >= 1.
+_NEGLIGIBLE = 30.0
 
 
-def _logit_block(t: np.ndarray, rows: np.ndarray, band: np.ndarray, r0: int, r1: int,
-                 width: int, classes: int) -> np.ndarray:
-    lo, hi = int(band[r0:r1, 0].min()), int(band[r0:r1, 1].max())
-    return (rows[r0:r1, lo:hi] @ t[lo:hi]).reshape(r1 - r0, width, classes)
+def _bands(m: np.ndarray) -> np.ndarray:
+    nz = m != 0
+    return np.stack([nz.argmax(1), nz.shape[1] - nz[:, ::-1].argmax(1)], axis=1)
 
 
-def _top_probability(block: np.ndarray, labels: np.ndarray, scale: float) -> np.ndarray:
-    """softmax(scale * block)[label] per pixel, softmax over ALL classes (as SCLIP: the area rule
-    zeroes probabilities after the softmax)."""
-    top = np.take_along_axis(block, np.argmax(block, axis=-1)[..., None], axis=-1)
-    z = block - top
-    z *= np.float32(scale)
-    np.exp(z, out=z)
-    denom = z.reshape(-1, z.shape[-1]) @ np.ones(z.shape[-1], np.float32)
-    chosen = np.take_along_axis(z, labels[..., None], axis=-1)[..., 0]
-    return (chosen / denom.reshape(chosen.shape)).astype(np.float32)
+def _coarse_grid(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """[ny*nx, K, gy, gx] (row-major windows) -> [ny*gy, nx*gx, K] coarse score grid."""
+    b, k, gy, gx = scores.shape
+    return np.ascontiguousarray(scores.reshape(ny, nx, k, gy, gx).transpose(0, 3, 1, 4, 2)
+                                ).reshape(ny * gy, nx * gx, k)
+
+
+def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.ndarray,
+               cband: np.ndarray, allowed: np.ndarray, scale: Optional[float],
+               labels: np.ndarray, top: Optional[np.ndarray]) -> None:
+    """Argmax over the `allowed` classes of the full-size logits rows @ grid @ cols^T, per tile,
+    computing only the classes that can win there; with `scale`, also the softmax probability of
+    the chosen class (over all classes) into `top`.
+
+    Every full-size value is a convex combination of the coarse values of its tile's rectangle
+    (bilinear and averaging weights are >= 0 and sum to 1), so a class whose maximum there is below
+    the best class minimum cannot be the argmax anywhere in the tile: most tiles have one candidate
+    and need no arithmetic at all. Classes more than _NEGLIGIBLE / scale below it cannot change a
+    float32 softmax denominator.
+    """
+    height, width = labels.shape
+    th, tw = _TILE
+    for r0 in range(0, height, th):
+        r1 = min(height, r0 + th)
+        rl, rh = int(rband[r0:r1, 0].min()), int(rband[r0:r1, 1].max())
+        a = rows[r0:r1, rl:rh]
+        for c0 in range(0, width, tw):
+            c1 = min(width, c0 + tw)
+            cl, ch = int(cband[c0:c1, 0].min()), int(cband[c0:c1, 1].max())
+            sub = grid[rl:rh, cl:ch]
+            hi = sub.max(axis=(0, 1))
+            lo = sub.min(axis=(0, 1))
+            bound = lo[allowed].max()
+            eps = 1e-5 * max(1.0, abs(float(bound)))
+            compute = allowed & (hi >= bound - eps)
+            if scale is not None:
+                compute |= hi >= lo.max() - _NEGLIGIBLE / scale - eps
+            idx = np.flatnonzero(compute)
+            if idx.size == 1:
+                labels[r0:r1, c0:c1] = idx[0]
+                if top is not None and scale is not None:
+                    top[r0:r1, c0:c1] = 1.0       # every other class is negligible here
+                elif top is not None:
+                    top[r0:r1, c0:c1] = _tile_logits(a, sub[:, :, idx], cols[c0:c1, cl:ch])[..., 0]
+                continue
+            logits = _tile_logits(a, sub[:, :, idx], cols[c0:c1, cl:ch])        # [R, C, n]
+            masked = logits if allowed[idx].all() else np.where(allowed[idx], logits, -np.inf)
+            pick = np.argmax(masked, axis=-1)
+            labels[r0:r1, c0:c1] = idx[pick]
+            if top is None:
+                continue
+            chosen = np.take_along_axis(logits, pick[..., None], axis=-1)[..., 0]
+            if scale is None:
+                top[r0:r1, c0:c1] = chosen
+                continue
+            z = logits - logits.max(axis=-1, keepdims=True)
+            z *= np.float32(scale)
+            np.exp(z, out=z)
+            chosen_z = np.take_along_axis(z, pick[..., None], axis=-1)[..., 0]
+            top[r0:r1, c0:c1] = chosen_z / z.sum(axis=-1)
+
+
+def _tile_logits(a: np.ndarray, sub: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """a [R, nr] @ sub [nr, nc, n] @ c [C, nc]^T -> [R, C, n] float32."""
+    nr, nc, n = sub.shape
+    c, a = np.ascontiguousarray(c), np.ascontiguousarray(a)   # strided operands miss BLAS
+    x = np.matmul(c, sub)                 # [nr, C, n]: small batched products on the coarse rows
+    return (a @ x.reshape(nr, -1)).reshape(a.shape[0], c.shape[0], n)   # one BLAS-shaped gemm
 
 
 def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], size: Tuple[int, int],
@@ -403,7 +457,7 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     Same result as average_window_scores -> resize to `size` -> labels_from_scores (the reference
     path, kept for the processing-size scores and the tests), up to float32 rounding order.
     confidence: the probability of the chosen class (cosine: softmax(logit_scale x score) over all
-    classes, before thresholds; probability heads: the score itself).
+    classes, before prob_thd; probability heads: the score itself).
     """
     t_start = time.perf_counter()
     height, width = size
@@ -412,68 +466,38 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     nx = len(window_starts(proc_size[1], window, protocol.stride))
     if ny * nx != b:
         raise ClipfuseError(f"{b} window scores for a {ny} x {nx} window grid")
-    rows, cols, band = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
-    t = _row_major(scores, rows, cols, ny, nx)
     cosine = protocol.score_type == "cosine"
     if not cosine and protocol.score_type != "probability":
         raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
+    rows, cols, rband = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    cband = _col_bands(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    grid = _coarse_grid(scores.astype(np.float32, copy=False), ny, nx)
     labels = np.empty((height, width), dtype=np.int32)
-    confidence = np.empty((height, width), dtype=np.float32) if want_confidence else None
     need_top = cosine and (bool(protocol.prob_thd) or want_confidence)
-    area_rule = cosine and protocol.area_thd is not None and k > 1
-    t_post = 0.0
-    cache: dict = {}
-    cache_ok = height * width * k <= _TARGET_BLOCK_FLOATS
-    if area_rule:
-        area = np.zeros(k, dtype=np.int64)
-        for r0, r1 in _blocks(height, width, k):
-            block = _logit_block(t, rows, band, r0, r1, width, k)
-            t0 = time.perf_counter()
-            labels[r0:r1] = np.argmax(block, axis=-1)
-            area += np.bincount(labels[r0:r1].ravel(), minlength=k)
-            t_post += time.perf_counter() - t0
-            if cache_ok:
-                cache[r0] = block
+    confidence = np.empty((height, width), dtype=np.float32) if (want_confidence or need_top) else None
+    everything = np.ones(k, dtype=bool)
+    scale = float(protocol.logit_scale) if need_top else None
+    if cosine and protocol.area_thd is not None and k > 1:
+        _tile_pass(grid, rows, cols, rband, cband, everything, None, labels, None)
+        area = np.bincount(labels.ravel(), minlength=k)
         foreground = area[1:]
         keep = np.ones(k, dtype=bool)
         keep[1:] = foreground > protocol.area_thd * foreground.sum()
-        removed = np.flatnonzero(~keep)
+        if not keep.all() or need_top:
+            _tile_pass(grid, rows, cols, rband, cband, keep, scale, labels, confidence)
     else:
-        removed = np.zeros(0, dtype=np.int64)
-    if area_rule and not removed.size and not need_top:
-        _record(timings, t_start, t_post)
-        return labels, confidence
-    for r0, r1 in _blocks(height, width, k):
-        block = cache.pop(r0, None)
-        if block is None:
-            block = _logit_block(t, rows, band, r0, r1, width, k)
-        t0 = time.perf_counter()
-        lab = labels[r0:r1] if area_rule else np.argmax(block, axis=-1).astype(np.int32)
-        if removed.size:
-            fix = np.isin(lab, removed)
-            if fix.any():
-                sub = block[fix]
-                sub[:, removed] = -np.inf
-                lab[fix] = np.argmax(sub, axis=-1)
-        if need_top:
-            top = _top_probability(block, lab, protocol.logit_scale)
-            if protocol.prob_thd:
-                lab[top < protocol.prob_thd] = 0
-            if confidence is not None:
-                confidence[r0:r1] = top
-        elif confidence is not None:
-            confidence[r0:r1] = np.take_along_axis(block, lab[..., None], axis=-1)[..., 0]
-        labels[r0:r1] = lab
-        t_post += time.perf_counter() - t0
-    _record(timings, t_start, t_post)
-    return labels, confidence
-
-
-def _record(timings: Optional[dict], t_start: float, t_post: float) -> None:
+        _tile_pass(grid, rows, cols, rband, cband, everything, scale, labels,
+                   confidence if (need_top or want_confidence) else None)
+    if need_top and protocol.prob_thd:
+        labels[confidence < protocol.prob_thd] = 0
     if timings is not None:
-        total = time.perf_counter() - t_start
-        timings["protocol"] = timings.get("protocol", 0.0) + total - t_post
-        timings["postprocess"] = timings.get("postprocess", 0.0) + t_post
+        timings["protocol"] = timings.get("protocol", 0.0) + time.perf_counter() - t_start
+    return labels, (confidence if want_confidence else None)
+
+
+@lru_cache(maxsize=64)
+def _col_bands(*key) -> np.ndarray:
+    return _bands(_geometry(*key)[1])
 
 
 def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,
