@@ -170,3 +170,19 @@ def test_readme_example_runs_without_clipfuse(graphs, tmp_path):
     with Segmenter.open(frm) as seg:
         want = seg.segment(frame).labels
     assert np.array_equal(got, want)
+
+
+def test_frame_option_parsing_and_refusals(tmp_path):
+    import subprocess
+    import sys
+
+    from clipfuse.export.frame_graph import parse_frame
+    assert parse_frame("1280x720") == (720, 1280)
+    for bad in ("1280", "0x720", "axb", "12x-3"):
+        with pytest.raises(ClipfuseError, match="--frame"):
+            parse_frame(bad)
+    run = subprocess.run([sys.executable, "-m", "clipfuse.runtime.cli", "export", "--head", "sclip", "--classes", "a,b",
+                          "--pretrained", "none", "--prob-thd", "0.2", "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "frame graphs only" in run.stderr, run.stderr
+    assert not list(tmp_path.iterdir())
