@@ -139,14 +139,20 @@ def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
     x0, x1, a0, a1 = cv_linear_coefficients(image.shape[1], out_w)
     y0, y1, b0, b1 = cv_row_coefficients(image.shape[0], out_h)
     rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
-    src = image[rows].astype(np.int32)            # only the source rows the output reads
+    src = image[rows]                              # only the source rows the output reads (uint8)
     shape = (1, out_w) + (1,) * (image.ndim - 2)
-    horiz = src[:, x0] * a0.reshape(shape) + src[:, x1] * a1.reshape(shape)
+    horiz = src[:, x0].astype(np.int32)            # gather as uint8, widen once, then in place
+    horiz *= a0.reshape(shape)
+    right = src[:, x1].astype(np.int32)
+    right *= a1.reshape(shape)
+    horiz += right
     horiz >>= 4
     bshape = (out_h,) + (1,) * (image.ndim - 1)
-    top = horiz[inverse[:out_h]] * b0.reshape(bshape)
+    top = horiz[inverse[:out_h]]
+    top *= b0.reshape(bshape)
     top >>= 16
-    bottom = horiz[inverse[out_h:]] * b1.reshape(bshape)
+    bottom = horiz[inverse[out_h:]]
+    bottom *= b1.reshape(bshape)
     bottom >>= 16
     top += bottom
     top += 2
