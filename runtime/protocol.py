@@ -393,7 +393,7 @@ def _coarse_grid(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
 
 def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.ndarray,
                cband: np.ndarray, allowed: np.ndarray, scale: Optional[float],
-               labels: np.ndarray, top: Optional[np.ndarray]) -> None:
+               labels: np.ndarray, top: Optional[np.ndarray], only_below: float = 0.0) -> None:
     """Argmax over the `allowed` classes of the full-size logits rows @ grid @ cols^T, per tile,
     computing only the classes that can win there; with `scale`, also the softmax probability of
     the chosen class (over all classes) into `top`.
@@ -402,7 +402,9 @@ def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.n
     (bilinear and averaging weights are >= 0 and sum to 1), so a class whose maximum there is below
     the best class minimum cannot be the argmax anywhere in the tile: most tiles have one candidate
     and need no arithmetic at all. Classes more than _NEGLIGIBLE / scale below it cannot change a
-    float32 softmax denominator.
+    float32 softmax denominator. `only_below`: `top` is needed only to compare it with this
+    threshold; a tile whose one candidate provably keeps a probability above it everywhere (bound
+    from the coarse maxima of the other classes) is then not computed (its `top` is set to 1).
     """
     height, width = labels.shape
     th, tw = _TILE
@@ -419,6 +421,13 @@ def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.n
             bound = lo[allowed].max()
             eps = 1e-5 * max(1.0, abs(float(bound)))
             compute = allowed & (hi >= bound - eps)
+            if scale is not None and only_below and np.count_nonzero(compute) == 1:
+                c = int(np.argmax(compute))
+                rest = np.exp(np.float64(scale) * (np.delete(hi, c).astype(np.float64) - float(lo[c]) + eps))
+                if 1.0 / (1.0 + rest.sum()) >= only_below * (1 + 1e-4):
+                    labels[r0:r1, c0:c1] = c
+                    top[r0:r1, c0:c1] = 1.0
+                    continue
             if scale is not None:
                 compute |= hi >= lo.max() - _NEGLIGIBLE / scale - eps
             idx = np.flatnonzero(compute)
@@ -483,6 +492,7 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     confidence = np.empty((height, width), dtype=np.float32) if (want_confidence or need_top) else None
     everything = np.ones(k, dtype=bool)
     scale = float(protocol.logit_scale) if need_top else None
+    only_below = float(protocol.prob_thd) if (need_top and not want_confidence) else 0.0
     if cosine and protocol.area_thd is not None and k > 1:
         _tile_pass(grid, rows, cols, rband, cband, everything, None, labels, None)
         area = np.bincount(labels.ravel(), minlength=k)
@@ -490,10 +500,10 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
         keep = np.ones(k, dtype=bool)
         keep[1:] = foreground > protocol.area_thd * foreground.sum()
         if not keep.all() or need_top:
-            _tile_pass(grid, rows, cols, rband, cband, keep, scale, labels, confidence)
+            _tile_pass(grid, rows, cols, rband, cband, keep, scale, labels, confidence, only_below)
     else:
         _tile_pass(grid, rows, cols, rband, cband, everything, scale, labels,
-                   confidence if (need_top or want_confidence) else None)
+                   confidence if (need_top or want_confidence) else None, only_below)
     if need_top and protocol.prob_thd:
         labels[confidence < protocol.prob_thd] = 0
     if timings is not None:

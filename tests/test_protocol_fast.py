@@ -10,10 +10,10 @@ from clipfuse.runtime import protocol as P
 from clipfuse.runtime.methods import Protocol
 
 
-def _smooth_scores(rng, b: int, k: int, g: int, probability: bool) -> np.ndarray:
+def _smooth_scores(rng, b: int, k: int, g: int, probability: bool, amplitude: float = 0.2) -> np.ndarray:
     base = rng.standard_normal((b, k, 3, 3))
     up = P.interpolation_matrix(3, g, np.float64)
-    s = 0.2 * np.einsum("ij,bkjl,ml->bkim", up, base, up) + 0.02 * rng.standard_normal((b, k, g, g))
+    s = amplitude * np.einsum("ij,bkjl,ml->bkim", up, base, up) + 0.02 * rng.standard_normal((b, k, g, g))
     if probability:
         e = np.exp(20 * s)
         s = e / e.sum(1, keepdims=True)
@@ -41,6 +41,8 @@ def test_fast_path_labels_equal_reference_path(size, classes, protocol):
     got, conf = P.labels_from_window_scores(scores, proc, size, protocol, protocol.window, True)
     assert got.shape == size and got.dtype == np.int32
     assert (got != want).mean() <= 1e-4, int((got != want).sum())  # float32 order: near-ties only
+    labels_only, none = P.labels_from_window_scores(scores, proc, size, protocol, protocol.window)
+    assert none is None and (labels_only != want).mean() <= 1e-4
     np.testing.assert_allclose(P.window_scores_average(scores, proc, protocol.window, protocol.stride),
                                avg, atol=1e-5)
     probs = P.class_scores(P.resize_scores(avg, size), protocol)   # confidence = prob of the chosen class
@@ -49,3 +51,29 @@ def test_fast_path_labels_equal_reference_path(size, classes, protocol):
     if protocol.score_type == "cosine" and protocol.prob_thd:
         same &= want != 0   # below-threshold pixels report the (low) top kept probability instead
     np.testing.assert_allclose(conf[same], chosen[same], atol=1e-5)
+
+
+def test_pruned_tiles_keep_labels_and_skip_work(monkeypatch):
+    """Well-separated classes (as with real CLIP): most tiles have one candidate and, with
+    prob_thd, a provable top probability; labels still equal the reference path's."""
+    rng = np.random.default_rng(3)
+    protocol = Protocol(336, 224, 112, 2048, "cosine", 65.0, 0.1, 0.1)
+    size = (480, 640)
+    proc = P.processing_size(*size, protocol.short_side, protocol.long_side_max)
+    boxes = P.window_boxes(*proc, protocol.window, protocol.stride)
+    # a piecewise-constant scene, like a real segmentation: 4 regions, 0.3 cosine margin + noise
+    scores = 0.02 * rng.standard_normal((len(boxes), 21, 14, 14))
+    for i, (y, x) in enumerate(boxes):
+        cy = y + (np.arange(14) + 0.5) * 16
+        cx = x + (np.arange(14) + 0.5) * 16
+        region = 1 + (cy[:, None] > proc[0] / 2) * 2 + (cx[None, :] > proc[1] / 2)
+        np.put_along_axis(scores[i], region[None], 0.3, axis=0)
+    scores = scores.astype(np.float32)
+    want = P.labels_from_scores(P.average_window_scores(scores, boxes, proc, protocol.window), size, protocol)
+    calls = []
+    real = P._tile_logits
+    monkeypatch.setattr(P, "_tile_logits", lambda *a: calls.append(1) or real(*a))
+    got, _ = P.labels_from_window_scores(scores, proc, size, protocol, protocol.window)
+    assert (got != want).mean() <= 1e-4 and len(np.unique(want)) >= 3
+    tiles = -(-size[0] // P._TILE[0]) * -(-size[1] // P._TILE[1])
+    assert len(calls) < 2 * tiles     # two passes (area rule); pruning skipped some tiles
