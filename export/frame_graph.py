@@ -10,8 +10,10 @@ Inside, in the runtime's order (clipfuse.runtime.protocol is the source of truth
    is the shift). The result is bit-identical to the runtime's `resize_image`;
 2. the static window grid (Slice), all windows of all frames batched through trunk + head;
 3. per-window upsampling, overlap averaging and the resize to the frame as constant matrices
-   composed in float64 (full = R @ S @ C^T over the tiled coarse scores, as the runtime does);
-4. post-processing: cosine heads x logit_scale + softmax, area_thd, prob_thd; probability heads
+   composed in float64 (full = R @ S @ C^T over the tiled coarse scores, as the runtime does),
+   classes on the last axis;
+4. post-processing: cosine heads x logit_scale + softmax (as exp / sum: only the chosen class's
+   probability is formed), area_thd, prob_thd; probability heads
    (CLIP-DINOiser: softmax and background rule already in the head) argmax as they are;
 5. synonyms: baked graphs reduce them in the classifier; dynamic graphs take `class_rows` [K, S]
    (row indices of each class's names, padded with its first name) and take the max per window.
@@ -99,7 +101,7 @@ class FrameSegmenter(nn.Module):
                                   protocol.stride, grid[0], grid[1])
         prow, pcol, _ = _geometry(0, 0, self.size[0], self.size[1], self.window, protocol.stride,
                                   grid[0], grid[1], to_output=False)
-        for name, m in (("rows", rows), ("cols_t", cols.T), ("prow", prow), ("pcol_t", pcol.T)):
+        for name, m in (("rows", rows), ("cols", cols), ("prow", prow), ("pcol", pcol)):
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)),
                                  persistent=False)
 
@@ -122,29 +124,37 @@ class FrameSegmenter(nn.Module):
             scores = gathered.reshape(scores.shape[0], k, s, *self.grid).amax(2)
         gy, gx = self.grid
         k = scores.shape[1]
-        tiled = (scores.reshape(-1, self.ny, self.nx, k, gy, gx).permute(0, 3, 1, 4, 2, 5)
-                 .reshape(-1, k, self.ny * gy, self.nx * gx))               # [B, K, ny*gy, nx*gx]
-        averaged = self.prow @ (tiled @ self.pcol_t)                        # [B, K, h, w]
-        full = self.rows @ (tiled @ self.cols_t)                            # [B, K, H, W]
+        tiled = (scores.reshape(-1, self.ny, self.nx, k, gy, gx).permute(0, 1, 4, 2, 5, 3)
+                 .reshape(-1, self.ny * gy, self.nx * gx * k))              # [B, ny*gy, nx*gx*K]
+        # classes on the LAST axis from here: reductions and broadcasts over a trailing axis are
+        # the fast ones in ONNX Runtime and TensorRT (a class-axis Softmax at dim 1 took seconds)
+        averaged = self.pcol @ (self.prow @ tiled).reshape(-1, self.size[0], self.nx * gx, k)  # [B, h, w, K]
+        full = self.cols @ (self.rows @ tiled).reshape(-1, self.rows.shape[0], self.nx * gx, k)  # [B, H, W, K]
         labels, confidence = self.postprocess(full)
-        return labels.to(torch.int32), confidence, averaged
+        return labels.to(torch.int32), confidence, averaged.permute(0, 3, 1, 2)
 
     def postprocess(self, full: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """full [B, H, W, K] -> labels, probability of the chosen class. No Softmax op: argmax of
+        the logits, and the chosen probability as exp(s (l - max)) / sum exp(s (x - max))."""
         p = self.protocol
         if p.score_type == "probability":
-            confidence, labels = full.max(1)
+            confidence, labels = full.max(-1)
             return labels, confidence
-        probs = torch.softmax(full * float(p.logit_scale), dim=1)
-        k = probs.shape[1]
+        scale = float(p.logit_scale)
+        top, labels = full.max(-1, keepdim=True)                            # [B, H, W, 1]
+        denom = torch.exp((full - top) * scale).sum(-1)                     # [B, H, W]
+        k = full.shape[-1]
         if p.area_thd is not None and k > 1:
-            first = probs.argmax(1, keepdim=True)                           # [B, 1, H, W]
-            classes = torch.arange(k, dtype=first.dtype, device=first.device).view(1, k, 1, 1)
-            area = (first == classes).to(torch.float32).sum((2, 3))         # [B, K]
+            classes = torch.arange(k, dtype=labels.dtype, device=labels.device).view(1, 1, 1, k)
+            area = (labels == classes).to(torch.float32).sum((1, 2))        # [B, K]
             foreground = area[:, 1:]
-            keep = (foreground > float(p.area_thd) * foreground.sum(1, keepdim=True)).to(torch.float32)
-            keep = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)
-            probs = probs * keep[:, :, None, None]
-        confidence, labels = probs.max(1)
+            keep = foreground > float(p.area_thd) * foreground.sum(1, keepdim=True)
+            keep = torch.cat([torch.ones_like(keep[:, :1]), keep], 1)[:, None, None, :]
+            kept_top, labels = torch.where(keep, full, torch.full_like(full, -1e30)).max(-1, keepdim=True)
+            confidence = torch.exp((kept_top - top) * scale)[..., 0] / denom
+        else:
+            confidence = 1.0 / denom
+        labels = labels[..., 0]
         if p.prob_thd:
             labels = torch.where(confidence < float(p.prob_thd), torch.zeros_like(labels), labels)
         return labels, confidence
