@@ -445,14 +445,23 @@ def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.n
             if top is None:
                 continue
             chosen = np.take_along_axis(logits, pick[..., None], axis=-1)[..., 0]
+            chosen_z = True
             if scale is None:
                 top[r0:r1, c0:c1] = chosen
                 continue
-            z = logits - logits.max(axis=-1, keepdims=True)
+            if masked is logits:   # the chosen class is the overall maximum: its term is 1
+                z = logits - chosen[..., None]
+                chosen_z = None
+            else:
+                z = logits - logits.max(axis=-1, keepdims=True)
             z *= np.float32(scale)
             np.exp(z, out=z)
-            chosen_z = np.take_along_axis(z, pick[..., None], axis=-1)[..., 0]
-            top[r0:r1, c0:c1] = chosen_z / z.sum(axis=-1)
+            # the sum over a short last axis as a BLAS gemv (numpy's reduction is slow per row)
+            denom = (z.reshape(-1, z.shape[-1]) @ np.ones(z.shape[-1], np.float32)).reshape(z.shape[:-1])
+            if chosen_z is None:
+                top[r0:r1, c0:c1] = 1.0 / denom
+            else:
+                top[r0:r1, c0:c1] = np.take_along_axis(z, pick[..., None], axis=-1)[..., 0] / denom
 
 
 def _tile_logits(a: np.ndarray, sub: np.ndarray, c: np.ndarray) -> np.ndarray:
