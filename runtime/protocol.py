@@ -7,9 +7,14 @@ sum + count -> average -> bilinear resize to the original size -> post-processin
   probability: argmax (CLIP-DINOiser: the graph already applied softmax and its background rule)
 
 Every resize is bilinear with align_corners=False and no antialiasing, which is what the methods'
-code does (mmcv/cv2 INTER_LINEAR for the image, torch F.interpolate for score maps). Bilinear is
-written once, as two taps per output index (`linear_taps`); it is applied as a small dense matrix
-where the maps are small (window upsampling) and as a two-tap gather where they are large.
+code does. The uint8 image resize is OpenCV's INTER_LINEAR bit for bit (`resize_image`, its
+fixed-point rule emulated), as mmcv resizes with cv2. Score maps follow torch F.interpolate; that
+rule is written once as two taps per output index (`linear_taps`, `interpolation_matrix`).
+
+The runtime path (`labels_from_window_scores`) composes upsampling, averaging and the final resize
+into two banded matrices and computes, per output tile, only the classes that can win there; the
+step-by-step functions (`average_window_scores`, `resize_scores`, `labels_from_scores`) are the
+reference it is tested against (tests/test_protocol_fast.py).
 """
 from __future__ import annotations
 
