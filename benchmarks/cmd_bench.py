@@ -27,7 +27,8 @@ scopes:
   model  the batch is already where the backend wants it (host array, CUDA tensor, bound OrtValue,
          engine buffer); one graph call per timed iteration
   e2e    per iteration: decode a JPEG (--image, default a synthetic 640x480 photo) -> the method's
-         sliding-window protocol with --batch windows per call -> label map (Segmenter)
+         sliding-window protocol with --batch windows per call -> label map (Segmenter) -> PNG;
+         also reports the median time per stage (decode, resize, windows, model, protocol, write)
 
 backends (--backends takes names and/or the sets cpu, gpu, all; unavailable ones are recorded as
 skipped with the reason, failing ones as failed):

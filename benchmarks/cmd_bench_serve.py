@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 HELP = "load-test clipfuse serve: concurrent clients, throughput and p50/p99 latency"
 

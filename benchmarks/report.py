@@ -236,6 +236,21 @@ def render_markdown(doc: dict) -> str:
             f"{_num(rec.get('host_peak_rss_mb'), '.0f')} | {_diff(rec.get('max_abs_diff_vs_reference'))} | "
             f"{lat['iters']} | {_load(rec)} |")
     lines.append("")
+    staged = [r for r in doc["results"] if r.get("status") == "ok" and r.get("stages_p50_s")]
+    if staged:
+        names = [n for n in ("decode", "resize", "windows", "model", "protocol", "postprocess", "write")
+                 if any(n in r["stages_p50_s"] for r in staged)]
+        lines += ["## End-to-end stages (p50 ms per image; host = resize + windows + protocol + "
+                  "postprocess)", ""]
+        lines.append("| size | head | backend | batch | " + " | ".join(names) + " | host / model |")
+        lines.append("|" + "---|" * (len(names) + 5))
+        for rec in staged:
+            st = rec["stages_p50_s"]
+            host = sum(st.get(n, 0.0) for n in ("resize", "windows", "protocol", "postprocess"))
+            ratio = f"{100 * host / st['model']:.1f} %" if st.get("model") else "-"
+            lines.append(f"| {rec['size']} | {rec['head']} | {labels.get(rec['backend'], rec['backend'])} | "
+                         f"{rec['batch']} | " + " | ".join(_ms(st.get(n)) for n in names) + f" | {ratio} |")
+        lines.append("")
     not_run = {}
     for rec in doc["results"]:
         if rec.get("status") != "ok":

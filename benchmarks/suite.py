@@ -69,10 +69,42 @@ def synthetic_jpeg(path: Path, size=(480, 640), seed: int = 0) -> Path:
     return path
 
 
+class _StagedCall:
+    """One e2e call (decode -> protocol -> labels PNG) that keeps seconds per stage of every call."""
+
+    STAGES = ("decode", "resize", "windows", "model", "protocol", "postprocess", "write")
+
+    def __init__(self, seg, image_path: Path) -> None:
+        self.seg, self.image_path = seg, image_path
+        self.stage_samples: List[Dict[str, float]] = []
+
+    def __call__(self) -> object:
+        import io
+
+        from PIL import Image
+
+        from clipfuse.runtime.imageio import read_image
+        stages: Dict[str, float] = {}
+        t0 = time.perf_counter()
+        image = read_image(self.image_path)
+        stages["decode"] = time.perf_counter() - t0
+        result = self.seg.segment(image, timings=stages)
+        t1 = time.perf_counter()
+        Image.fromarray(result.labels.astype(np.uint8), mode="L").save(io.BytesIO(), format="PNG")
+        stages["write"] = time.perf_counter() - t1
+        self.stage_samples.append(stages)
+        return result
+
+
+def stage_medians(samples: List[Dict[str, float]]) -> Dict[str, float]:
+    """Median seconds per stage over the timed calls (stages absent in a call count as 0)."""
+    names = [n for n in _StagedCall.STAGES if any(n in s for s in samples)]
+    return {n: round(float(np.median([s.get(n, 0.0) for s in samples])), 6) for n in names}
+
+
 def _e2e_call(runner: Runner, onnx_path: Path, manifest: dict, image_path: Path, batch: int) -> Callable[[], object]:
     """image file -> decode -> protocol (resize, windows of `batch` per call, average) -> labels."""
     from clipfuse.runtime.backends.base import Backend
-    from clipfuse.runtime.imageio import read_image
     from clipfuse.runtime.segmenter import Segmenter, protocol_from_manifest
 
     class _Adapter(Backend):
@@ -83,7 +115,7 @@ def _e2e_call(runner: Runner, onnx_path: Path, manifest: dict, image_path: Path,
 
     seg = Segmenter(onnx_path, manifest, _Adapter(onnx_path, manifest), protocol_from_manifest(manifest),
                     batch=batch)
-    return lambda: seg.segment(read_image(image_path))
+    return _StagedCall(seg, image_path)
 
 
 @dataclass
@@ -120,6 +152,8 @@ def warm_up(runner: Runner, cfg: BenchConfig, batch: int, images: np.ndarray, ct
         runner.sync()
         if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds / 2:
             break
+    if isinstance(call, _StagedCall):
+        call.stage_samples.clear()   # only the timed calls count
     rec.update(warmup_done=done, host_peak_rss_mb=timing.host_peak_rss_mb(), device_peak_mb=runner.device_peak_mb())
     event_timer = runner.event_timer if cfg.scope == "model" else None
     return call, runner.sync, event_timer, rec
@@ -152,6 +186,8 @@ def measure_interleaved(live: List[_Live], cfg: BenchConfig, batch: int) -> None
             lv.rec["samples_s"] = [round(x, 6) for x in lv.samples]
             lv.rec["latency"] = timing.latency_stats(lv.samples, batch if cfg.scope == "model" else 1).to_dict()
             lv.rec["device_peak_mb"] = lv.runner.device_peak_mb() or lv.rec.get("device_peak_mb")
+            if isinstance(lv.call, _StagedCall) and lv.call.stage_samples:
+                lv.rec["stages_p50_s"] = stage_medians(lv.call.stage_samples)
 
 
 def _export(cfg: BenchConfig, head: str, size: int, workdir: Path, clip) -> tuple:

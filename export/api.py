@@ -192,8 +192,12 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
                        templates: str = "imagenet80", vocab: str = "baked", heads_ckpt: Optional[str] = None,
                        head_params: Optional[dict] = None, quick_gelu: Optional[bool] = None, seed: int = 0,
                        opset: int = OPSET, quiet: bool = True, allow_duplicates: bool = False,
-                       clip: Optional[LoadedClip] = None) -> Path:
+                       clip: Optional[LoadedClip] = None, frame: Optional[tuple] = None,
+                       frame_protocol: Optional[dict] = None) -> Path:
     """Write `out`.onnx + `out`.json; returns the .onnx path. Nothing is left behind on failure.
+
+    `frame` (H, W): write a frame graph instead (export.frame_graph: frames in, labels out);
+    `frame_protocol`: protocol fields baked into it (logit_scale, prob_thd, area_thd, ...).
 
     `clip` reuses already-loaded weights (several heads/sizes of one model); it must have been
     loaded from `model`/`pretrained` for the manifest to describe it.
@@ -218,6 +222,10 @@ def export_image_graph(head: str, out: "str | Path", model: str = "ViT-B-16", pr
         dynamic_axes["scores"][1] = "classes"
 
     manifest = image_manifest(build, onnx_path, pretrained_arg, heads_ckpt, opset)
+    if frame is not None:
+        from .frame_graph import export_frame_graph
+        return export_frame_graph(build, manifest, frame, onnx_path, opset, lambda m: _log(m, quiet),
+                                  frame_protocol)
     _log(f"exporting ONNX opset {opset} ({head}, {build.size}x{build.size}, grid {build.grid[0]}x{build.grid[1]})",
          quiet)
     with graph_with_manifest(onnx_path, manifest) as tmp_onnx:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipfuse.runtime.cliargs import int_range, non_negative_float, non_negative_int, on_off, opset
+from clipfuse.runtime.cliargs import (fraction, int_range, logit_scale, non_negative_float, non_negative_int, on_off,
+                                      opset, pixels)
 
 HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
 DESCRIPTION = """\
@@ -65,6 +66,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-duplicate-names", action="store_true",
                         help="accept one name in two classes (SCLIP's COCO-Object file lists 'bed' as a "
                              "background synonym too); the first class wins ties, as in SCLIP")
+    parser.add_argument("--frame", default=None, metavar="WxH",
+                        help="write a frame graph for this fixed frame size (e.g. 1280x720): uint8 frames "
+                             "in, per-pixel labels + confidence out, the whole protocol inside "
+                             "(see README 'C++ / DeepStream')")
+    for flag, what, kind in (("--logit-scale", "logit scale", logit_scale),
+                             ("--prob-thd", "probability threshold (0-1)", fraction),
+                             ("--area-thd", "area threshold (0-1)", fraction),
+                             ("--short-side", "short side (pixels)", pixels),
+                             ("--stride", "window stride (pixels)", pixels)):
+        parser.add_argument(flag, type=kind, default=None, help=f"frame graphs: {what} baked into the graph "
+                                               "(default: the head's, as `clipfuse run`)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
@@ -98,10 +110,20 @@ def run(args: argparse.Namespace) -> int:
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import export_image_graph
+    frame = None
+    if args.frame is not None:
+        from clipfuse.export.frame_graph import parse_frame
+        frame = parse_frame(args.frame)
+    baked = {"logit_scale": args.logit_scale, "prob_thd": args.prob_thd, "area_thd": args.area_thd,
+             "short_side": args.short_side, "stride": args.stride}
+    if frame is None and any(v is not None for v in baked.values()):
+        raise ClipfuseError("--logit-scale/--prob-thd/--area-thd/--short-side/--stride are baked into "
+                            "frame graphs only (add --frame WxH); window graphs take them at run time")
 
     export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
                        classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
                        heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
                        seed=args.seed, opset=args.opset, quiet=args.quiet,
-                       allow_duplicates=args.allow_duplicate_names)
+                       allow_duplicates=args.allow_duplicate_names, frame=frame,
+                       frame_protocol=baked)
     return 0

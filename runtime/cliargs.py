@@ -73,3 +73,5 @@ fraction = float_range(0.0, 1.0)               # thresholds and mixing weights i
 positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 opset = int_range(17, 30)                      # LayerNormalization needs 17; 30 is far past ONNX today
+pixels = int_range(1, 16384)                   # short side, long-side cap, stride
+logit_scale = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from .cliargs import float_range, fraction, int_range
+from .cliargs import fraction, int_range, logit_scale, pixels
 
 # Option ranges: beyond them a value is a typo or an attack on memory, not a setting.
-SIDE = int_range(1, 16384)                           # pixels: short side, long-side cap, stride
-LOGIT_SCALE = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking
+SIDE = pixels
+LOGIT_SCALE = logit_scale
 BATCH = int_range(1, 4096)
 THREADS = int_range(1, 1024)
 MAX_PIXELS = int_range(1, 1 << 31)

@@ -7,13 +7,20 @@ sum + count -> average -> bilinear resize to the original size -> post-processin
   probability: argmax (CLIP-DINOiser: the graph already applied softmax and its background rule)
 
 Every resize is bilinear with align_corners=False and no antialiasing, which is what the methods'
-code does (mmcv/cv2 INTER_LINEAR for the image, torch F.interpolate for score maps). Bilinear is
-written once, as two taps per output index (`linear_taps`); it is applied as a small dense matrix
-where the maps are small (window upsampling) and as a two-tap gather where they are large.
+code does. The uint8 image resize is OpenCV's INTER_LINEAR bit for bit (`resize_image`, its
+fixed-point rule emulated), as mmcv resizes with cv2. Score maps follow torch F.interpolate; that
+rule is written once as two taps per output index (`linear_taps`, `interpolation_matrix`).
+
+The runtime path (`labels_from_window_scores`) composes upsampling, averaging and the final resize
+into two banded matrices and computes, per output tile, only the classes that can win there; the
+step-by-step functions (`average_window_scores`, `resize_scores`, `labels_from_scores`) are the
+reference it is tested against (tests/test_protocol_fast.py).
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -71,17 +78,91 @@ def _resize_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
     return _lerp(np.take(x, i0, axis=axis), np.take(x, i1, axis=axis), w1.astype(x.dtype).reshape(shape))
 
 
-def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """H x W x 3 uint8 -> size (h, w) uint8, bilinear in float64, rounded half up.
+def resize_image_float(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """H x W x 3 uint8 -> size (h, w) uint8, bilinear in float64, rounded half up (torch-style
+    resize of the refer pipeline; the segmentation protocol uses `resize_image`, OpenCV's rule).
 
     Exact ties (x.5) are common (e.g. 1024 -> 672 has dyadic weights) and float order decides
-    them at random, so ties round up explicitly, as cv2's fixed-point INTER_LINEAR does.
+    them at random, so ties round up explicitly.
     """
     if tuple(image.shape[:2]) == tuple(size):
         return image
     x = _resize_axis(image.astype(np.float64), 1, size[1])
     x = _resize_axis(x, 0, size[0])
     return np.clip(np.floor(x + (0.5 + _TIE_EPS)), 0, 255).astype(np.uint8)
+
+
+# OpenCV's INTER_LINEAR for 8-bit images works in fixed point: 11-bit coefficients.
+CV_COEF_BITS = 11
+CV_COEF_SCALE = 1 << CV_COEF_BITS
+
+
+def cv_linear_coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(i0, i1, c0, c1): out[j] = c0[j] * in[i0[j]] + c1[j] * in[i1[j]] with 11-bit integer weights.
+
+    OpenCV's rule, step by step: the source coordinate is computed in double and stored as float,
+    floored, its fraction taken in float, clamped at both borders (fraction 0), and each weight
+    rounded half-to-even to a multiple of 1/2048 (saturate_cast<short>(w * 2048)).
+    """
+    scale = 1.0 / (out_size / in_size)
+    f = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    i0 = np.floor(f).astype(np.int64)
+    frac = (f - i0.astype(np.float32)).astype(np.float32)
+    low, high = i0 < 0, i0 >= in_size - 1
+    frac[low | high] = 0.0
+    i0[low] = 0
+    i0[high] = in_size - 1
+    c0 = np.rint((np.float32(1.0) - frac) * np.float32(CV_COEF_SCALE)).astype(np.int32)
+    c1 = np.rint(frac * np.float32(CV_COEF_SCALE)).astype(np.int32)
+    return i0, np.minimum(i0 + 1, in_size - 1), c0, c1
+
+
+def cv_row_coefficients(in_size: int, out_size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Vertical coefficients: OpenCV does not clamp the row fraction, it clamps the row indices
+    (a row above the image reads row 0 with both weights)."""
+    scale = 1.0 / (out_size / in_size)
+    f = ((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    sy = np.floor(f).astype(np.int64)
+    frac = (f - sy.astype(np.float32)).astype(np.float32)
+    c0 = np.rint((np.float32(1.0) - frac) * np.float32(CV_COEF_SCALE)).astype(np.int32)
+    c1 = np.rint(frac * np.float32(CV_COEF_SCALE)).astype(np.int32)
+    return np.clip(sy, 0, in_size - 1), np.clip(sy + 1, 0, in_size - 1), c0, c1
+
+
+def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """H x W x C uint8 -> size (h, w) uint8, bit-identical to cv2.resize(..., INTER_LINEAR).
+
+    The methods resize the image with mmcv, i.e. OpenCV. Its 8-bit path: a horizontal pass in
+    exact integers (pixel x 11-bit weight, sums < 2^20), then a vertical pass that OpenCV's SIMD
+    kernel computes as ((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16), rounded by (+2) >> 2; that
+    truncation, not the textbook (sum + 2^21) >> 22, is what cv2 returns (verified against
+    opencv-python-headless 5.0 on hundreds of sizes, tests/test_protocol_resize.py).
+    """
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    out_h, out_w = int(size[0]), int(size[1])
+    x0, x1, a0, a1 = cv_linear_coefficients(image.shape[1], out_w)
+    y0, y1, b0, b1 = cv_row_coefficients(image.shape[0], out_h)
+    rows, inverse = np.unique(np.concatenate([y0, y1]), return_inverse=True)
+    src = image[rows]                              # only the source rows the output reads (uint8)
+    shape = (1, out_w) + (1,) * (image.ndim - 2)
+    horiz = src[:, x0].astype(np.int32)            # gather as uint8, widen once, then in place
+    horiz *= a0.reshape(shape)
+    right = src[:, x1].astype(np.int32)
+    right *= a1.reshape(shape)
+    horiz += right
+    horiz >>= 4
+    bshape = (out_h,) + (1,) * (image.ndim - 1)
+    top = horiz[inverse[:out_h]]
+    top *= b0.reshape(bshape)
+    top >>= 16
+    bottom = horiz[inverse[out_h:]]
+    bottom *= b1.reshape(bshape)
+    bottom >>= 16
+    top += bottom
+    top += 2
+    top >>= 2
+    return np.clip(top, 0, 255).astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,15 +332,237 @@ def labels_and_confidence(avg: np.ndarray, size: Tuple[int, int],
 
 
 # ---------------------------------------------------------------------------------------------
+# The fast host path: window scores -> labels without materialising the intermediate maps
+# ---------------------------------------------------------------------------------------------
+# Every step between the window scores and the full-size score map is linear and separable:
+# per-window upsampling (g -> window), placing the window, dividing by the overlap count (which
+# is a product of a row count and a column count, the windows forming a grid) and the final
+# resize to the image. So full[k] = R @ S_k @ C^T, where S_k tiles all window scores of class k
+# on one coarse grid [ny*gy, nx*gx] and R [H, ny*gy], C [W, nx*gx] are the composed matrices
+# (precomputed in float64 once per geometry). R and C are banded: a tile of the output reads a
+# small rectangle of the coarse grid, and since each output value is a convex combination of that
+# rectangle's values, only classes whose coarse maximum reaches the best coarse minimum can win
+# there; most tiles have one such class and cost nothing (see _tile_pass). Softmax is monotonic:
+# labels come from the logits, exponentials are paid only where prob_thd or the confidence needs
+# the top probability, and only for the classes that can matter.
+
+
+def _axis_matrix(starts: Tuple[int, ...], proc: int, window: int, grid: int,
+                 out: Optional[int]) -> np.ndarray:
+    """[out or proc, len(starts) * grid] float64: coarse window scores along one axis -> averaged
+    (and, with `out`, resized) values along that axis."""
+    up = interpolation_matrix(grid, window, np.float64)
+    full = max(proc, window)
+    place = np.zeros((full, len(starts) * grid))
+    count = np.zeros(full)
+    for i, s in enumerate(starts):
+        place[s:s + window, i * grid:(i + 1) * grid] += up
+        count[s:s + window] += 1.0
+    avg = place[:proc] / count[:proc, None]
+    return avg if out is None else interpolation_matrix(proc, out, np.float64) @ avg
+
+
+@lru_cache(maxsize=64)
+def _geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
+              gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices."""
+    ys = tuple(window_starts(proc_h, window, stride))
+    xs = tuple(window_starts(proc_w, window, stride))
+    rows = _axis_matrix(ys, proc_h, window, gy, out_h if to_output else None)
+    cols = _axis_matrix(xs, proc_w, window, gx, out_w if to_output else None)
+    return rows.astype(np.float32), cols.astype(np.float32), _bands(rows)
+
+
+def _coarse_columns(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """[ny*nx, K, gy, gx] (row-major windows) -> [nx*gx, ny*gy*K]: coarse column j, then (row i, class)."""
+    b, k, gy, gx = scores.shape
+    return np.ascontiguousarray(scores.reshape(ny, nx, k, gy, gx).transpose(1, 4, 0, 3, 2)
+                                ).reshape(nx * gx, ny * gy * k)
+
+
+def _row_major(scores: np.ndarray, rows: np.ndarray, cols: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """Columns applied: [ny*gy, W*K] (coarse row, then output column, then class)."""
+    k = scores.shape[1]
+    t = cols @ _coarse_columns(scores.astype(np.float32, copy=False), ny, nx)   # [W, ny*gy*K]
+    width = cols.shape[0]
+    return np.ascontiguousarray(t.reshape(width, rows.shape[1], k).transpose(1, 0, 2)).reshape(rows.shape[1], -1)
+
+
+# Tiles of the output: each reads a small rectangle of the coarse grid (rows/cols are banded).
+_TILE = (64, 128)
+# Softmax terms below exp(-_NEGLIGIBLE) x the top one cannot move a float32 sum of >= 1.
+_NEGLIGIBLE = 30.0
+
+
+def _bands(m: np.ndarray) -> np.ndarray:
+    nz = m != 0
+    return np.stack([nz.argmax(1), nz.shape[1] - nz[:, ::-1].argmax(1)], axis=1)
+
+
+def _coarse_grid(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
+    """[ny*nx, K, gy, gx] (row-major windows) -> [ny*gy, nx*gx, K] coarse score grid."""
+    b, k, gy, gx = scores.shape
+    return np.ascontiguousarray(scores.reshape(ny, nx, k, gy, gx).transpose(0, 3, 1, 4, 2)
+                                ).reshape(ny * gy, nx * gx, k)
+
+
+def _tile_pass(grid: np.ndarray, rows: np.ndarray, cols: np.ndarray, rband: np.ndarray,
+               cband: np.ndarray, allowed: np.ndarray, scale: Optional[float],
+               labels: np.ndarray, top: Optional[np.ndarray], only_below: float = 0.0) -> None:
+    """Argmax over the `allowed` classes of the full-size logits rows @ grid @ cols^T, per tile,
+    computing only the classes that can win there; with `scale`, also the softmax probability of
+    the chosen class (over all classes) into `top`.
+
+    Every full-size value is a convex combination of the coarse values of its tile's rectangle
+    (bilinear and averaging weights are >= 0 and sum to 1), so a class whose maximum there is below
+    the best class minimum cannot be the argmax anywhere in the tile: most tiles have one candidate
+    and need no arithmetic at all. Classes more than _NEGLIGIBLE / scale below it cannot change a
+    float32 softmax denominator. `only_below`: `top` is needed only to compare it with this
+    threshold; a tile whose one candidate provably keeps a probability above it everywhere (bound
+    from the coarse maxima of the other classes) is then not computed (its `top` is set to 1).
+    """
+    height, width = labels.shape
+    th, tw = _TILE
+    for r0 in range(0, height, th):
+        r1 = min(height, r0 + th)
+        rl, rh = int(rband[r0:r1, 0].min()), int(rband[r0:r1, 1].max())
+        a = rows[r0:r1, rl:rh]
+        for c0 in range(0, width, tw):
+            c1 = min(width, c0 + tw)
+            cl, ch = int(cband[c0:c1, 0].min()), int(cband[c0:c1, 1].max())
+            sub = grid[rl:rh, cl:ch]
+            hi = sub.max(axis=(0, 1))
+            lo = sub.min(axis=(0, 1))
+            bound = lo[allowed].max()
+            eps = 1e-5 * max(1.0, abs(float(bound)))
+            compute = allowed & (hi >= bound - eps)
+            if scale is not None and only_below and np.count_nonzero(compute) == 1:
+                c = int(np.argmax(compute))
+                rest = np.exp(np.float64(scale) * (np.delete(hi, c).astype(np.float64) - float(lo[c]) + eps))
+                if 1.0 / (1.0 + rest.sum()) >= only_below * (1 + 1e-4):
+                    labels[r0:r1, c0:c1] = c
+                    top[r0:r1, c0:c1] = 1.0
+                    continue
+            if scale is not None:
+                compute |= hi >= lo.max() - _NEGLIGIBLE / scale - eps
+            idx = np.flatnonzero(compute)
+            if idx.size == 1:
+                labels[r0:r1, c0:c1] = idx[0]
+                if top is not None and scale is not None:
+                    top[r0:r1, c0:c1] = 1.0       # every other class is negligible here
+                elif top is not None:
+                    top[r0:r1, c0:c1] = _tile_logits(a, sub[:, :, idx], cols[c0:c1, cl:ch])[..., 0]
+                continue
+            logits = _tile_logits(a, sub[:, :, idx], cols[c0:c1, cl:ch])        # [R, C, n]
+            masked = logits if allowed[idx].all() else np.where(allowed[idx], logits, -np.inf)
+            pick = np.argmax(masked, axis=-1)
+            labels[r0:r1, c0:c1] = idx[pick]
+            if top is None:
+                continue
+            chosen = np.take_along_axis(logits, pick[..., None], axis=-1)[..., 0]
+            chosen_z = True
+            if scale is None:
+                top[r0:r1, c0:c1] = chosen
+                continue
+            if masked is logits:   # the chosen class is the overall maximum: its term is 1
+                z = logits - chosen[..., None]
+                chosen_z = None
+            else:
+                z = logits - logits.max(axis=-1, keepdims=True)
+            z *= np.float32(scale)
+            np.exp(z, out=z)
+            # the sum over a short last axis as a BLAS gemv (numpy's reduction is slow per row)
+            denom = (z.reshape(-1, z.shape[-1]) @ np.ones(z.shape[-1], np.float32)).reshape(z.shape[:-1])
+            if chosen_z is None:
+                top[r0:r1, c0:c1] = 1.0 / denom
+            else:
+                top[r0:r1, c0:c1] = np.take_along_axis(z, pick[..., None], axis=-1)[..., 0] / denom
+
+
+def _tile_logits(a: np.ndarray, sub: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """a [R, nr] @ sub [nr, nc, n] @ c [C, nc]^T -> [R, C, n] float32."""
+    nr, nc, n = sub.shape
+    c, a = np.ascontiguousarray(c), np.ascontiguousarray(a)   # strided operands miss BLAS
+    x = np.matmul(c, sub)                 # [nr, C, n]: small batched products on the coarse rows
+    return (a @ x.reshape(nr, -1)).reshape(a.shape[0], c.shape[0], n)   # one BLAS-shaped gemm
+
+
+def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], size: Tuple[int, int],
+                              protocol: Protocol, window: int, want_confidence: bool = False,
+                              timings: Optional[dict] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """[B, K, gy, gx] window scores (windows of `window_boxes(proc_size, ...)`, row-major) ->
+    (labels [H, W] int32, confidence [H, W] float32 or None) at the image size `size`.
+
+    Same result as average_window_scores -> resize to `size` -> labels_from_scores (the reference
+    path, kept for the processing-size scores and the tests), up to float32 rounding order.
+    confidence: the probability of the chosen class (cosine: softmax(logit_scale x score) over all
+    classes, before prob_thd; probability heads: the score itself).
+    """
+    t_start = time.perf_counter()
+    height, width = size
+    b, k, gy, gx = scores.shape
+    ny = len(window_starts(proc_size[0], window, protocol.stride))
+    nx = len(window_starts(proc_size[1], window, protocol.stride))
+    if ny * nx != b:
+        raise ClipfuseError(f"{b} window scores for a {ny} x {nx} window grid")
+    cosine = protocol.score_type == "cosine"
+    if not cosine and protocol.score_type != "probability":
+        raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
+    rows, cols, rband = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    cband = _col_bands(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    grid = _coarse_grid(scores.astype(np.float32, copy=False), ny, nx)
+    labels = np.empty((height, width), dtype=np.int32)
+    need_top = cosine and (bool(protocol.prob_thd) or want_confidence)
+    confidence = np.empty((height, width), dtype=np.float32) if (want_confidence or need_top) else None
+    everything = np.ones(k, dtype=bool)
+    scale = float(protocol.logit_scale) if need_top else None
+    only_below = float(protocol.prob_thd) if (need_top and not want_confidence) else 0.0
+    if cosine and protocol.area_thd is not None and k > 1:
+        _tile_pass(grid, rows, cols, rband, cband, everything, None, labels, None)
+        area = np.bincount(labels.ravel(), minlength=k)
+        foreground = area[1:]
+        keep = np.ones(k, dtype=bool)
+        keep[1:] = foreground > protocol.area_thd * foreground.sum()
+        if not keep.all() or need_top:
+            _tile_pass(grid, rows, cols, rband, cband, keep, scale, labels, confidence, only_below)
+    else:
+        _tile_pass(grid, rows, cols, rband, cband, everything, scale, labels,
+                   confidence if (need_top or want_confidence) else None, only_below)
+    if need_top and protocol.prob_thd:
+        labels[confidence < protocol.prob_thd] = 0
+    if timings is not None:
+        timings["protocol"] = timings.get("protocol", 0.0) + time.perf_counter() - t_start
+    return labels, (confidence if want_confidence else None)
+
+
+@lru_cache(maxsize=64)
+def _col_bands(*key) -> np.ndarray:
+    return _bands(_geometry(*key)[1])
+
+
+def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,
+                          stride: int) -> np.ndarray:
+    """[B, K, gy, gx] -> [K, h, w] averaged scores at the processing size (= average_window_scores)."""
+    b, k, gy, gx = scores.shape
+    rows, cols, _ = _geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
+    ny, nx = rows.shape[1] // gy, cols.shape[1] // gx
+    t = _row_major(scores, rows, cols, ny, nx)                          # [ny*gy, w*K]
+    avg = (rows @ t).reshape(proc_size[0], proc_size[1], k)
+    return np.ascontiguousarray(avg.transpose(2, 0, 1))
+
+
+# ---------------------------------------------------------------------------------------------
 # The whole protocol
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class ProtocolOutput:
-    labels: np.ndarray           # [H, W] int32 at the original image size
-    scores: np.ndarray           # [K, h, w] float32 averaged window scores at the processing size
+    labels: np.ndarray                   # [H, W] int32 at the original image size
+    scores: Optional[np.ndarray]         # [K, h, w] float32 averaged window scores at the processing size
     processing_size: Tuple[int, int]
     num_windows: int
-    confidence: Optional[np.ndarray] = None  # [H, W] float32 when asked for (labels_and_confidence)
+    num_classes: int = 0
+    confidence: Optional[np.ndarray] = None  # [H, W] float32 probability of the chosen class
+    timings: Optional[dict] = None           # seconds per stage (when asked for)
 
 
 @dataclass
@@ -275,7 +578,15 @@ class WindowPlan:
     window: int
 
 
-def plan_windows(image: np.ndarray, protocol: Protocol, window: int) -> WindowPlan:
+def _tick(clock: Optional[dict], name: str, since: float) -> float:
+    now = time.perf_counter()
+    if clock is not None:
+        clock[name] = clock.get(name, 0.0) + now - since
+    return now
+
+
+def plan_windows(image: np.ndarray, protocol: Protocol, window: int,
+                 timings: Optional[dict] = None) -> WindowPlan:
     """Resize one H x W x 3 uint8 image and cut its window grid (the protocol's first half)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
@@ -285,35 +596,57 @@ def plan_windows(image: np.ndarray, protocol: Protocol, window: int) -> WindowPl
         # The graph's input size fixes the window; the manifest protocol must agree with it.
         raise ClipfuseError(f"protocol window {protocol.window} differs from the graph's input size "
                             f"{window}; windows cannot be overridden without re-exporting")
+    t0 = time.perf_counter()
     height, width = image.shape[:2]
     size = processing_size(height, width, protocol.short_side, protocol.long_side_max)
     resized = resize_image(image, size)
+    t1 = _tick(timings, "resize", t0)
     boxes = window_boxes(size[0], size[1], window, protocol.stride)
-    return WindowPlan((height, width), size, boxes, extract_windows(resized, boxes, window), window)
+    crops = extract_windows(resized, boxes, window)
+    _tick(timings, "windows", t1)
+    return WindowPlan((height, width), size, boxes, crops, window)
 
 
-def finish_windows(scores: np.ndarray, plan: WindowPlan, protocol: Protocol,
-                   confidence: bool = False) -> ProtocolOutput:
-    """[B, K, g, g] scores of `plan`'s windows -> labels (+ confidence) at the original size."""
+def infer_in_chunks(infer: Callable[[np.ndarray], np.ndarray], crops: np.ndarray,
+                    max_batch: Optional[int] = None) -> Tuple[np.ndarray, int]:
+    """(scores of all `crops` [B, K, g, g] float32, number of backend calls), at most `max_batch`
+    windows per call (None: one call)."""
+    chunk = len(crops) if not max_batch else max(1, int(max_batch))
+    parts = [np.asarray(infer(crops[i:i + chunk]), dtype=np.float32) for i in range(0, len(crops), chunk)]
+    return np.concatenate(parts, axis=0), len(parts)
+
+
+def finish_windows(scores: np.ndarray, plan: WindowPlan, protocol: Protocol, return_scores: bool = True,
+                   return_confidence: bool = False, timings: Optional[dict] = None) -> ProtocolOutput:
+    """[B, K, g, g] scores of `plan`'s windows -> labels (+ confidence, + averaged scores) at the
+    original size (the protocol's second half)."""
     scores = np.asarray(scores, dtype=np.float32)
     if scores.ndim != 4 or scores.shape[0] != len(plan.boxes):
         raise ClipfuseError(f"backend returned scores of shape {scores.shape}, "
                             f"expected [{len(plan.boxes)}, K, h, w]")
-    avg = average_window_scores(scores, plan.boxes, plan.processing_size, plan.window)
-    if confidence:
-        labels, conf = labels_and_confidence(avg, plan.image_size, protocol)
-    else:
-        labels, conf = labels_from_scores(avg, plan.image_size, protocol), None
+    clock = {} if timings is None else timings
+    labels, confidence = labels_from_window_scores(scores, plan.processing_size, plan.image_size, protocol,
+                                                   plan.window, return_confidence, clock)
+    avg = None
+    if return_scores:
+        t0 = time.perf_counter()
+        avg = window_scores_average(scores, plan.processing_size, plan.window, protocol.stride)
+        _tick(clock, "protocol", t0)
     return ProtocolOutput(labels=labels, scores=avg, processing_size=plan.processing_size,
-                          num_windows=len(plan.boxes), confidence=conf)
+                          num_windows=len(plan.boxes), num_classes=int(scores.shape[1]),
+                          confidence=confidence, timings=timings)
 
 
 def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], protocol: Protocol,
-                 window: int, max_batch: Optional[int] = None) -> ProtocolOutput:
-    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores."""
-    plan = plan_windows(image, protocol, window)
-    crops = plan.crops
-    chunk = len(crops) if not max_batch else max(1, int(max_batch))
-    scores = np.concatenate([np.asarray(infer(crops[i:i + chunk]), dtype=np.float32)
-                             for i in range(0, len(crops), chunk)], axis=0)
-    return finish_windows(scores, plan, protocol)
+                 window: int, max_batch: Optional[int] = None, return_scores: bool = True,
+                 return_confidence: bool = False, timings: Optional[dict] = None) -> ProtocolOutput:
+    """Segment one H x W x 3 uint8 image; `infer` maps [B, S, S, 3] uint8 -> [B, K, g, g] scores.
+
+    `timings`: a dict that receives seconds per stage (resize, windows, model, protocol,
+    postprocess), accumulated, for `bench --scope e2e`.
+    """
+    plan = plan_windows(image, protocol, window, timings)
+    t0 = time.perf_counter()
+    scores, _ = infer_in_chunks(infer, plan.crops, max_batch)
+    _tick(timings, "model", t0)
+    return finish_windows(scores, plan, protocol, return_scores, return_confidence, timings)

@@ -11,6 +11,7 @@ The protocol defaults come from the manifest; keyword overrides replace single f
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -34,6 +35,7 @@ class SegmentationResult:
     scores: Optional[np.ndarray] = None  # [K, h, w] averaged window scores at processing_size
     processing_size: tuple = ()
     num_windows: int = 0
+    confidence: Optional[np.ndarray] = None  # [H, W] probability of the chosen class (if asked)
 
 
 class Segmenter:
@@ -44,6 +46,9 @@ class Segmenter:
         self.backend = backend
         self.protocol = protocol
         self.window = int(manifest["input_size"][0])
+        # A frame graph (kind "frame") runs the whole protocol for one fixed frame size.
+        self.frame_size: Optional[tuple] = (tuple(int(v) for v in manifest["frame_size"])
+                                            if manifest.get("kind") == "frame" else None)
         limits = [b for b in (batch, backend.max_batch) if b]
         self.batch: Optional[int] = min(limits) if limits else None
         self.classes: List[List[str]] = [list(names) for names in manifest.get("classes", [])]
@@ -64,9 +69,15 @@ class Segmenter:
         `protocol_overrides`: any of OVERRIDABLE; None values are ignored (CLI defaults).
         `verify=False` skips the SHA-256 check (hashing a big engine on a slow SD card costs time).
         """
-        opened = open_artifact(artifact, kinds=("image",), verify=verify,
-                               hint="`run` needs an image graph from `clipfuse export`")
+        opened = open_artifact(artifact, kinds=("image", "frame"), verify=verify,
+                               hint="`run` needs an image or frame graph from `clipfuse export`")
         artifact, manifest = opened.path, opened.manifest
+        if manifest.get("kind") == "frame":
+            changed = sorted(k for k, v in protocol_overrides.items() if v is not None)
+            if changed:
+                raise ClipfuseError(f"{artifact.name} is a frame graph: its protocol is baked in, so "
+                                    f"{', '.join(changed)} cannot be overridden; re-export with "
+                                    "`clipfuse export --frame`, or use a window graph")
         protocol = protocol_from_manifest(manifest, **protocol_overrides)
         be = open_backend(artifact, manifest, backend, **(backend_options or {}))
         return cls(artifact, manifest, be, protocol, batch=batch)
@@ -115,16 +126,58 @@ class Segmenter:
             scores = reduced
         return scores
 
-    def segment(self, image: np.ndarray, return_scores: bool = False) -> SegmentationResult:
-        """Segment one H x W x 3 uint8 RGB image with the protocol (see clipfuse.runtime.protocol)."""
+    def segment(self, image: np.ndarray, return_scores: bool = False, return_confidence: bool = False,
+                timings: Optional[dict] = None) -> SegmentationResult:
+        """Segment one H x W x 3 uint8 RGB image with the protocol (see clipfuse.runtime.protocol).
+
+        `timings`: a dict that receives seconds per stage (resize, windows, model, protocol,
+        postprocess), for profiling.
+        """
+        if self.frame_size is not None:
+            return self._segment_frame(np.asarray(image), return_scores, return_confidence, timings)
         out: ProtocolOutput = run_protocol(np.asarray(image), self.infer_windows, self.protocol,
-                                           self.window, self.batch)
-        if out.scores.shape[0] != len(self.classes):
-            raise ClipfuseError(f"graph returned {out.scores.shape[0]} classes but the manifest "
+                                           self.window, self.batch, return_scores=return_scores,
+                                           return_confidence=return_confidence, timings=timings)
+        if out.num_classes != len(self.classes):
+            raise ClipfuseError(f"graph returned {out.num_classes} classes but the manifest "
                                 f"lists {len(self.classes)}")
-        return SegmentationResult(labels=out.labels, class_names=self.class_names,
-                                  scores=out.scores if return_scores else None,
-                                  processing_size=out.processing_size, num_windows=out.num_windows)
+        return SegmentationResult(labels=out.labels, class_names=self.class_names, scores=out.scores,
+                                  processing_size=out.processing_size, num_windows=out.num_windows,
+                                  confidence=out.confidence)
+
+    def _segment_frame(self, image: np.ndarray, return_scores: bool, return_confidence: bool,
+                       timings: Optional[dict]) -> SegmentationResult:
+        """One call of the frame graph: the frame in, labels (+ confidence, scores) out."""
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
+        h, w = self.frame_size
+        if tuple(image.shape[:2]) != (h, w):
+            raise ClipfuseError(f"{self.artifact.name} is a frame graph for {w}x{h} frames, this image is "
+                                f"{image.shape[1]}x{image.shape[0]}: resize or crop it to {w}x{h}, export a "
+                                f"frame graph for its size (clipfuse export --frame "
+                                f"{image.shape[1]}x{image.shape[0]}), or use a window graph (clipfuse "
+                                "export without --frame) for images of any size")
+        feeds = {"frames": image[None]}
+        if self.dynamic_vocab:
+            if self.class_embeddings is None:
+                raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
+                                    "embeddings first (Segmenter.set_class_embeddings)")
+            feeds["class_embeddings"] = self.class_embeddings
+            feeds["class_rows"] = class_rows(self.row_class, len(self.classes))
+        t0 = time.perf_counter()
+        outputs = self.backend.run(feeds)
+        if timings is not None:
+            timings["model"] = timings.get("model", 0.0) + time.perf_counter() - t0
+        scores = outputs["scores"]
+        if scores.shape[1] != len(self.classes):
+            raise ClipfuseError(f"graph returned {scores.shape[1]} classes but the manifest "
+                                f"lists {len(self.classes)}")
+        return SegmentationResult(
+            labels=np.asarray(outputs["labels"][0], dtype=np.int32), class_names=self.class_names,
+            scores=scores[0] if return_scores else None,
+            processing_size=tuple(self.manifest["processing_size"]),
+            num_windows=int(self.manifest["num_windows"]),
+            confidence=outputs["confidence"][0] if return_confidence else None)
 
     def close(self) -> None:
         self.backend.close()
@@ -134,6 +187,16 @@ class Segmenter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def class_rows(row_class: np.ndarray, num_classes: int) -> np.ndarray:
+    """[K, S] int64 row indices of each class's names, padded with its first row (the frame
+    graph's `class_rows` input; same layout as the baked classifier's synonym index)."""
+    rows = [np.flatnonzero(row_class == k) for k in range(num_classes)]
+    if any(len(r) == 0 for r in rows):
+        raise ClipfuseError("every class needs at least one name")
+    width = max(len(r) for r in rows)
+    return np.array([list(r) + [r[0]] * (width - len(r)) for r in rows], dtype=np.int64)
 
 
 def protocol_from_manifest(manifest: dict, **overrides) -> Protocol:

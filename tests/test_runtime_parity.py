@@ -34,17 +34,15 @@ SCORE_ATOL = 1e-4
 # Independent reference pipeline (torch)
 # ------------------------------------------------------------------------------------------------
 def reference_resize_image(image: np.ndarray, protocol: Protocol) -> torch.Tensor:
-    """mmcv keep-ratio rescale, bilinear (half-pixel, no antialias) -> [1, 3, h, w] uint8.
-
-    Rounded half up (cv2's fixed-point convention); exact .5 ties are frequent at dyadic scales."""
+    """mmcv keep-ratio rescale with mmcv's own resize, cv2 INTER_LINEAR -> [1, 3, h, w] uint8."""
+    cv2 = pytest.importorskip("cv2", reason="opencv-python-headless (dev extra) is mmcv's resize")
     h, w = image.shape[:2]
     scale = protocol.short_side / min(h, w)
     if protocol.long_side_max:
         scale = min(scale, protocol.long_side_max / max(h, w))
     new = (int(h * scale + 0.5), int(w * scale + 0.5))
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
-    x = F.interpolate(x, size=new, mode="bilinear", align_corners=False)
-    return torch.floor(x + 0.5 + 1e-6).clamp(0, 255).to(torch.uint8)
+    x = image if new == (h, w) else cv2.resize(image, (new[1], new[0]), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1)[None]
 
 
 def reference_slide(img: torch.Tensor, model, window: int, stride: int, num_classes: int) -> torch.Tensor:

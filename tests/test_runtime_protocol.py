@@ -61,10 +61,10 @@ def test_interpolation_matrix_equals_torch_bilinear(src, dst):
 
 
 @pytest.mark.parametrize("size", [(336, 448), (448, 672), (51, 2048), (900, 700)])
-def test_resize_image_equals_torch_double_bilinear(size):
+def test_resize_image_float_equals_torch_double_bilinear(size):
     rng = np.random.default_rng(sum(size))
     image = rng.integers(0, 256, (683, 1024, 3), dtype=np.uint8)
-    got = P.resize_image(image, size)
+    got = P.resize_image_float(image, size)  # the refer pipeline's resize
     x = torch.from_numpy(image).permute(2, 0, 1)[None].double()
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     want = torch.floor(x + 0.5 + 1e-6).clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0).numpy()

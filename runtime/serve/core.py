@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ClipfuseError
 from ..methods import Protocol
-from ..protocol import finish_windows, plan_windows
+from ..protocol import finish_windows, infer_in_chunks, plan_windows
 
 # Requests larger than this are refused before any work (a 8192 x 8192 image is 200 MB of uint8
 # and its windows are thousands of backend rows): one caller cannot stall the server.
@@ -64,18 +64,17 @@ def segment_batch(images: Sequence[np.ndarray], infer: Callable[[np.ndarray], np
     """
     plans = [plan_windows(np.asarray(image), protocol, window) for image in images]
     crops = np.concatenate([plan.crops for plan in plans], axis=0)
-    chunk = len(crops) if not window_batch else max(1, int(window_batch))
-    parts = [np.asarray(infer(crops[i:i + chunk]), dtype=np.float32) for i in range(0, len(crops), chunk)]
-    scores = np.concatenate(parts, axis=0)
+    scores, calls = infer_in_chunks(infer, crops, window_batch)
     if scores.shape[0] != len(crops):
         raise ClipfuseError(f"backend returned {scores.shape[0]} score maps for {len(crops)} windows")
     results, start = [], 0
     for plan in plans:
-        out = finish_windows(scores[start:start + len(plan.boxes)], plan, protocol, confidence=True)
+        out = finish_windows(scores[start:start + len(plan.boxes)], plan, protocol, return_scores=False,
+                             return_confidence=True)
         start += len(plan.boxes)
         results.append((out.labels, out.confidence))
-    stats = BatchStats(images=len(plans), windows=len(crops), backend_calls=len(parts),
-                       largest_call=max(len(p) for p in parts))
+    stats = BatchStats(images=len(plans), windows=len(crops), backend_calls=calls,
+                       largest_call=min(len(crops), int(window_batch or len(crops))))
     return results, stats
 
 

@@ -14,7 +14,6 @@ folder, so the repository is self-contained: copy it, point Triton at it.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path

@@ -26,7 +26,7 @@ import signal
 import socket
 import sysconfig
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
