@@ -150,14 +150,30 @@ class Segmenter:
         """One call of the frame graph: the frame in, labels (+ confidence, scores) out."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ClipfuseError(f"expected an H x W x 3 uint8 RGB image, got {image.dtype} {image.shape}")
+        outputs = self.segment_frames(image[None], timings)
+        return SegmentationResult(
+            labels=outputs["labels"][0], class_names=self.class_names,
+            scores=outputs["scores"][0] if return_scores else None,
+            processing_size=tuple(self.manifest["processing_size"]),
+            num_windows=int(self.manifest["num_windows"]),
+            confidence=outputs["confidence"][0] if return_confidence else None)
+
+    def segment_frames(self, frames: np.ndarray, timings: Optional[dict] = None) -> Dict[str, np.ndarray]:
+        """Frame graphs: [B, H, W, 3] uint8 frames of the graph's size -> {"labels" [B, H, W] int32,
+        "confidence" [B, H, W] float32, "scores" [B, K, h, w]} in ONE backend call (a server puts
+        concurrent requests' frames through together)."""
+        if self.frame_size is None:
+            raise ClipfuseError(f"{self.artifact.name} is a window graph; segment() runs the protocol")
         h, w = self.frame_size
-        if tuple(image.shape[:2]) != (h, w):
+        if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != np.uint8:
+            raise ClipfuseError(f"expected [B, H, W, 3] uint8 frames, got {frames.dtype} {frames.shape}")
+        if tuple(frames.shape[1:3]) != (h, w):
             raise ClipfuseError(f"{self.artifact.name} is a frame graph for {w}x{h} frames, this image is "
-                                f"{image.shape[1]}x{image.shape[0]}: resize or crop it to {w}x{h}, export a "
+                                f"{frames.shape[2]}x{frames.shape[1]}: resize or crop it to {w}x{h}, export a "
                                 f"frame graph for its size (clipfuse export --frame "
-                                f"{image.shape[1]}x{image.shape[0]}), or use a window graph (clipfuse "
+                                f"{frames.shape[2]}x{frames.shape[1]}), or use a window graph (clipfuse "
                                 "export without --frame) for images of any size")
-        feeds = {"frames": image[None]}
+        feeds = {"frames": frames}
         if self.dynamic_vocab:
             if self.class_embeddings is None:
                 raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
@@ -168,16 +184,12 @@ class Segmenter:
         outputs = self.backend.run(feeds)
         if timings is not None:
             timings["model"] = timings.get("model", 0.0) + time.perf_counter() - t0
-        scores = outputs["scores"]
-        if scores.shape[1] != len(self.classes):
-            raise ClipfuseError(f"graph returned {scores.shape[1]} classes but the manifest "
+        if outputs["scores"].shape[1] != len(self.classes):
+            raise ClipfuseError(f"graph returned {outputs['scores'].shape[1]} classes but the manifest "
                                 f"lists {len(self.classes)}")
-        return SegmentationResult(
-            labels=np.asarray(outputs["labels"][0], dtype=np.int32), class_names=self.class_names,
-            scores=scores[0] if return_scores else None,
-            processing_size=tuple(self.manifest["processing_size"]),
-            num_windows=int(self.manifest["num_windows"]),
-            confidence=outputs["confidence"][0] if return_confidence else None)
+        return {"labels": np.asarray(outputs["labels"], dtype=np.int32),
+                "confidence": np.asarray(outputs["confidence"], dtype=np.float32),
+                "scores": outputs["scores"]}
 
     def close(self) -> None:
         self.backend.close()

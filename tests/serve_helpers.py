@@ -94,3 +94,17 @@ def tiny_sclip(root) -> "Path":
             "sclip", Path(root) / "serve_tiny" / "sclip", model="ViT-T-16-test", pretrained="none",
             classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0))
     return _EXPORTED["sclip"]
+
+
+FRAME = (120, 160)  # H, W of the tiny frame graph
+
+
+def tiny_sclip_frame(root) -> "Path":
+    """The same tiny SCLIP as a frame graph for FRAME-sized images (protocol inside the graph)."""
+    from pathlib import Path
+    if "sclip_frame" not in _EXPORTED:
+        from clipfuse.export.api import export_image_graph
+        _EXPORTED["sclip_frame"] = Path(export_image_graph(
+            "sclip", Path(root) / "serve_tiny" / "sclip_frame", model="ViT-T-16-test", pretrained="none",
+            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0, frame=FRAME))
+    return _EXPORTED["sclip_frame"]

@@ -21,8 +21,8 @@ import urllib.request
 import numpy as np
 import pytest
 
-from serve_helpers import (LOOPBACK, free_ports, listening_addresses, serve_deps_missing, smooth_image,
-                           tiny_sclip, wait_until)
+from serve_helpers import (FRAME, LOOPBACK, free_ports, listening_addresses, serve_deps_missing, smooth_image,
+                           tiny_sclip, tiny_sclip_frame, wait_until)
 
 _MISSING = serve_deps_missing()
 if _MISSING:
@@ -52,13 +52,19 @@ def local(artifact):
 
 
 @pytest.fixture(scope="module")
-def server(artifact):
+def frame_artifact(tmp_path_factory):
+    pytest.importorskip("torch")
+    return tiny_sclip_frame(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def server(artifact, frame_artifact):
     from clipfuse.runtime.serve.server import ClipfuseTriton, ServeOptions
     http, grpc, metrics = free_ports(3)
     options = ServeOptions(http_port=http, grpc_port=grpc, metrics_port=metrics, instances=2,
                            max_batch_size=8, queue_delay_us=50_000, window_batch=64, threads=1,
                            max_pixels=MAX_PIXELS, exit_timeout_s=15)
-    srv = ClipfuseTriton([f"tiny={artifact}"], options).start()
+    srv = ClipfuseTriton([f"tiny={artifact}", f"tinyframe={frame_artifact}"], options).start()
     try:
         yield srv, options
     finally:
@@ -139,6 +145,43 @@ def test_concurrent_http_and_grpc_match_local_runtime(server, local):
     # concurrent equal-size requests were batched: their windows went through shared calls
     assert max(b.images for b in batches) >= 2
     assert all(b.largest_call <= 64 for b in batches)
+
+
+def test_frame_graph_served_batched_equal_to_local(server, frame_artifact):
+    """A frame graph is served as is: concurrent frames go through the graph together, labels and
+    confidence equal the local Segmenter's, and an image of another size gets a Triton error."""
+    srv, o = server
+    images = [smooth_image(*FRAME, s) for s in range(5)]
+    results = [None] * len(images)
+    barrier = threading.Barrier(len(images))
+
+    def client(i):
+        barrier.wait()
+        results[i] = http_infer(o.http_port, images[i], model="tinyframe")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
+    before = len(srv.models["tinyframe"].history)
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None for r in results)
+    with Segmenter.open(frame_artifact) as seg:
+        for image, (labels, confidence) in zip(images, results):
+            ref = seg.segment(image, return_confidence=True)
+            np.testing.assert_array_equal(labels, ref.labels)
+            np.testing.assert_allclose(confidence, ref.confidence, atol=1e-6)
+    batches = srv.models["tinyframe"].history[before:]
+    assert sum(b.images for b in batches) == len(images) and max(b.images for b in batches) >= 2
+    client = thttp.InferenceServerClient(f"{LOOPBACK}:{o.http_port}")
+    try:
+        params = {k: v["string_value"] for k, v in client.get_model_config("tinyframe")["parameters"].items()}
+        assert params["clipfuse_kind"] == "frame" and params["clipfuse_window"] == f"{FRAME[0]}x{FRAME[1]}"
+        with pytest.raises(InferenceServerException, match="frame graph for 160x120"):
+            http_infer(o.http_port, smooth_image(FRAME[0] + 8, FRAME[1], 9), model="tinyframe", client=client)
+        assert http_infer(o.http_port, images[0], model="tinyframe", client=client)[0].shape == FRAME
+    finally:
+        client.close()
 
 
 def _resized(scores, size):

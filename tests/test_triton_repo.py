@@ -11,7 +11,8 @@ import threading
 import numpy as np
 import pytest
 
-from serve_helpers import LOOPBACK, free_ports, serve_deps_missing, smooth_image, tiny_sclip, wait_until
+from serve_helpers import (FRAME, LOOPBACK, free_ports, serve_deps_missing, smooth_image, tiny_sclip,
+                           tiny_sclip_frame, wait_until)
 
 _MISSING = serve_deps_missing()
 if _MISSING:
@@ -34,6 +35,26 @@ from clipfuse.runtime.serve.repository import validate_config  # noqa: E402
 def artifact(tmp_path_factory):
     pytest.importorskip("torch")
     return tiny_sclip(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def frame_artifact(tmp_path_factory):
+    pytest.importorskip("torch")
+    return tiny_sclip_frame(tmp_path_factory.getbasetemp())
+
+
+def test_frame_graph_is_one_model_with_its_own_contract(frame_artifact, tmp_path):
+    repo = tmp_path / "repo"
+    assert main(["triton-repo", f"frm={frame_artifact}", "-o", str(repo), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in repo.iterdir()) == ["frm"]          # no protocol model: it is inside
+    cfg = _config(repo, "frm")
+    assert cfg.platform == "onnxruntime_onnx" and [t.name for t in cfg.input] == ["frames"]
+    assert list(cfg.input[0].dims) == [FRAME[0], FRAME[1], 3] and cfg.input[0].data_type == mc.TYPE_UINT8
+    assert [(t.name, t.data_type) for t in cfg.output] == [("labels", mc.TYPE_INT32), ("confidence", mc.TYPE_FP32),
+                                                          ("scores", mc.TYPE_FP32)]
+    assert list(cfg.output[0].dims) == list(FRAME)
+    assert cfg.parameters["clipfuse_kind"].string_value == "frame"
+    assert (repo / "frm" / "1" / "model.onnx").read_bytes() == frame_artifact.read_bytes()
 
 
 def _config(repo, name):
@@ -95,11 +116,11 @@ def test_schema_check_can_fail(artifact, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def bundled_server(artifact, tmp_path_factory):
+def bundled_server(artifact, frame_artifact, tmp_path_factory):
     from clipfuse.runtime.serve import bundled
     root = tmp_path_factory.mktemp("triton_repo")
     repo = root / "repo"
-    assert main(["triton-repo", f"seg={artifact}", "-o", str(repo), "--windows-backend", "python",
+    assert main(["triton-repo", f"seg={artifact}", f"frm={frame_artifact}", "-o", str(repo), "--windows-backend", "python",
                  "--protocol-instances", "2", "--window-batch", "8", "--max-pixels", str(1000 * 1000)]) == 0
     http, grpc, metrics = free_ports(3)
     proc = bundled.start(repo, root, http, grpc, metrics, log=root / "tritonserver.log")
@@ -160,6 +181,24 @@ def test_bundled_triton_answers_like_local_runtime(bundled_server, artifact):
         np.testing.assert_array_equal(c.infer("seg", [x]).as_numpy("labels")[0], results[0])
     finally:
         c.close()
+
+
+def test_bundled_triton_serves_a_frame_graph_as_is(bundled_server, frame_artifact):
+    http, _ = bundled_server
+    frames = np.stack([smooth_image(*FRAME, s) for s in range(3)])
+    c = thttp.InferenceServerClient(f"{LOOPBACK}:{http}")
+    try:
+        x = thttp.InferInput("frames", list(frames.shape), "UINT8")
+        x.set_data_from_numpy(frames)
+        r = c.infer("frm", [x])
+        labels, confidence = r.as_numpy("labels"), r.as_numpy("confidence")
+    finally:
+        c.close()
+    with Segmenter.open(frame_artifact) as local:
+        for frame, got, conf in zip(frames, labels, confidence):
+            ref = local.segment(frame, return_confidence=True)
+            np.testing.assert_array_equal(got, ref.labels)
+            np.testing.assert_allclose(conf, ref.confidence, atol=1e-6)
 
 
 @pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")

@@ -84,6 +84,8 @@ def model_parameters(manifest: dict, protocol: Protocol, artifact_name: str) -> 
         PARAM_CLASSES: json.dumps(manifest.get("classes", [])),
         PARAM_PROTOCOL: json.dumps(protocol.to_dict()),
         PARAM_KIND: str(manifest.get("kind")),
-        PARAM_WINDOW: str(int(manifest["input_size"][0])),
+        # window graphs: the window side; frame graphs: the frame size as HxW
+        PARAM_WINDOW: ("x".join(str(int(v)) for v in manifest["frame_size"]) if manifest.get("kind") == "frame"
+                       else str(int(manifest["input_size"][0]))),
         PARAM_ARTIFACT: artifact_name,
     }

@@ -54,7 +54,6 @@ def _dims(shape: Sequence) -> List[int]:
 
 def windows_config(name: str, manifest: dict, backend: str, max_batch: int, options: RepoOptions,
                    artifact_name: str) -> dict:
-    inp, out = manifest["inputs"][0], manifest["outputs"][0]
     kind = Enum("KIND_CPU" if backend == "python" or options.device == "cpu" else "KIND_GPU")
     config: Dict = {"name": name}
     if backend == "python":
@@ -63,8 +62,11 @@ def windows_config(name: str, manifest: dict, backend: str, max_batch: int, opti
         config["platform"] = "tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx"
     config.update({
         "max_batch_size": int(max_batch),
-        "input": [{"name": inp["name"], "data_type": Enum(_TYPES[inp["dtype"]]), "dims": _dims(inp["shape"])}],
-        "output": [{"name": out["name"], "data_type": Enum(_TYPES[out["dtype"]]), "dims": _dims(out["shape"])}],
+        # the graph's own contract, every tensor (a frame graph has labels, confidence and scores)
+        "input": [{"name": t["name"], "data_type": Enum(_TYPES[t["dtype"]]), "dims": _dims(t["shape"])}
+                  for t in manifest["inputs"]],
+        "output": [{"name": t["name"], "data_type": Enum(_TYPES[t["dtype"]]), "dims": _dims(t["shape"])}
+                   for t in manifest["outputs"]],
         "dynamic_batching": {"max_queue_delay_microseconds": int(options.queue_delay_us)},
         "instance_group": [{"count": int(options.windows_instances), "kind": kind}],
     })
@@ -162,8 +164,8 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
     # that the graph loads at all. Engines are not opened (no GPU needed to write a repository).
     from ..artifact import open_artifact
 
-    artifact = open_artifact(path, kinds=("image",), verify=options.verify,
-                             hint="triton-repo serves window graphs for now")
+    artifact = open_artifact(path, kinds=("image", "frame"), verify=options.verify,
+                             hint="triton-repo serves window and frame graphs")
     manifest = artifact.manifest
     manifest_path = manifest_path_for(path)
     if manifest.get("vocab") == "dynamic":
@@ -185,15 +187,21 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
         max_batch = options.window_batch or max_batch
     else:
         max_batch = options.window_batch or 16
-    windows_name = f"{name}_windows"
+    frame = manifest.get("kind") == "frame"
+    # A frame graph holds the whole protocol: it is the model, served as is (no protocol model).
+    windows_name = name if frame else f"{name}_windows"
     files = {"model.plan" if backend == "tensorrt" else "model.onnx": path}
     template = None
     if backend == "python":
         files = {path.name: path, manifest_path.name: manifest_path}
         template = "windows_model.py"
-    _write_model(root / windows_name, windows_config(windows_name, manifest, backend, max_batch, options, path.name),
-                 files, template)
+    config = windows_config(windows_name, manifest, backend, max_batch, options, path.name)
     params = model_parameters(manifest, protocol, path.name)
+    if frame:
+        config["parameters"] = {**config.get("parameters", {}), **params}
+        _write_model(root / name, config, files, template)
+        return [name]
+    _write_model(root / windows_name, config, files, template)
     _write_model(root / name, protocol_config(name, windows_name, params, max_batch,
                                               manifest["outputs"][0]["name"], options), {}, "protocol_model.py")
     return [name, windows_name]

@@ -38,7 +38,7 @@ from .core import (DEFAULT_MAX_PIXELS, INPUT, OUTPUTS, BatchStats, check_images,
                    segment_batch)
 
 LOG = logging.getLogger("clipfuse.serve")
-WINDOW_KINDS = ("image",)  # manifest kinds whose graph maps windows -> scores
+SERVED_KINDS = ("image", "frame")  # window graphs (protocol here) and frame graphs (protocol inside)
 
 
 @dataclass
@@ -96,8 +96,9 @@ class ServedModel:
     """One artifact behind a Triton model: a Segmenter and the batch function PyTriton calls.
 
     Dispatch on the manifest's kind: window graphs (kind "image") run the protocol here with
-    windows batched across requests. Frame graphs (protocol inside the graph, see issue 16) are
-    not served yet: Segmenter refuses them until it learns to open them.
+    windows batched across requests; frame graphs (kind "frame", protocol inside the graph) take
+    the frames of concurrent requests in one graph call, up to the window batch, and accept only
+    images of their frame size.
     """
 
     def __init__(self, name: str, artifact: Path, options: ServeOptions) -> None:
@@ -106,8 +107,8 @@ class ServedModel:
         self.segmenter = Segmenter.open(artifact, backend=options.backend, batch=options.window_batch,
                                         backend_options=backend_options, verify=options.verify)
         kind = self.segmenter.manifest.get("kind")
-        if kind not in WINDOW_KINDS:
-            raise ClipfuseError(f"{artifact.name}: kind {kind!r} cannot be served yet (window graphs only)")
+        if kind not in SERVED_KINDS:
+            raise ClipfuseError(f"{artifact.name}: kind {kind!r} cannot be served (window or frame graphs only)")
         if self.segmenter.dynamic_vocab:
             raise ClipfuseError(f"{artifact.name} has a dynamic vocabulary; serve a graph with baked "
                                 "classes (clipfuse export --vocab baked)")
@@ -122,8 +123,11 @@ class ServedModel:
         for arr in arrays:
             check_images(arr, self.options.max_pixels)
         images = [img for arr in arrays for img in arr]
-        results, stats = segment_batch(images, self.segmenter.infer_windows, self.segmenter.protocol,
-                                       self.segmenter.window, self.segmenter.batch)
+        if self.segmenter.frame_size is not None:
+            results, stats = self._frames(images)
+        else:
+            results, stats = segment_batch(images, self.segmenter.infer_windows, self.segmenter.protocol,
+                                           self.segmenter.window, self.segmenter.batch)
         with self.lock:
             self.history = (self.history + [stats])[-1000:]
         responses, start = [], 0
@@ -133,6 +137,20 @@ class ServedModel:
             responses.append({OUTPUTS[0]: np.stack([r[0] for r in chunk]),
                               OUTPUTS[1]: np.stack([r[1] for r in chunk])})
         return responses
+
+    def _frames(self, images: List[np.ndarray]) -> Tuple[List[Tuple[np.ndarray, np.ndarray]], BatchStats]:
+        """Frame graph: all requests' frames through the graph, `segmenter.batch` frames a call."""
+        frames = np.stack(images) if len({img.shape for img in images}) == 1 else None
+        if frames is None:
+            raise ClipfuseError("frames of one batch differ in size")
+        step = self.segmenter.batch or len(frames)
+        results: List[Tuple[np.ndarray, np.ndarray]] = []
+        for i in range(0, len(frames), step):
+            out = self.segmenter.segment_frames(frames[i:i + step])
+            results.extend(zip(out["labels"], out["confidence"]))
+        calls = -(-len(frames) // step)
+        return results, BatchStats(images=len(frames), windows=len(frames), backend_calls=calls,
+                                   largest_call=min(step, len(frames)))
 
     def close(self) -> None:
         self.segmenter.close()

@@ -23,20 +23,21 @@ class TritonPythonModel:
         manifest = read_manifest(manifest_path_for(artifact))
         self.backend = open_backend(artifact, manifest, params.get("clipfuse_backend", "auto"))
         self.input = manifest["inputs"][0]["name"]
-        self.output = manifest["outputs"][0]["name"]
+        self.outputs = [t["name"] for t in manifest["outputs"]]  # a frame graph has several
 
     def execute(self, requests):
         # Triton's dynamic batcher hands several requests at once: one backend call for all.
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input).as_numpy() for r in requests]
         try:
-            scores = self.backend.run({self.input: np.concatenate(arrays, axis=0)})[self.output]
+            results = self.backend.run({self.input: np.concatenate(arrays, axis=0)})
         except Exception as exc:
             return [pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))) for _ in requests]
         responses, start = [], 0
         for arr in arrays:
-            part = scores[start:start + len(arr)]
+            tensors = [pb_utils.Tensor(name, np.ascontiguousarray(results[name][start:start + len(arr)]))
+                       for name in self.outputs]
             start += len(arr)
-            responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(self.output, part)]))
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
         return responses
 
     def finalize(self):
