@@ -96,7 +96,8 @@ class InputShape:
                 continue
             if axis not in dynamic:
                 raise ClipfuseError(f"input {self.name!r} has a dynamic axis {axis} without a profile "
-                                    "(only axis 0 (batch, masks, crops; classes of class_embeddings) may be dynamic)")
+                                    "(only axis 0 (batch, masks, crops; classes of class_embeddings) and the names axis of "
+                                    "class_rows may be dynamic)")
             p = dynamic[axis]
             out[0].append(p.min), out[1].append(p.opt), out[2].append(p.max)
         return out
@@ -116,10 +117,22 @@ def graph_inputs(onnx_path: "str | Path") -> List[InputShape]:
     return result
 
 
+# Names per class in a dynamic-vocabulary frame graph's `class_rows` [classes, names] input.
+NAMES_PER_CLASS = BatchProfile(1, 1, 8)
+
+
 def input_profiles(inputs: Sequence[InputShape], batch: BatchProfile, classes: BatchProfile) -> Dict[str, Shapes]:
-    """min/opt/max shape of every input: a dynamic axis 0 gets the batch profile (images, text
-    tokens, refer masks/crops); a dynamic class_embeddings [K, E] input gets the class profile."""
-    return {inp.name: inp.shapes({0: classes if inp.name == "class_embeddings" else batch}) for inp in inputs}
+    """min/opt/max shape of every input: a dynamic axis 0 gets the batch profile (images, frames,
+    text tokens, refer masks/crops); a dynamic class_embeddings [rows, E] input gets the class
+    profile, and a frame graph's class_rows [classes, names] the class profile and NAMES_PER_CLASS."""
+    def dynamic_axes(name: str) -> Dict[int, BatchProfile]:
+        if name == "class_embeddings":
+            return {0: classes}
+        if name == "class_rows":
+            return {0: classes, 1: NAMES_PER_CLASS}
+        return {0: batch}
+
+    return {inp.name: inp.shapes(dynamic_axes(inp.name)) for inp in inputs}
 
 
 def trtexec_command(onnx_path: "str | Path", engine_path: "str | Path", profiles: Dict[str, Shapes],

@@ -1,6 +1,6 @@
 """Real TensorRT in CI: TensorRT for RTX parses and builds, STRONGLY TYPED and ahead of time on this
 CPU, an engine of every graph family clipfuse exports (5 heads x FP32/FP16, dynamic vocabulary,
-text encoder, refer global/local), and each engine's I/O tensors (names, dtypes, shapes, batch
+frame graphs with baked and dynamic vocabulary, text encoder, refer global/local), and each engine's I/O tensors (names, dtypes, shapes, batch
 profile) match the manifest's contract. Tiny ViT (the op set is the point; build time is not);
 ViT-B/16 once per head family in the slow tests. Engine EXECUTION needs a GPU: those tests are in
 test_build_engine.py and skip without one.
@@ -29,6 +29,7 @@ HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip")
 VOCAB = [["background"], ["cat", "kitty"], ["grass"]]
 # one target keeps CI builds short; the default (all RTX targets) is checked once below
 ONE_TARGET = ("86",)
+FRAME = (240, 320)  # H, W of the frame graphs (2 x 2 windows at the tiny ViT's 224)
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,9 @@ def graphs(tmp_path_factory, tiny_clip):
     paths["sclip-dynamic"] = export_image_graph("sclip", out / "sclip-dyn", model="ViT-T-16-test", pretrained="none",
                                                 classes=VOCAB, size=224, templates="single", vocab="dynamic",
                                                 clip=tiny_clip)
+    for name, vocab in (("sclip-frame", "baked"), ("sclip-frame-dynamic", "dynamic")):
+        paths[name] = export_image_graph("sclip", out / name, model="ViT-T-16-test", pretrained="none",
+                                         classes=VOCAB, templates="single", vocab=vocab, frame=FRAME, clip=tiny_clip)
     refer = export_refer(out / "refer", model="ViT-T-16-test", pretrained="none", seed=0)
     paths.update({f"refer-{part}": p for part, p in refer.items()})  # global, local, text (the text encoder)
     return paths
@@ -89,14 +93,16 @@ def _assert_engine_matches_contract(result, source_manifest: dict, precision: st
         for axis, s in enumerate(spec["shape"]):
             if not isinstance(s, str):
                 assert lo[axis] == opt[axis] == hi[axis] == s
-            elif got["name"] == "class_embeddings":
+            elif got["name"] == "class_embeddings" or (got["name"] == "class_rows" and axis == 0):
                 assert (lo[axis], opt[axis], hi[axis]) == (1, 4, 8)
+            elif got["name"] == "class_rows":
+                assert (lo[axis], opt[axis], hi[axis]) == (1, 1, 8)    # names per class
             else:
                 assert (lo[axis], opt[axis], hi[axis]) == (1, 2, 4)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("family", HEADS + ("sclip-dynamic",))
+@pytest.mark.parametrize("family", HEADS + ("sclip-dynamic", "sclip-frame", "sclip-frame-dynamic"))
 def test_rtx_builds_every_image_graph(graphs, family, precision):
     path = graphs[family]
     result = _build(path, precision)
