@@ -119,6 +119,27 @@ def test_fp32_dynamic_vocabulary_and_text_graphs_equal_onnxruntime(graphs):
     assert np.abs(got - want).max() <= FP32_ATOL
 
 
+def test_fp32_frame_graph_equals_onnxruntime(graphs, tmp_path_factory, perturbed_clip):
+    """Frame graphs (protocol inside) run on OpenVINO through the same generic runner: labels
+    identical, confidence and scores within FP32 rounding; `auto` keeps them FP32."""
+    from clipfuse.export.api import export_image_graph
+
+    frame = (240, 320)
+    path = export_image_graph("sclip", tmp_path_factory.mktemp("ov_frame") / "frame", model=TINY, pretrained="none",
+                              classes=CLASSES, templates="single", seed=0, clip=perturbed_clip, frame=frame)
+    manifest = read_manifest(manifest_path_for(path))
+    ort = open_backend(path, manifest, "ort-cpu", threads=2)
+    ov = open_backend(path, manifest, "openvino", precision="auto", threads=2)
+    assert ov.precision == "fp32"
+    feeds = {"frames": np.stack([smooth_photo(*frame, seed) for seed in (1, 2)])}
+    want, got = ort.run(feeds), ov.run(feeds)
+    assert set(got) == set(want) == {"labels", "confidence", "scores"}
+    assert len(np.unique(want["labels"])) >= 2          # the comparison can fail
+    assert (got["labels"] == want["labels"]).mean() >= 0.999
+    assert np.abs(got["confidence"] - want["confidence"]).max() <= 1e-4
+    assert np.abs(got["scores"] - want["scores"]).max() <= FP32_ATOL
+
+
 def test_fp32_refer_graphs_equal_onnxruntime(tmp_path_factory, tiny_clip):
     from clipfuse.export.cmd_export_refer import export_refer
     from clipfuse.runtime.refer.pipeline import ReferSegmenter

@@ -157,9 +157,13 @@ class OpenVINOBackend(Backend):
         except Exception:
             self.precision = wanted
         self.request = self.compiled.create_infer_request()
-        self.input_names = [p.get_any_name() for p in self.compiled.inputs]
-        self.output_names = [p.get_any_name() for p in self.compiled.outputs]
-        self._dtypes = {p.get_any_name(): np.dtype(p.get_element_type().to_dtype()) for p in self.compiled.inputs}
+        # A port can carry several tensor names (an ONNX output that is also an internal value, as a
+        # frame graph's labels): address every port by the name the manifest's contract uses.
+        declared = {t["name"] for t in manifest.get("inputs", []) + manifest.get("outputs", [])}
+        self._port_names = {p: _contract_name(p, declared) for p in list(self.compiled.inputs) + list(self.compiled.outputs)}
+        self.input_names = [self._port_names[p] for p in self.compiled.inputs]
+        self.output_names = [self._port_names[p] for p in self.compiled.outputs]
+        self._dtypes = {self._port_names[p]: np.dtype(p.get_element_type().to_dtype()) for p in self.compiled.inputs}
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         missing = [n for n in self.input_names if n not in feeds]
@@ -168,7 +172,13 @@ class OpenVINOBackend(Backend):
         inputs = {n: np.ascontiguousarray(feeds[n], dtype=self._dtypes[n]) for n in self.input_names}
         results = self.request.infer(inputs)
         # results are keyed by output port; copies, because the request reuses its buffers
-        return {port.get_any_name(): np.array(value, copy=True) for port, value in results.items()}
+        return {name: np.array(results[port], copy=True) for port, name in zip(self.compiled.outputs, self.output_names)}
 
     def close(self) -> None:
         self.request = self.compiled = None
+
+
+def _contract_name(port, declared) -> str:
+    """The port's name in the manifest's contract, else OpenVINO's pick among its names."""
+    names = sorted(port.get_names())
+    return next((n for n in names if n in declared), port.get_any_name())
