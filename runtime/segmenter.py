@@ -108,16 +108,23 @@ class Segmenter:
                                 f"the model needs {embed_dim}")
         self.classes, self.class_embeddings, self.row_class = classes, embeddings, row_class
 
+    def _vocabulary_feeds(self) -> Dict[str, np.ndarray]:
+        """The extra inputs of a dynamic-vocabulary graph (none for baked ones); a frame graph
+        also takes each class's rows (its synonyms), a window graph reduces them on the host."""
+        if not self.dynamic_vocab:
+            return {}
+        if self.class_embeddings is None:
+            raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
+                                "embeddings first (Segmenter.set_class_embeddings)")
+        feeds = {"class_embeddings": self.class_embeddings}
+        if self.frame_size is not None:
+            feeds["class_rows"] = class_rows(self.row_class, len(self.classes))
+        return feeds
+
     # -- inference ------------------------------------------------------------------------------
     def infer_windows(self, crops: np.ndarray) -> np.ndarray:
         """[B, S, S, 3] uint8 windows -> [B, K, g, g] class scores (one backend call)."""
-        feeds = {"image": crops}
-        if self.dynamic_vocab:
-            if self.class_embeddings is None:
-                raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
-                                    "embeddings first (Segmenter.set_class_embeddings)")
-            feeds["class_embeddings"] = self.class_embeddings
-        outputs = self.backend.run(feeds)
+        outputs = self.backend.run({"image": crops, **self._vocabulary_feeds()})
         scores = outputs.get("scores", next(iter(outputs.values())))
         if self.dynamic_vocab and self.row_class is not None and len(self.row_class) != len(self.classes):
             reduced = np.full((scores.shape[0], len(self.classes)) + scores.shape[2:], -np.inf, np.float32)
@@ -173,15 +180,8 @@ class Segmenter:
                                 f"frame graph for its size (clipfuse export --frame "
                                 f"{frames.shape[2]}x{frames.shape[1]}), or use a window graph (clipfuse "
                                 "export without --frame) for images of any size")
-        feeds = {"frames": frames}
-        if self.dynamic_vocab:
-            if self.class_embeddings is None:
-                raise ClipfuseError(f"{self.artifact.name} has a dynamic vocabulary: compute class "
-                                    "embeddings first (Segmenter.set_class_embeddings)")
-            feeds["class_embeddings"] = self.class_embeddings
-            feeds["class_rows"] = class_rows(self.row_class, len(self.classes))
         t0 = time.perf_counter()
-        outputs = self.backend.run(feeds)
+        outputs = self.backend.run({"frames": frames, **self._vocabulary_feeds()})
         if timings is not None:
             timings["model"] = timings.get("model", 0.0) + time.perf_counter() - t0
         if outputs["scores"].shape[1] != len(self.classes):
