@@ -89,8 +89,8 @@ def tiny_sclip(root) -> "Path":
     """The tiny-ViT SCLIP graph (4 classes), exported once per test session under `root`."""
     from pathlib import Path
     if "sclip" not in _EXPORTED:
-        from clipfuse.export.api import export_image_graph
-        _EXPORTED["sclip"] = Path(export_image_graph(
-            "sclip", Path(root) / "serve_tiny" / "sclip", model="ViT-T-16-test", pretrained="none",
-            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0))
+        from clipfuse.export.api import ImageExportSpec, export_image_graph
+        spec = ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                               classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0)
+        _EXPORTED["sclip"] = Path(export_image_graph(spec, Path(root) / "serve_tiny" / "sclip"))
     return _EXPORTED["sclip"]
