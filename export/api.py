@@ -85,7 +85,7 @@ def _check_spec(spec: ImageExportSpec) -> Vocabulary:
     if spec.vocab_mode not in VOCAB_MODES:
         raise ClipfuseError(f"--vocab must be one of {', '.join(VOCAB_MODES)}, not {spec.vocab_mode!r}")
     get_templates(spec.templates)
-    vocabulary = validate([list(names) for names in spec.classes], "vocabulary", spec.allow_duplicates)
+    vocabulary = validate([list(names) for names in spec.classes or []], "vocabulary", spec.allow_duplicates)
     check_size(spec.size, patch_size_of(spec.model))
     from .weights import check_pretrained
     check_pretrained(spec.model, spec.pretrained)

@@ -3,6 +3,7 @@ pattern TensorRT fuses, in-graph synonyms and the dynamic vocabulary."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -12,6 +13,7 @@ import torch
 
 from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
+from clipfuse.runtime.methods import METHODS
 from clipfuse.runtime.fileio import sha256_file
 from clipfuse.runtime.manifest import read_manifest
 
@@ -144,3 +146,26 @@ def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip
     manifest = json.loads(manifest_path.with_suffix(".json").read_text())
     assert manifest["protocol"]["background_rule"] is True
     assert manifest["protocol"]["score_type"] == "probability"
+
+
+def test_export_spec_round_trips_through_the_manifest(exported):
+    """The reference and the torch backend rebuild from the manifest: the spec they get must be the
+    one the graph was exported from (defaults resolved), not a near copy."""
+    _, manifest = exported
+    spec = ImageExportSpec("sclip", model=TINY, pretrained="none", classes=VOCAB, size=224, templates="single")
+    rebuilt = ImageExportSpec.from_manifest(manifest)
+    # what the build decided (the preset, QuickGELU from the weights) is recorded, not guessed again
+    assert rebuilt == replace(spec.resolved(), head_params=rebuilt.head_params, quick_gelu=manifest["quick_gelu"],
+                              allow_duplicates=True)
+    assert rebuilt.head_params == {"attn": "qq+kk", "gaussian_sigma": None, "residual": True, "ffn": True}
+    assert {k: manifest[k] for k in rebuilt.to_manifest() if k != "head"} == {
+        k: v for k, v in rebuilt.to_manifest().items() if k != "head"}
+    assert manifest["protocol"]["window"] == manifest["input_size"][0]
+
+
+def test_one_source_for_the_window():
+    for method in METHODS.values():
+        assert method.default_size == method.protocol.window
+        assert method.protocol_at(method.default_size) == method.protocol
+        other = method.protocol_at(336)
+        assert (other.window, other.stride, other.short_side) == (336, 168, max(method.protocol.short_side, 336))
