@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
             "takes_heads_checkpoint": spec.takes_heads_checkpoint,
             "protocol": spec.protocol.to_dict(),
             "dataset_overrides": spec.dataset_protocol,
+            "published_miou": spec.published_miou,
         })
     if args.json:
         print(json.dumps(rows, indent=2))

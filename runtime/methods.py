@@ -6,7 +6,7 @@
     table is resized, `takes_heads_checkpoint` whether `--heads` applies, `default_pretrained`;
   - the reference (export/reference.py) reads the same preset and rule;
   - the runtime: `protocol` (sliding window incl. score type and logit scale), `dataset_protocol`;
-  - eval: `class_names` (which shipped name files), `background_rule_datasets`;
+  - eval: `class_names` (which shipped name files), `background_rule_datasets`, `published_miou`;
   - `clipfuse heads` prints it (no torch needed).
 
 The window is the one source of truth for the size: `default_size` IS `protocol.window`, and a
@@ -74,6 +74,9 @@ class MethodSpec:
     class_names: str = "standard"
     # Per-dataset overrides of the protocol, keyed by clipfuse dataset name.
     dataset_protocol: Dict[str, dict] = field(default_factory=dict)
+    # Published mIoU (%), ViT-B/16, per clipfuse dataset name (docs/methods.md): only what the
+    # method's paper states per dataset; a method with just an average published has only "avg".
+    published_miou: Dict[str, float] = field(default_factory=dict)
 
     @property
     def default_size(self) -> int:
@@ -99,6 +102,17 @@ class MethodSpec:
             return self.protocol
         return replace(self.protocol, window=size, stride=size // 2,
                        short_side=max(self.protocol.short_side, size))
+
+
+# The papers' column order: VOC21/C60/Obj/VOC20/City/C59/ADE/Stuff (clipfuse dataset names).
+PAPER_COLUMNS = ("voc21", "context60", "coco-object", "voc20", "cityscapes", "context59", "ade20k",
+                 "coco-stuff164k")
+
+
+def _per_dataset(*values: float, avg: float) -> Dict[str, float]:
+    """Published mIoU given in the papers' column order."""
+    assert len(values) == len(PAPER_COLUMNS)
+    return dict(zip(PAPER_COLUMNS, values), avg=avg)
 
 
 def _selfcorr(attn: str, residual: bool, ffn: bool, gaussian_sigma: Optional[float] = None) -> dict:
@@ -133,6 +147,7 @@ METHODS: Dict[str, MethodSpec] = {
             "cityscapes": {"short_side": 560},
             "coco-stuff164k": {"short_side": 448},
         },
+        published_miou=_per_dataset(59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4, avg=38.2),
     ),
     "clip-dinoiser": MethodSpec(
         name="clip-dinoiser",
@@ -145,6 +160,7 @@ METHODS: Dict[str, MethodSpec] = {
         pos_rule="size",
         takes_heads_checkpoint=True,
         background_rule_datasets=frozenset({"voc21", "coco-object"}),
+        published_miou=_per_dataset(62.1, 32.4, 34.8, 80.9, 31.7, 35.9, 20.0, 24.6, avg=40.3),
     ),
     "clearclip": MethodSpec(
         name="clearclip",
@@ -156,6 +172,7 @@ METHODS: Dict[str, MethodSpec] = {
         head_params=_selfcorr("qq", residual=False, ffn=False),
         pos_rule="scale",
         class_names="sclip",
+        published_miou={"avg": 38.1},
     ),
     "naclip": MethodSpec(
         name="naclip",
@@ -168,6 +185,7 @@ METHODS: Dict[str, MethodSpec] = {
         pos_rule="scale",
         class_names="sclip",
         dataset_protocol={"cityscapes": {"short_side": 560}},
+        published_miou={"avg": 39.4},
     ),
 }
 
