@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
+from clipfuse.runtime.methods import CLIP_DINOISER, get_method
+
 DINOISER_CHANNELS = 256
 # The self-correlation family's attention forms -> number of T x T logit products.
 LOGIT_PRODUCTS = {"identity": 0, "qk": 1, "qq": 1, "kk": 1, "qq+kk": 2}
@@ -60,8 +62,7 @@ class VitShape:
 
 
 def default_head_params(head: str) -> dict:
-    from clipfuse.export.heads import head_defaults
-    return head_defaults(head)
+    return get_method(head).default_head_params()
 
 
 def _block(t: int, d: int, m: int, logit_products: int, value_only: bool, ffn: bool) -> Dict[str, int]:
@@ -90,7 +91,8 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
     plain = sum(_block(t, d, m, 1, False, True).values())
     out = {"patch_embed": 2 * n * 3 * shape.patch ** 2 * d,
            "trunk_blocks": (shape.layers - 1) * plain}
-    if head == "clip-dinoiser":
+    dinoiser = get_method(head).head_family == CLIP_DINOISER
+    if dinoiser:                   # MaskCLIP's value path feeds the correlation pooling
         form, ffn = "identity", True
     else:
         form, ffn = params["attn"], bool(params["ffn"])
@@ -100,7 +102,7 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
         last["attention"] = 0
     out["last_block"] = sum(last.values())
     out["projection"] = 2 * n * d * e
-    if head == "clip-dinoiser":
+    if dinoiser:
         c = DINOISER_CHANNELS
         out["dinoiser_heads"] = 2 * n * 9 * d * c + 2 * n * d
         out["correlation"] = 2 * n * n * c

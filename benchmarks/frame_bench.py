@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List
 
@@ -56,15 +57,15 @@ def _old_host_path(image, scores, seg) -> float:
 
 
 def run_case(case: dict, model: str, workdir: Path, clip, repeats: int, threads: int) -> dict:
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.runtime import protocol as P
     from clipfuse.runtime.segmenter import Segmenter
 
     classes = [["background"]] + [[f"class {i}"] for i in range(1, case["classes"])]
-    common = dict(model=model, pretrained="none", classes=classes, templates="single", seed=0, clip=clip)
-    win = export_image_graph("sclip", workdir / f"{case['name']}-win", **common)
-    frm = export_image_graph("sclip", workdir / f"{case['name']}-frame", frame=tuple(case["size"]),
-                             frame_protocol=case["protocol"], **common)
+    spec = ImageExportSpec("sclip", model=model, pretrained="none", classes=classes, templates="single", seed=0)
+    win = export_image_graph(spec, workdir / f"{case['name']}-win", clip=clip)
+    frm = export_image_graph(replace(spec, frame=tuple(case["size"]), frame_protocol=dict(case["protocol"] or {})),
+                             workdir / f"{case['name']}-frame", clip=clip)
     image = _photo(case["size"])
     opts = {"threads": threads}
     best: Dict[str, float] = {}

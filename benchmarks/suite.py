@@ -6,20 +6,20 @@ short still leaves every finished measurement on disk.
 from __future__ import annotations
 
 import gc
+import shutil
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from . import timing
 from .backends import REFERENCE, BenchContext, Runner, Unavailable, open_runner
 from .flops import VitShape, head_flops
-
-SCOPES = ("model", "e2e")
 
 
 @dataclass
@@ -38,7 +38,7 @@ class BenchConfig:
     threads: int = 2
     classes: List[List[str]] = field(default_factory=list)
     templates: str = "single"
-    heads_ckpt: Optional[str] = None
+    heads_ckpt: Optional[str] = None   # --heads checkpoint; key of the committed result documents
     quick_gelu: Optional[bool] = None   # None: decided by the weights (clipfuse.export.weights)
     seed: int = 0
     torch_device: str = "cpu"
@@ -191,21 +191,135 @@ def measure_interleaved(live: List[_Live], cfg: BenchConfig, batch: int) -> None
 
 
 def _export(cfg: BenchConfig, head: str, size: int, workdir: Path, clip) -> tuple:
-    """Fused build (torch runners) + ONNX export of the same weights; returns (build, onnx, manifest)."""
-    from clipfuse.export.api import build_fused, export_image_graph
+    """Fused build (torch runners) + ONNX export of the same build; returns (build, onnx, manifest)."""
+    from clipfuse.export.api import build_fused, write_image_graph
+    from clipfuse.export.spec import ImageExportSpec
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
-    common = dict(model=cfg.model, pretrained=cfg.pretrained, classes=cfg.classes, size=size,
-                  templates=cfg.templates, heads_ckpt=cfg.heads_ckpt, seed=cfg.seed)
-    build = build_fused(head, clip=clip, **common)
-    onnx_path = export_image_graph(head, workdir / f"{head}-{size}", clip=clip, **common)
+    spec = ImageExportSpec(method=head, model=cfg.model, pretrained=cfg.pretrained, classes=cfg.classes,
+                           size=size, templates=cfg.templates, heads_checkpoint=cfg.heads_ckpt,
+                           seed=cfg.seed)
+    build = build_fused(spec, clip=clip)
+    onnx_path = write_image_graph(build, workdir / f"{head}-{size}")
     return build, onnx_path, read_manifest(manifest_path_for(onnx_path))
+
+
+@contextmanager
+def _workdir(cfg: BenchConfig) -> Iterator[Path]:
+    """cfg.workdir (kept), or a temporary folder removed afterwards."""
+    if cfg.workdir:
+        workdir = Path(cfg.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+        return
+    tmp = tempfile.mkdtemp(prefix="clipfuse-bench-")
+    try:
+        yield Path(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _output_check(runner: Runner, name: str, probe: np.ndarray, reference_out: Optional[np.ndarray],
+                  base: dict) -> Optional[np.ndarray]:
+    """Same image through the reference and this backend; returns the reference's output once seen."""
+    try:
+        out = runner.infer(probe)
+        if name == REFERENCE:
+            reference_out = out
+        elif reference_out is not None:
+            base["max_abs_diff_vs_reference"] = float(np.max(np.abs(out.astype(np.float64) - reference_out)))
+    except Exception as exc:
+        base["max_abs_diff_vs_reference"] = f"{type(exc).__name__}: {exc}"
+    base.setdefault("max_abs_diff_vs_reference", None)
+    return reference_out
+
+
+def _open_runners(cfg: BenchConfig, ctx: BenchContext, head: str, size: int, flops_total: int,
+                  probe: np.ndarray, emit: Callable[[dict], None]) -> Tuple[Dict[str, Runner], Dict[str, dict]]:
+    """Open every backend (unavailable ones are recorded as skipped) and check its output."""
+    runners: Dict[str, Runner] = {}
+    bases: Dict[str, dict] = {}
+    reference_out = None
+    for name in cfg.backends:
+        base = {"head": head, "size": size, "backend": name, "scope": cfg.scope, "flops_per_image": flops_total}
+        t_open = time.perf_counter()
+        try:
+            runner = open_runner(name, ctx)
+        except Unavailable as exc:
+            reason = str(exc)
+            _say(f"[{head} {size}] {name}: skipped ({reason})")
+            for batch in cfg.batches:
+                emit(dict(base, batch=batch, status="skipped", reason=reason))
+            continue
+        base.update(label=runner.label, device=runner.device, precision=runner.precision,
+                    setup_s=round(time.perf_counter() - t_open, 3))
+        reference_out = _output_check(runner, name, probe, reference_out, base)
+        runners[name], bases[name] = runner, base
+    return runners, bases
+
+
+def _measure_batch(cfg: BenchConfig, ctx: BenchContext, runners: Dict[str, Runner], bases: Dict[str, dict],
+                   head: str, size: int, batch: int, images: np.ndarray, image_path: Optional[Path],
+                   emit: Callable[[dict], None]) -> None:
+    """Warm every runner up at `batch`, time them interleaved, emit one record per runner."""
+    live: List[_Live] = []
+    for name, runner in runners.items():
+        try:
+            call, sync, timer, rec = warm_up(runner, cfg, batch, images, ctx, image_path)
+        except Exception as exc:  # e.g. torch.compile failing at its first call
+            reason = f"{type(exc).__name__}: {str(exc)[:500]}"
+            _say(f"[{head} {size}] {name} b{batch}: failed ({reason[:200]})")
+            emit(dict(bases[name], batch=batch, status="failed", reason=reason))
+            continue
+        live.append(_Live(name, runner, dict(bases[name], batch=batch, **rec), call, sync, timer))
+    measure_interleaved(live, cfg, batch)
+    for lv in live:
+        if lv.rec["status"] == "ok":
+            lat = lv.rec["latency"]
+            _say(f"[{head} {size}] {lv.name} b{batch}: p50 {lat['p50_s'] * 1e3:.1f} ms, "
+                 f"{lat['images_per_s']:.2f} img/s ({lat['iters']} iters, load "
+                 f"{(lv.rec['loadavg_before'] or ['?'])[0]})")
+        else:
+            _say(f"[{head} {size}] {lv.name} b{batch}: failed ({lv.rec['reason'][:200]})")
+        emit(lv.rec)
+
+
+def _bench_graph(cfg: BenchConfig, head: str, size: int, clip, shape: VitShape, rng: np.random.Generator,
+                 workdir: Path, image_path: Optional[Path], emit: Callable[[dict], None]) -> None:
+    """Export one (head, size) graph, then measure every backend at every batch size."""
+    t0 = time.perf_counter()
+    _say(f"[{head} {size}] exporting the graph")
+    build, onnx_path, manifest = _export(cfg, head, size, workdir, clip)
+    n_names = sum(len(c) for c in cfg.classes)
+    flops = head_flops(head, shape, size, n_names, build.head_params)
+    ctx = BenchContext(build=build, onnx_path=onnx_path, manifest=manifest, workdir=workdir,
+                       threads=cfg.threads, torch_device=cfg.torch_device, max_batch=max(cfg.batches))
+    _say(f"[{head} {size}] ready in {time.perf_counter() - t0:.0f} s; "
+         f"{flops['total'] / 1e9:.1f} GFLOP per image")
+    probe = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+    runners, bases = _open_runners(cfg, ctx, head, size, flops["total"], probe, emit)
+    try:
+        for batch in cfg.batches:
+            images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+            _measure_batch(cfg, ctx, runners, bases, head, size, batch, images, image_path, emit)
+    finally:
+        for runner in runners.values():
+            runner.close()
+        runners.clear()
+        gc.collect()
+
+
+def _free_graphs(workdir: Path, head: str, size: int) -> None:
+    """Free the disk: a ViT-B graph is ~350 MB (+ FP16 copy)."""
+    for f in workdir.glob(f"{head}-{size}*"):
+        if f.is_file():
+            f.unlink()
+        else:
+            shutil.rmtree(f, ignore_errors=True)
 
 
 def run_suite(cfg: BenchConfig, on_result: Callable[[dict], None]) -> List[dict]:
     """Run everything in `cfg`; `on_result(record)` is called after each measurement."""
-    import shutil
-
     import torch
 
     from clipfuse.export.weights import load_clip
@@ -217,96 +331,18 @@ def run_suite(cfg: BenchConfig, on_result: Callable[[dict], None]) -> List[dict]
         records.append(rec)
         on_result(rec)
 
-    tmp = None
-    if cfg.workdir:
-        workdir = Path(cfg.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.mkdtemp(prefix="clipfuse-bench-")
-        workdir = Path(tmp)
-    try:
+    with _workdir(cfg) as workdir:
         image_path = None
         if cfg.scope == "e2e":
             image_path = Path(cfg.image) if cfg.image else synthetic_jpeg(workdir / "bench-input.jpg")
         _say(f"loading {cfg.model} (pretrained: {cfg.pretrained})")
         clip = load_clip(cfg.model, cfg.pretrained, quick_gelu=cfg.quick_gelu, seed=cfg.seed)
         shape = VitShape.from_visual(clip.model.visual)
-        n_names = sum(len(c) for c in cfg.classes)
         rng = np.random.default_rng(cfg.seed)
         for size in cfg.sizes:
             for head in cfg.heads:
-                t0 = time.perf_counter()
-                _say(f"[{head} {size}] exporting the graph")
-                build, onnx_path, manifest = _export(cfg, head, size, workdir, clip)
-                flops = head_flops(head, shape, size, n_names, build.head_params)
-                ctx = BenchContext(build=build, onnx_path=onnx_path, manifest=manifest, workdir=workdir,
-                                   threads=cfg.threads, torch_device=cfg.torch_device, max_batch=max(cfg.batches))
-                _say(f"[{head} {size}] ready in {time.perf_counter() - t0:.0f} s; "
-                     f"{flops['total'] / 1e9:.1f} GFLOP per image")
-                probe = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
-                runners: Dict[str, Runner] = {}
-                bases: Dict[str, dict] = {}
-                reference_out = None
-                for name in cfg.backends:
-                    base = {"head": head, "size": size, "backend": name, "scope": cfg.scope,
-                            "flops_per_image": flops["total"]}
-                    t_open = time.perf_counter()
-                    try:
-                        runner = open_runner(name, ctx)
-                    except Unavailable as exc:
-                        reason = str(exc)
-                        _say(f"[{head} {size}] {name}: skipped ({reason})")
-                        for batch in cfg.batches:
-                            emit(dict(base, batch=batch, status="skipped", reason=reason))
-                        continue
-                    base.update(label=runner.label, device=runner.device, precision=runner.precision,
-                                setup_s=round(time.perf_counter() - t_open, 3))
-                    try:  # the output check: same image through the reference and this backend
-                        out = runner.infer(probe)
-                        if name == REFERENCE:
-                            reference_out = out
-                        elif reference_out is not None:
-                            base["max_abs_diff_vs_reference"] = float(
-                                np.max(np.abs(out.astype(np.float64) - reference_out)))
-                    except Exception as exc:
-                        base["max_abs_diff_vs_reference"] = f"{type(exc).__name__}: {exc}"
-                    base.setdefault("max_abs_diff_vs_reference", None)
-                    runners[name], bases[name] = runner, base
-                for batch in cfg.batches:
-                    images = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-                    live: List[_Live] = []
-                    for name, runner in runners.items():
-                        try:
-                            call, sync, timer, rec = warm_up(runner, cfg, batch, images, ctx, image_path)
-                        except Exception as exc:  # e.g. torch.compile failing at its first call
-                            reason = f"{type(exc).__name__}: {str(exc)[:500]}"
-                            _say(f"[{head} {size}] {name} b{batch}: failed ({reason[:200]})")
-                            emit(dict(bases[name], batch=batch, status="failed", reason=reason))
-                            continue
-                        live.append(_Live(name, runner, dict(bases[name], batch=batch, **rec), call, sync, timer))
-                    measure_interleaved(live, cfg, batch)
-                    for lv in live:
-                        if lv.rec["status"] == "ok":
-                            lat = lv.rec["latency"]
-                            _say(f"[{head} {size}] {lv.name} b{batch}: p50 {lat['p50_s'] * 1e3:.1f} ms, "
-                                 f"{lat['images_per_s']:.2f} img/s ({lat['iters']} iters, load "
-                                 f"{(lv.rec['loadavg_before'] or ['?'])[0]})")
-                        else:
-                            _say(f"[{head} {size}] {lv.name} b{batch}: failed ({lv.rec['reason'][:200]})")
-                        emit(lv.rec)
-                for runner in runners.values():
-                    runner.close()
-                runners.clear()
-                gc.collect()
-                del build, ctx
-                gc.collect()
-                if not cfg.workdir:  # free the disk: a ViT-B graph is ~350 MB (+ FP16 copy)
-                    for f in workdir.glob(f"{head}-{size}*"):
-                        if f.is_file():
-                            f.unlink()
-                        else:
-                            shutil.rmtree(f, ignore_errors=True)
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
+                _bench_graph(cfg, head, size, clip, shape, rng, workdir, image_path, emit)
+                gc.collect()   # the build and its context are gone with _bench_graph's frame
+                if not cfg.workdir:
+                    _free_graphs(workdir, head, size)
     return records

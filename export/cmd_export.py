@@ -29,24 +29,25 @@ classes: --classes "a,b,c" (one name per class) or "bg;person,people;car" (';' b
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from clipfuse.runtime.methods import METHODS
 
-    parser.add_argument("--head", required=True, choices=list(METHODS), help="dense head (see `clipfuse heads`)")
+    parser.add_argument("--head", "--method", dest="head", required=True, choices=list(METHODS),
+                        help="the method, i.e. its dense head (see `clipfuse heads`)")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture name (default: %(default)s)")
     parser.add_argument("--pretrained", default=None,
                         help="open_clip tag (e.g. openai, laion2b_s34b_b88k), a local checkpoint file in "
                              "open_clip or OpenAI format, or 'none' for random init (default: the head's "
                              "published weights, see `clipfuse heads`)")
-    vocab = parser.add_mutually_exclusive_group(required=True)
-    vocab.add_argument("--classes", help='class names, e.g. "sky,tree,road" or "bg;person,people;car"')
-    vocab.add_argument("--classes-file", help="file with one class per line, synonyms comma-separated")
+    class_source = parser.add_mutually_exclusive_group(required=True)
+    class_source.add_argument("--classes", help='class names, e.g. "sky,tree,road" or "bg;person,people;car"')
+    class_source.add_argument("--classes-file", help="file with one class per line, synonyms comma-separated")
     parser.add_argument("--size", type=int_range(16, 4096), default=None,
                         help="input height = width in pixels, a multiple of the patch size; this is the "
                              "sliding-window size (default: the head's, e.g. 224 sclip, 448 clip-dinoiser)")
     parser.add_argument("--templates", choices=["imagenet80", "single"], default="imagenet80",
                         help="prompt templates averaged per class name (default: %(default)s)")
-    parser.add_argument("--vocab", choices=["baked", "dynamic"], default="baked",
+    parser.add_argument("--vocab", "--vocab-mode", dest="vocab", choices=["baked", "dynamic"], default="baked",
                         help="baked: class embeddings are graph constants; dynamic: an input "
                              "class_embeddings [K, E] so the vocabulary can change on the device")
-    parser.add_argument("--heads", default=None,
+    parser.add_argument("--heads", "--heads-checkpoint", dest="heads", default=None,
                         help="clip-dinoiser: CLIP-DINOiser checkpoint (checkpoints/last.pt), or 'none' for "
                              "random conv heads (tests only)")
     parser.add_argument("--quick-gelu", type=on_off, default=None, metavar="on|off",
@@ -104,26 +105,27 @@ def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.vocab import parse_classes, read_classes_file
 
     if args.classes is not None:
-        vocab = parse_classes(args.classes, allow_duplicates=args.allow_duplicate_names)
+        vocabulary = parse_classes(args.classes, allow_duplicates=args.allow_duplicate_names)
     else:
-        vocab = read_classes_file(args.classes_file, args.allow_duplicate_names)
+        vocabulary = read_classes_file(args.classes_file, args.allow_duplicate_names)
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     frame = None
     if args.frame is not None:
         from clipfuse.export.frame_graph import parse_frame
         frame = parse_frame(args.frame)
     baked = {"logit_scale": args.logit_scale, "prob_thd": args.prob_thd, "area_thd": args.area_thd,
              "short_side": args.short_side, "stride": args.stride}
-    if frame is None and any(v is not None for v in baked.values()):
+    baked = {k: v for k, v in baked.items() if v is not None}
+    if frame is None and baked:
         raise ClipfuseError("--logit-scale/--prob-thd/--area-thd/--short-side/--stride are baked into "
                             "frame graphs only (add --frame WxH); window graphs take them at run time")
 
-    export_image_graph(head=args.head, out=args.output, model=args.model, pretrained=args.pretrained,
-                       classes=vocab, size=args.size, templates=args.templates, vocab=args.vocab,
-                       heads_ckpt=args.heads, head_params=head_overrides(args), quick_gelu=args.quick_gelu,
-                       seed=args.seed, opset=args.opset, quiet=args.quiet,
-                       allow_duplicates=args.allow_duplicate_names, frame=frame,
-                       frame_protocol=baked)
+    spec = ImageExportSpec(method=args.head, model=args.model, pretrained=args.pretrained, classes=vocabulary,
+                           size=args.size, templates=args.templates, vocab_mode=args.vocab,
+                           heads_checkpoint=args.heads, head_params=head_overrides(args),
+                           quick_gelu=args.quick_gelu, seed=args.seed, opset=args.opset,
+                           allow_duplicates=args.allow_duplicate_names, frame=frame, frame_protocol=baked)
+    export_image_graph(spec, args.output, quiet=args.quiet)
     return 0

@@ -1,4 +1,4 @@
-"""`clipfuse heads`: the dense heads, their defaults and protocols."""
+"""`clipfuse heads`: the dense heads, their defaults and protocols (torch-free: runtime.methods)."""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.methods import METHODS
 
-    # The block presets need torch; show them when it's there, the rest is torch-free.
-    try:
-        from clipfuse.export.heads import POS_RULES, head_defaults
-    except ImportError:
-        head_defaults, POS_RULES = None, {}
     rows = []
     for name, spec in METHODS.items():
         rows.append({
@@ -35,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
             "summary": spec.summary,
             "default_pretrained": spec.default_pretrained,
             "default_size": spec.default_size,
-            "block": head_defaults(name) if head_defaults else None,
-            "pos_embed_rule": POS_RULES.get(name),
+            "block": spec.default_head_params(),
+            "pos_embed_rule": spec.pos_rule,
+            "takes_heads_checkpoint": spec.takes_heads_checkpoint,
             "protocol": spec.protocol.to_dict(),
             "dataset_overrides": spec.dataset_protocol,
+            "published_miou": spec.published_miou,
         })
     if args.json:
         print(json.dumps(rows, indent=2))

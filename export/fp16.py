@@ -244,14 +244,139 @@ def _drop_constant_identities(graph: onnx.GraphProto) -> None:
     graph.node.extend(kept)
 
 
-def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
-    """Return (FP16 model with FP32 islands, report). The input model is not modified."""
-    src = model
-    for node in src.graph.node:
+def _check_flat(model: onnx.ModelProto) -> None:
+    for node in model.graph.node:
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             raise ClipfuseError(f"node {node.name or node.op_type} has a subgraph ({node.op_type}); "
                                 "the FP16 pass handles flat graphs only")
-    model = onnx.ModelProto()
+
+
+def _convert_initializers(graph: onnx.GraphProto, islands: Dict[int, str], consumers: Dict[str, List[int]],
+                          report: Fp16Report) -> Dict[str, str]:
+    """Constants: FP16 when every consumer is an FP16 node, otherwise kept FP32 (+ an FP16 copy).
+
+    Returns {FP32 constant name: its FP16 copy's name} for the constants that need both.
+    """
+    io_names = {x.name for x in graph.input} | {x.name for x in graph.output}
+    fp16_copies: Dict[str, str] = {}
+    new_inits: List[onnx.TensorProto] = []
+    for init in graph.initializer:
+        name = init.name
+        if init.data_type != FLOAT or name in io_names:
+            continue
+        users = consumers.get(name, [])
+        users16 = [u for u in users if u not in islands]
+        if users and len(users16) == len(users):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
+            report.initializers_fp16 += 1
+        elif users16:
+            copy_name = f"{name}__fp16"
+            new_inits.append(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), copy_name))
+            fp16_copies[name] = copy_name
+            report.initializers_fp16 += 1
+    graph.initializer.extend(new_inits)
+    return fp16_copies
+
+
+class _NodeRewriter:
+    """Walks the nodes in order, tracking the precision of every float tensor as the new graph
+    computes it, and inserting one Cast per (tensor, precision) where a node needs the other one."""
+
+    def __init__(self, graph: onnx.GraphProto, types: Dict[str, int], islands: Dict[int, str],
+                 consumers: Dict[str, List[int]], fp16_copies: Dict[str, str], report: Fp16Report) -> None:
+        self.types, self.islands, self.consumers = types, islands, consumers
+        self.fp16_copies, self.report = fp16_copies, report
+        self.precision: Dict[str, int] = {x.name: x.type.tensor_type.elem_type for x in graph.input}
+        for init in graph.initializer:      # after _convert_initializers: FP16 copies included
+            self.precision[init.name] = init.data_type
+        self.new_nodes: List[onnx.NodeProto] = []
+        self.casts: Dict[tuple, str] = {}
+
+    def cast_to(self, name: str, to: int) -> str:
+        key = (name, to)
+        if key not in self.casts:
+            suffix = "fp16" if to == FLOAT16 else "fp32"
+            out = f"{name}__{suffix}"
+            self.new_nodes.append(helper.make_node("Cast", [name], [out], to=to, name=f"cast_{suffix}/{name}"))
+            self.precision[out] = to
+            self.casts[key] = out
+            self.report.casts_inserted += 1
+        return self.casts[key]
+
+    def _constant(self, node: onnx.NodeProto) -> None:
+        users = self.consumers.get(node.output[0], [])
+        attr = next((a for a in node.attribute if a.name == "value"), None)
+        if (attr is not None and attr.t.data_type == FLOAT and users
+                and all(u not in self.islands for u in users)):
+            attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
+        self.new_nodes.append(node)
+        if attr is not None:
+            self.precision[node.output[0]] = attr.t.data_type
+
+    def rewrite(self, index: int, node: onnx.NodeProto) -> None:
+        if node.op_type == "Constant":
+            self._constant(node)
+            return
+        target = FLOAT if index in self.islands else FLOAT16
+        for k, name in enumerate(node.input):
+            cur = self.precision.get(name, self.types.get(name))
+            if not name or cur not in (FLOAT, FLOAT16) or cur == target:
+                continue
+            if target == FLOAT16 and name in self.fp16_copies:
+                node.input[k] = self.fp16_copies[name]
+            else:
+                node.input[k] = self.cast_to(name, target)
+        if node.op_type == "Cast":
+            to = next(a for a in node.attribute if a.name == "to")
+            if to.i in (FLOAT, FLOAT16):
+                to.i = target
+        self.new_nodes.append(node)
+        for out in node.output:
+            t = self.types.get(out)
+            if t in (FLOAT, FLOAT16):
+                self.precision[out] = target
+            elif node.op_type == "Cast":
+                self.precision[out] = next(a.i for a in node.attribute if a.name == "to")
+            elif t is not None:
+                self.precision[out] = t
+
+    def cast_outputs_back(self, graph: onnx.GraphProto) -> None:
+        """Outputs keep their declared dtype: rename the producer's tensor, cast back to the output name."""
+        renames: Dict[str, str] = {}
+        for out in graph.output:
+            want = out.type.tensor_type.elem_type
+            if self.precision.get(out.name) == want or want not in (FLOAT, FLOAT16):
+                continue
+            renames[out.name] = f"{out.name}__{'fp16' if self.precision.get(out.name) == FLOAT16 else 'fp32'}"
+        if not renames:
+            return
+        for node in self.new_nodes:
+            node.output[:] = [renames.get(o, o) for o in node.output]
+            node.input[:] = [renames.get(x, x) for x in node.input]
+        for orig, inner in renames.items():
+            self.new_nodes.append(helper.make_node("Cast", [inner], [orig], to=FLOAT, name=f"cast_out/{orig}"))
+            self.report.casts_inserted += 1
+
+
+def _install_nodes(model: onnx.ModelProto, new_nodes: List[onnx.NodeProto]) -> onnx.ModelProto:
+    """Replace the graph's nodes, drop unused constants, re-infer and check the shapes and types."""
+    graph = model.graph
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    del graph.value_info[:]
+    used = {x for n in new_nodes for x in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    onnx.checker.check_model(model)
+    return model
+
+
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
+    """Return (FP16 model with FP32 islands, report). The input model is not modified."""
+    _check_flat(model)
+    src, model = model, onnx.ModelProto()
     model.CopyFrom(src)
     _drop_constant_identities(model.graph)
     types = tensor_types(model)
@@ -263,118 +388,12 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) 
         report.fp32_by_reason[reason] = report.fp32_by_reason.get(reason, 0) + 1
 
     consumers = _consumers(graph)
-    inits = {init.name: init for init in graph.initializer}
-    io_names = {x.name for x in graph.input} | {x.name for x in graph.output}
-
-    # Current precision of every float tensor as the new graph computes it.
-    precision: Dict[str, int] = {}
-    for x in graph.input:
-        precision[x.name] = x.type.tensor_type.elem_type
-
-    # Constants: FP16 when every consumer is an FP16 node, otherwise kept FP32 (+ an FP16 copy).
-    fp16_copies: Dict[str, str] = {}
-    new_inits: List[onnx.TensorProto] = []
-
-    def wants_fp16(node_index: int) -> bool:
-        return node_index not in islands
-
-    for name, init in inits.items():
-        if init.data_type != FLOAT or name in io_names:
-            continue
-        users = consumers.get(name, [])
-        users16 = [u for u in users if wants_fp16(u)]
-        if users and len(users16) == len(users):
-            arr = numpy_helper.to_array(init).astype(np.float16)
-            init.CopyFrom(numpy_helper.from_array(arr, name))
-            report.initializers_fp16 += 1
-        elif users16:
-            arr = numpy_helper.to_array(init).astype(np.float16)
-            copy_name = f"{name}__fp16"
-            new_inits.append(numpy_helper.from_array(arr, copy_name))
-            fp16_copies[name] = copy_name
-            report.initializers_fp16 += 1
-        precision[name] = init.data_type
-    graph.initializer.extend(new_inits)
-    for name, init in inits.items():
-        precision[name] = init.data_type
-    for t in new_inits:
-        precision[t.name] = FLOAT16
-
-    new_nodes: List[onnx.NodeProto] = []
-    casts: Dict[tuple, str] = {}
-
-    def cast_to(name: str, to: int) -> str:
-        key = (name, to)
-        if key not in casts:
-            suffix = "fp16" if to == FLOAT16 else "fp32"
-            out = f"{name}__{suffix}"
-            new_nodes.append(helper.make_node("Cast", [name], [out], to=to,
-                                              name=f"cast_{suffix}/{name}"))
-            precision[out] = to
-            casts[key] = out
-            report.casts_inserted += 1
-        return casts[key]
-
+    fp16_copies = _convert_initializers(graph, islands, consumers, report)
+    rewriter = _NodeRewriter(graph, types, islands, consumers, fp16_copies, report)
     for i, node in enumerate(old_nodes):
-        target = FLOAT if i in islands else FLOAT16
-        if node.op_type == "Constant":
-            users = consumers.get(node.output[0], [])
-            attr = next((a for a in node.attribute if a.name == "value"), None)
-            if attr is not None and attr.t.data_type == FLOAT and users and all(wants_fp16(u) for u in users):
-                arr = numpy_helper.to_array(attr.t).astype(np.float16)
-                attr.t.CopyFrom(numpy_helper.from_array(arr, attr.t.name))
-            new_nodes.append(node)
-            if attr is not None:
-                precision[node.output[0]] = attr.t.data_type
-            continue
-        for k, name in enumerate(node.input):
-            cur = precision.get(name, types.get(name))
-            if not name or cur not in (FLOAT, FLOAT16) or cur == target:
-                continue
-            if target == FLOAT16 and name in fp16_copies:
-                node.input[k] = fp16_copies[name]
-            else:
-                node.input[k] = cast_to(name, target)
-        if node.op_type == "Cast":
-            to = next(a for a in node.attribute if a.name == "to")
-            if to.i in (FLOAT, FLOAT16):
-                to.i = target
-        new_nodes.append(node)
-        for out in node.output:
-            t = types.get(out)
-            if t in (FLOAT, FLOAT16):
-                precision[out] = target
-            elif node.op_type == "Cast":
-                precision[out] = next(a.i for a in node.attribute if a.name == "to")
-            elif t is not None:
-                precision[out] = t
-
-    # Outputs keep their declared dtype: rename the producer's tensor, cast back to the output name.
-    renames: Dict[str, str] = {}
-    for out in graph.output:
-        want = out.type.tensor_type.elem_type
-        if precision.get(out.name) == want or want not in (FLOAT, FLOAT16):
-            continue
-        inner = f"{out.name}__{'fp16' if precision.get(out.name) == FLOAT16 else 'fp32'}"
-        renames[out.name] = inner
-    if renames:
-        for node in new_nodes:
-            node.output[:] = [renames.get(o, o) for o in node.output]
-            node.input[:] = [renames.get(x, x) for x in node.input]
-        for orig, inner in renames.items():
-            new_nodes.append(helper.make_node("Cast", [inner], [orig], to=FLOAT, name=f"cast_out/{orig}"))
-            report.casts_inserted += 1
-
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    del graph.value_info[:]
-    used = {x for n in new_nodes for x in n.input}
-    kept = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
-    return model, report
+        rewriter.rewrite(i, node)
+    rewriter.cast_outputs_back(graph)
+    return _install_nodes(model, rewriter.new_nodes), report
 
 
 def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = ()) -> Fp16Report:

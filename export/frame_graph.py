@@ -207,9 +207,9 @@ def export_frame_graph(build, window_manifest: dict, frame: Tuple[int, int], onn
     if dynamic:
         from .classifier import synonym_index
         from clipfuse.runtime.vocab import class_of_name
-        rows = synonym_index(class_of_name(build.vocab))
+        rows = synonym_index(class_of_name(build.vocabulary))
         if rows is None:
-            rows = torch.arange(len(build.vocab)).view(-1, 1)
+            rows = torch.arange(len(build.vocabulary)).view(-1, 1)
         args = (frames, build.name_embeddings, rows.to(torch.int64))
         names += ["class_embeddings", "class_rows"]
         axes.update(class_embeddings={0: "rows"}, class_rows={0: "classes", 1: "names"})

@@ -52,7 +52,7 @@ def _normalization(name: str) -> Tuple[Sequence[float], Sequence[float]]:
 
 
 class _ReferTower(nn.Module):
-    """Shared pieces: the in-graph normalisation + embedding, blocks, and the CLS head."""
+    """Shared pieces: the in-graph normalisation + embedding, blocks, and the CLS projection."""
 
     def __init__(self, visual: nn.Module, normalization: str = "imagenet") -> None:
         super().__init__()
@@ -64,7 +64,8 @@ class _ReferTower(nn.Module):
         self.ln_post = visual.ln_post
         self.proj = visual.proj
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def cls_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The CLS token through ln_post and the projection (raw, not normalised)."""
         return self.ln_post(x[:, 0]) @ self.proj
 
 
@@ -89,7 +90,7 @@ class ReferGlobal(_ReferTower):
         for block in self.blocks[self.first_masked:]:
             x, _ = run_block(block, torch.cat([cls, patches * weights], dim=1))
             cls, patches = x[:, :1], x[:, 1:]
-        return self.head(x)
+        return self.cls_features(x)
 
 
 class ReferLocal(_ReferTower):
@@ -99,7 +100,7 @@ class ReferLocal(_ReferTower):
         x = self.trunk.embed(crops)
         for block in self.blocks:
             x, _ = run_block(block, x)
-        return self.head(x)
+        return self.cls_features(x)
 
 
 def example_inputs(module: nn.Module, num_masks: int = 2, seed: int = 0) -> Tuple[torch.Tensor, ...]:

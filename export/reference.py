@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipfuse.runtime.methods import CLIP_DINOISER, get_method
 from clipfuse.runtime.vocab import class_of_name
 
 from .trunk import CLIP_MEAN, CLIP_STD
@@ -76,15 +77,16 @@ def _naclip_gaussian(grid, sigma: float) -> torch.Tensor:
 class ReferenceModel:
     """Callable: uint8 NHWC numpy batch -> float32 numpy scores [B, K, h, w] (graph semantics)."""
 
-    def __init__(self, clip, head: str, head_params: dict, vocab: List[List[str]],
+    def __init__(self, clip, method: str, head_params: dict, vocabulary: List[List[str]],
                  name_embeddings: torch.Tensor, size: int, pos_rule: str, conv_heads=None,
                  background_rule: bool = False) -> None:
         self.visual = copy.deepcopy(clip.model.visual).eval()
-        self.head = head
+        self.method = method
+        self.family = get_method(method).head_family
         self.params = dict(head_params)
-        self.vocab = vocab
+        self.vocabulary = vocabulary
         self.text = name_embeddings.float()
-        self.class_of_name = class_of_name(vocab)
+        self.class_of_name = class_of_name(vocabulary)
         patch = self.visual.conv1.kernel_size[0]
         self.grid = (size // patch, size // patch)
         self.visual.positional_embedding = torch.nn.Parameter(_pos_table(self.visual, self.grid, pos_rule),
@@ -100,7 +102,7 @@ class ReferenceModel:
         captured = {}
         blocks = self.visual.transformer.resblocks
         hooks = [blocks[-1].register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0]))]
-        if self.head == "clip-dinoiser":
+        if self.family == CLIP_DINOISER:
             hooks.append(blocks[len(blocks) - 3].ln_2.register_forward_hook(
                 lambda m, a, out: captured.__setitem__("guide", out)))
         try:
@@ -127,7 +129,7 @@ class ReferenceModel:
         return torch.einsum("bchw,kc->bkhw", feats, self.text)
 
     def _max_over_synonyms(self, scores: torch.Tensor) -> torch.Tensor:
-        n_cls = len(self.vocab)
+        n_cls = len(self.vocabulary)
         out = []
         for c in range(n_cls):
             idx = [i for i, k in enumerate(self.class_of_name) if k == c]
@@ -140,7 +142,7 @@ class ReferenceModel:
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         images = (images_uint8.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
         x, guide = self._tokens(images)
-        if self.head != "clip-dinoiser":
+        if self.family != CLIP_DINOISER:
             p = self.params
             feats = self._last_block(x, p["attn"], p["residual"], p["ffn"])
             return self._max_over_synonyms(self._cosine_per_name(feats))
@@ -172,20 +174,17 @@ class ReferenceModel:
     @classmethod
     def from_build(cls, build) -> "ReferenceModel":
         """Same weights and vocabulary as an in-process FusedBuild (clipfuse.export.api)."""
-        from .heads import POS_RULES
         conv_heads = getattr(build.module.head, "heads", None)
         background = bool(build.head_params.get("background_rule", False))
-        return cls(build.clip, build.head, build.head_params, build.vocab, build.name_embeddings, build.size,
-                   POS_RULES[build.head], conv_heads=conv_heads, background_rule=background)
+        return cls(build.clip, build.method, build.head_params, build.vocabulary, build.name_embeddings,
+                   build.size, get_method(build.method).pos_rule, conv_heads=conv_heads,
+                   background_rule=background)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> "ReferenceModel":
         """Rebuild the exported model (same tag/file/seed) from its manifest."""
+        from dataclasses import replace
+
         from .api import build_fused
-        params = {k: v for k, v in manifest["head"]["params"].items()
-                  if k in ("attn", "gaussian_sigma", "residual", "ffn", "background_rule")}
-        build = build_fused(manifest["head"]["name"], manifest["model"], manifest.get("pretrained_source")
-                            or manifest["pretrained"], manifest["classes"], manifest["input_size"][0],
-                            manifest["templates"], "baked", manifest.get("heads_checkpoint_source"), params,
-                            manifest.get("quick_gelu"), manifest.get("seed", 0), allow_duplicates=True)
-        return cls.from_build(build)
+        from .spec import ImageExportSpec
+        return cls.from_build(build_fused(replace(ImageExportSpec.from_manifest(manifest), vocab_mode="baked")))

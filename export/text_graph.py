@@ -21,9 +21,9 @@ from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest
 from clipfuse.runtime.tokenizer import TOKENIZER_ID, VOCAB_SIZE
 
 from .artifacts import graph_with_manifest
+from .spec import OPSET
 from .weights import LoadedClip, load_clip
 
-OPSET = 17
 PRECISIONS = ("fp32", "fp16")
 INPUT, OUTPUT = "tokens", "text_features"
 

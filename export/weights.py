@@ -230,6 +230,3 @@ def load_clip(model_name: str = "ViT-B-16", pretrained: str = "none",
         param.requires_grad_(False)
     return LoadedClip(model=model, model_name=model_name, pretrained_id=source_id, quick_gelu=qg,
                       checkpoint_format=fmt, seed=seed)
-
-
-seeded_load_clip = load_clip

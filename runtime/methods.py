@@ -1,12 +1,25 @@
-"""What each dense head is, as data: defaults of weights, export size and inference protocol.
+"""Everything clipfuse knows about each method, as data, in one torch-free table.
 
-Torch-free so the runtime, the CLI's `heads` listing and the exporter all read the same table.
-Numbers are those of the methods' public code (see the project README for sources).
+`METHODS[name]` is a frozen `MethodSpec`; every layer reads it and nothing else:
+  - the exporter: `head_family` picks the DenseHead class, `head_params` its preset (attention form,
+    Gaussian sigma, residual, FFN; or CLIP-DINOiser's background rule), `pos_rule` how the positional
+    table is resized, `takes_heads_checkpoint` whether `--heads` applies, `default_pretrained`;
+  - the reference (export/reference.py) reads the same preset and rule;
+  - the runtime: `protocol` (sliding window incl. score type and logit scale), `dataset_protocol`;
+  - eval: `class_names` (which shipped name files), `background_rule_datasets`, `published_miou`;
+  - `clipfuse heads` prints it (no torch needed).
+
+The window is the one source of truth for the size: `default_size` IS `protocol.window`, and a
+graph exported at another size gets `protocol_at(size)` (window = size) in its manifest.
+
+Adding a self-correlation head (a new attention form aside) is one entry here; a new head family
+also needs its DenseHead in export/heads/ (registered in `export.heads.FAMILIES`) and its
+reference in export/reference.py. Numbers are those of the methods' public code (README: sources).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Optional
 
 from .errors import ClipfuseError
 
@@ -35,20 +48,75 @@ class Protocol:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+# DenseHead families (export/heads/): which module class a method's preset parameterises.
+SELF_CORRELATION = "self-correlation"
+CLIP_DINOISER = "clip-dinoiser"
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
     summary: str
     default_pretrained: str
-    default_size: int
+    # protocol.window is also the default export size (see `default_size`).
     protocol: Protocol
+    head_family: str
+    # The DenseHead's default parameters (methods.md): for self-correlation heads the attention
+    # form, Gaussian sigma, residual and FFN; for CLIP-DINOiser whether the background rule is on.
+    head_params: Dict[str, object]
+    # How the method's code resizes the positional table (export/posembed.py): "size" or "scale".
+    pos_rule: str
+    # Whether the method has trained weights of its own (`--heads`, manifest heads_checkpoint).
+    takes_heads_checkpoint: bool = False
+    # Datasets on which the method's published evaluation applies its background rule.
+    background_rule_datasets: FrozenSet[str] = frozenset()
+    # Which shipped class-name files the published numbers used: "standard" or "sclip".
+    class_names: str = "standard"
     # Per-dataset overrides of the protocol, keyed by clipfuse dataset name.
     dataset_protocol: Dict[str, dict] = field(default_factory=dict)
+    # Published mIoU (%), ViT-B/16, per clipfuse dataset name (docs/methods.md): only what the
+    # method's paper states per dataset; a method with just an average published has only "avg".
+    published_miou: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def default_size(self) -> int:
+        """Default export size = the method's sliding-window size (one source of truth)."""
+        return self.protocol.window
+
+    @property
+    def has_background_rule(self) -> bool:
+        return "background_rule" in self.head_params
+
+    def default_head_params(self) -> dict:
+        """A fresh copy of the DenseHead's default parameters."""
+        return dict(self.head_params)
 
     def protocol_for(self, dataset: Optional[str] = None) -> Protocol:
         if dataset is None or dataset not in self.dataset_protocol:
             return self.protocol
         return replace(self.protocol, **self.dataset_protocol[dataset])
+
+    def protocol_at(self, size: int) -> Protocol:
+        """The protocol of a graph exported at `size`: a non-default size is a new window size."""
+        if size == self.protocol.window:
+            return self.protocol
+        return replace(self.protocol, window=size, stride=size // 2,
+                       short_side=max(self.protocol.short_side, size))
+
+
+# The papers' column order: VOC21/C60/Obj/VOC20/City/C59/ADE/Stuff (clipfuse dataset names).
+PAPER_COLUMNS = ("voc21", "context60", "coco-object", "voc20", "cityscapes", "context59", "ade20k",
+                 "coco-stuff164k")
+
+
+def _per_dataset(*values: float, avg: float) -> Dict[str, float]:
+    """Published mIoU given in the papers' column order."""
+    assert len(values) == len(PAPER_COLUMNS)
+    return dict(zip(PAPER_COLUMNS, values), avg=avg)
+
+
+def _selfcorr(attn: str, residual: bool, ffn: bool, gaussian_sigma: Optional[float] = None) -> dict:
+    return dict(attn=attn, gaussian_sigma=gaussian_sigma, residual=residual, ffn=ffn)
 
 
 METHODS: Dict[str, MethodSpec] = {
@@ -56,17 +124,22 @@ METHODS: Dict[str, MethodSpec] = {
         name="maskclip",
         summary="MaskCLIP value path: last block without attention mixing, residual+FFN kept",
         default_pretrained="openai",
-        default_size=448,
         protocol=Protocol(short_side=448, long_side_max=2048, window=448, stride=224,
                           score_type="cosine", logit_scale=100.0),
+        head_family=SELF_CORRELATION,
+        head_params=_selfcorr("identity", residual=True, ffn=True),
+        pos_rule="size",
     ),
     "sclip": MethodSpec(
         name="sclip",
         summary="SCLIP correlative self-attention softmax(qq^T)+softmax(kk^T), residual+FFN kept",
         default_pretrained="openai",
-        default_size=224,
         protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                           logit_scale=40.0, prob_thd=0.0),
+        head_family=SELF_CORRELATION,
+        head_params=_selfcorr("qq+kk", residual=True, ffn=True),
+        pos_rule="scale",
+        class_names="sclip",
         dataset_protocol={
             "voc21": {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1},
             "context60": {"logit_scale": 50.0, "prob_thd": 0.1},
@@ -74,33 +147,49 @@ METHODS: Dict[str, MethodSpec] = {
             "cityscapes": {"short_side": 560},
             "coco-stuff164k": {"short_side": 448},
         },
+        published_miou=_per_dataset(59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4, avg=38.2),
     ),
     "clip-dinoiser": MethodSpec(
         name="clip-dinoiser",
         summary="CLIP-DINOiser: MaskCLIP features pooled by a learned patch correlation + background head",
         default_pretrained="laion2b_s34b_b88k",
-        default_size=448,
         protocol=Protocol(short_side=448, long_side_max=2048, window=448, stride=224,
                           score_type="probability", logit_scale=1.0),
+        head_family=CLIP_DINOISER,
+        head_params={"background_rule": True},
+        pos_rule="size",
+        takes_heads_checkpoint=True,
+        background_rule_datasets=frozenset({"voc21", "coco-object"}),
+        published_miou=_per_dataset(62.1, 32.4, 34.8, 80.9, 31.7, 35.9, 20.0, 24.6, avg=40.3),
     ),
     "clearclip": MethodSpec(
         name="clearclip",
         summary="ClearCLIP: softmax(qq^T) attention, no residual, no FFN",
         default_pretrained="openai",
-        default_size=448,
         protocol=Protocol(short_side=448, long_side_max=2048, window=448, stride=224, score_type="cosine",
                           logit_scale=50.0),
+        head_family=SELF_CORRELATION,
+        head_params=_selfcorr("qq", residual=False, ffn=False),
+        pos_rule="scale",
+        class_names="sclip",
+        published_miou={"avg": 38.1},
     ),
     "naclip": MethodSpec(
         name="naclip",
         summary="NACLIP: softmax(kk^T + Gaussian neighbourhood bias), no residual, no FFN",
         default_pretrained="openai",
-        default_size=224,
         protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                           logit_scale=40.0),
+        head_family=SELF_CORRELATION,
+        head_params=_selfcorr("kk", residual=False, ffn=False, gaussian_sigma=5.0),
+        pos_rule="scale",
+        class_names="sclip",
         dataset_protocol={"cityscapes": {"short_side": 560}},
+        published_miou={"avg": 39.4},
     ),
 }
+
+METHOD_NAMES = tuple(METHODS)
 
 
 def get_method(name: str) -> MethodSpec:
@@ -109,6 +198,11 @@ def get_method(name: str) -> MethodSpec:
     except KeyError:
         raise ClipfuseError(
             f"unknown head {name!r}; choose one of: {', '.join(sorted(METHODS))}") from None
+
+
+def head_defaults(method: str) -> dict:
+    """The default DenseHead parameters of `method` (a fresh dict)."""
+    return get_method(method).default_head_params()
 
 
 # Tags whose weights were trained with QuickGELU (OpenAI's own release and its re-uploads).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 import time
 from typing import Callable
 
@@ -87,12 +88,11 @@ _EXPORTED: dict = {}
 
 def tiny_sclip(root) -> "Path":
     """The tiny-ViT SCLIP graph (4 classes), exported once per test session under `root`."""
-    from pathlib import Path
     if "sclip" not in _EXPORTED:
-        from clipfuse.export.api import export_image_graph
-        _EXPORTED["sclip"] = Path(export_image_graph(
-            "sclip", Path(root) / "serve_tiny" / "sclip", model="ViT-T-16-test", pretrained="none",
-            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0))
+        from clipfuse.export.api import ImageExportSpec, export_image_graph
+        spec = ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                               classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0)
+        _EXPORTED["sclip"] = Path(export_image_graph(spec, Path(root) / "serve_tiny" / "sclip"))
     return _EXPORTED["sclip"]
 
 
@@ -101,10 +101,11 @@ FRAME = (120, 160)  # H, W of the tiny frame graph
 
 def tiny_sclip_frame(root) -> "Path":
     """The same tiny SCLIP as a frame graph for FRAME-sized images (protocol inside the graph)."""
-    from pathlib import Path
     if "sclip_frame" not in _EXPORTED:
-        from clipfuse.export.api import export_image_graph
+        from clipfuse.export.api import ImageExportSpec, export_image_graph
         _EXPORTED["sclip_frame"] = Path(export_image_graph(
-            "sclip", Path(root) / "serve_tiny" / "sclip_frame", model="ViT-T-16-test", pretrained="none",
-            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0, frame=FRAME))
+            ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                            classes=[["background"], ["cat"], ["dog"], ["grass"]], templates="single", seed=0,
+                            frame=FRAME),
+            Path(root) / "serve_tiny" / "sclip_frame"))
     return _EXPORTED["sclip_frame"]

@@ -61,14 +61,15 @@ def perturbed_clip():
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, perturbed_clip):
     """kind -> .onnx, exported once: every head (baked), a dynamic-vocabulary sclip, the text graph."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.text_graph import export_text_graph
 
     root = tmp_path_factory.mktemp("openvino")
-    common = dict(model=TINY, pretrained="none", templates="single", seed=0, size=224, clip=perturbed_clip)
-    out = {head: export_image_graph(head, root / head, classes=CLASSES, **common) for head in HEADS}
-    out["dynamic"] = export_image_graph("sclip", root / "dynamic", classes=[["placeholder"]], vocab="dynamic",
-                                        **common)
+    common = dict(model=TINY, pretrained="none", templates="single", seed=0, size=224)
+    out = {head: export_image_graph(ImageExportSpec(head, classes=CLASSES, **common), root / head,
+                                    clip=perturbed_clip) for head in HEADS}
+    out["dynamic"] = export_image_graph(ImageExportSpec("sclip", classes=[["placeholder"]], vocab_mode="dynamic",
+                                                        **common), root / "dynamic", clip=perturbed_clip)
     out["text"] = export_text_graph(root / "text", clip=perturbed_clip, quiet=True)
     return out
 
@@ -122,11 +123,12 @@ def test_fp32_dynamic_vocabulary_and_text_graphs_equal_onnxruntime(graphs):
 def test_fp32_frame_graph_equals_onnxruntime(graphs, tmp_path_factory, perturbed_clip):
     """Frame graphs (protocol inside) run on OpenVINO through the same generic runner: labels
     identical, confidence and scores within FP32 rounding; `auto` keeps them FP32."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
 
     frame = (240, 320)
-    path = export_image_graph("sclip", tmp_path_factory.mktemp("ov_frame") / "frame", model=TINY, pretrained="none",
-                              classes=CLASSES, templates="single", seed=0, clip=perturbed_clip, frame=frame)
+    path = export_image_graph(ImageExportSpec("sclip", model=TINY, pretrained="none", classes=CLASSES,
+                                              templates="single", seed=0, frame=frame),
+                              tmp_path_factory.mktemp("ov_frame") / "frame", clip=perturbed_clip)
     manifest = read_manifest(manifest_path_for(path))
     ort = open_backend(path, manifest, "ort-cpu", threads=2)
     ov = open_backend(path, manifest, "openvino", precision="auto", threads=2)
@@ -280,7 +282,7 @@ def test_doctor_reports_openvino_devices_and_cpu_flags(capsys, tmp_path):
 def test_bf16_accepted_heads_keep_labels_on_vit_b16(tmp_path):
     """The decision behind BF16_REFUSED at deployment size: every head `auto` runs in BF16 keeps
     >= 99.5 % of the FP32 labels on ViT-B/16 (perturbed random weights, 21 VOC classes)."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.weights import load_clip
 
     voc = [[c] for c in ("background,aeroplane,bicycle,bird,boat,bottle,bus,car,cat,chair,cow,dining table,"
@@ -295,8 +297,8 @@ def test_bf16_accepted_heads_keep_labels_on_vit_b16(tmp_path):
                 param.mul_(1 + torch.randn(param.shape, generator=gen) * 0.1)
     images = [np.array(Image.open(STREET).convert("RGB")), smooth_photo(480, 640, 1), smooth_photo(375, 500, 2)]
     for head in ovb.BF16_ACCEPTED:
-        onnx = export_image_graph(head, tmp_path / head, model="ViT-B-16", pretrained="none", classes=voc,
-                                  templates="single", seed=0, clip=clip)
+        onnx = export_image_graph(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=voc,
+                                                  templates="single", seed=0), tmp_path / head, clip=clip)
         with Segmenter.open(onnx, backend="ort-cpu") as ref, Segmenter.open(onnx, backend="openvino") as seg:
             assert seg.backend.precision == "bf16"
             for image in images:

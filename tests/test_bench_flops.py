@@ -63,12 +63,13 @@ def test_matches_torch_flop_counter_on_fused_modules(tiny_clip, size):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from clipfuse.export.api import build_fused
+    from clipfuse.export.api import ImageExportSpec, build_fused
 
     vocab = [["background"], ["cat", "kitty"], ["dog"]]
     assert VitShape.from_visual(tiny_clip.model.visual) == TINY_SHAPE
     for head in HEADS:
-        build = build_fused(head, TINY, "none", vocab, size, templates="single", clip=tiny_clip)
+        build = build_fused(ImageExportSpec(head, model=TINY, pretrained="none", classes=vocab, size=size,
+                                            templates="single"), clip=tiny_clip)
         image = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             build.module(image)

@@ -116,8 +116,9 @@ def test_backend_refuses_engine_of_another_flavour_release_or_gpu(tmp_path):
 def exported(tmp_path_factory):
     api = pytest.importorskip("clipfuse.export.api")
     out = tmp_path_factory.mktemp("eng") / "sclip"
-    return api.export_image_graph("sclip", out, model="ViT-T-16-test", pretrained="none",
-                                  classes=[["sky"], ["tree", "bush"], ["road"]], size=224, templates="single")
+    spec = api.ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                               classes=[["sky"], ["tree", "bush"], ["road"]], size=224, templates="single")
+    return api.export_image_graph(spec, out)
 
 
 def test_cli_build_dry_run_writes_fp16_graph_and_plans_the_engine(exported, capsys):

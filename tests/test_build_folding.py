@@ -71,11 +71,12 @@ def test_folding_refuses_a_tensorrt_illegal_uint8_input(tmp_path):
 def test_every_export_is_folded(tmp_path, tiny_clip):
     """The writer all exporters share folds: the manifest records it and the graph has no Constant."""
     pytest.importorskip("clipfuse.export.api")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
-    path = export_image_graph("naclip", tmp_path / "n", model="ViT-T-16-test", pretrained="none",
-                              classes=[["a"], ["b"]], size=224, templates="single", clip=tiny_clip)
+    path = export_image_graph(ImageExportSpec("naclip", model="ViT-T-16-test", pretrained="none",
+                                              classes=[["a"],
+                              ["b"]], size=224, templates="single"), tmp_path / "n", clip=tiny_clip)
     folding = read_manifest(manifest_path_for(path))["folding"]
     model = onnx.load(str(path))
     assert folding["nodes_after"] == len(model.graph.node) and folding["nodes_before"] > 3 * folding["nodes_after"]

@@ -249,8 +249,9 @@ def test_fp16_vitb16_every_head(tmp_path, head):
     FP16 alone (FP32 activations) flips ~0.07% of them and gives the same max, so no FP32 island
     can remove it. Asserted: <= 2% of values off by > 1e-2, max <= 0.1, argmax agreement >= 99%."""
     api = pytest.importorskip("clipfuse.export.api")
-    src = api.export_image_graph(head, tmp_path / head, model="ViT-B-16", pretrained="none",
-                                 classes=HEAD_VOCAB[head], size=224, templates="single")
+    src = api.export_image_graph(api.ImageExportSpec(head, model="ViT-B-16", pretrained="none",
+                                                     classes=HEAD_VOCAB[head], size=224, templates="single"),
+                                 tmp_path / head)
     dst = tmp_path / f"{head}.fp16.onnx"
     fp16_pass.convert_file(src, dst)
     assert graph_checks.run_checks(onnx.load(str(dst))) == []

@@ -35,20 +35,24 @@ FRAME = (240, 320)  # H, W of the frame graphs (2 x 2 windows at the tiny ViT's 
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, tiny_clip):
     """Every graph family, exported once from the tiny ViT: name -> FP32 .onnx path."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.cmd_export_refer import export_refer
 
     out = tmp_path_factory.mktemp("rtx")
     paths = {}
     for head in HEADS:
-        paths[head] = export_image_graph(head, out / head, model="ViT-T-16-test", pretrained="none", classes=VOCAB,
-                                         size=224, templates="single", clip=tiny_clip)
-    paths["sclip-dynamic"] = export_image_graph("sclip", out / "sclip-dyn", model="ViT-T-16-test", pretrained="none",
-                                                classes=VOCAB, size=224, templates="single", vocab="dynamic",
-                                                clip=tiny_clip)
-    for name, vocab in (("sclip-frame", "baked"), ("sclip-frame-dynamic", "dynamic")):
-        paths[name] = export_image_graph("sclip", out / name, model="ViT-T-16-test", pretrained="none",
-                                         classes=VOCAB, templates="single", vocab=vocab, frame=FRAME, clip=tiny_clip)
+        paths[head] = export_image_graph(ImageExportSpec(head, model="ViT-T-16-test", pretrained="none",
+                                                         classes=VOCAB, size=224, templates="single"),
+                                         out / head, clip=tiny_clip)
+    paths["sclip-dynamic"] = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                                                                classes=VOCAB, size=224, templates="single",
+                                                                vocab_mode="dynamic"),
+                                                out / "sclip-dyn", clip=tiny_clip)
+    for name, vocab_mode in (("sclip-frame", "baked"), ("sclip-frame-dynamic", "dynamic")):
+        paths[name] = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                                                         classes=VOCAB, templates="single", vocab_mode=vocab_mode,
+                                                         frame=FRAME),
+                                         out / name, clip=tiny_clip)
     refer = export_refer(out / "refer", model="ViT-T-16-test", pretrained="none", seed=0)
     paths.update({f"refer-{part}": p for part, p in refer.items()})  # global, local, text (the text encoder)
     return paths
@@ -198,10 +202,10 @@ def test_cli_build_rtx_and_polygraphy_flavour_stays_consistent(graphs, capsys):
 def test_rtx_builds_full_vitb16_fp16_per_head_family(head, vitb16_clip, tmp_path):
     """Full size once per head family (self-correlation heads share one block; CLIP-DINOiser adds
     its pooling and background head): the folded ViT-B/16 FP16 graph parses and builds."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
 
-    path = export_image_graph(head, tmp_path / head, model="ViT-B-16", pretrained="none", classes=VOCAB,
-                              size=224, templates="single", clip=vitb16_clip)
+    path = export_image_graph(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=VOCAB, size=224,
+                                              templates="single"), tmp_path / head, clip=vitb16_clip)
     manifest = read_manifest(manifest_path_for(path))
     assert manifest["folding"]["nodes_after"] < manifest["folding"]["nodes_before"] // 3
     result = _build(path, "fp16")

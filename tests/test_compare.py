@@ -52,14 +52,14 @@ def test_comparator_verdicts():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_clip):
     pytest.importorskip("clipfuse.export.api")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.build import BuildOptions, build
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
     out = tmp_path_factory.mktemp("cmp")
-    path = export_image_graph("sclip", out / "sclip", model="ViT-T-16-test", pretrained="none",
-                              classes=[["sky"], ["tree"], ["road"], ["car"]], size=224, templates="single",
-                              clip=tiny_clip)
+    path = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                                              classes=[["sky"], ["tree"], ["road"],
+                              ["car"]], size=224, templates="single"), out / "sclip", clip=tiny_clip)
     build(path, read_manifest(manifest_path_for(path)), BuildOptions(precision="fp16", dry_run=True),
           log=lambda m: None)
     return path
@@ -108,11 +108,11 @@ def test_compare_plugs_in_any_registered_backend(exported, capsys):
 
 
 def test_compare_refuses_bad_input(exported, tmp_path, tiny_clip, capsys):
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
 
-    other = export_image_graph("naclip", tmp_path / "naclip", model="ViT-T-16-test", pretrained="none",
-                               classes=[["sky"], ["tree"], ["road"], ["car"]], size=224, templates="single",
-                               clip=tiny_clip)
+    other = export_image_graph(ImageExportSpec("naclip", model="ViT-T-16-test", pretrained="none",
+                                               classes=[["sky"], ["tree"], ["road"],
+                               ["car"]], size=224, templates="single"), tmp_path / "naclip", clip=tiny_clip)
     assert cli_main(["compare", str(exported), str(other), "--images", STREET]) == 2
     assert "different exports" in capsys.readouterr().err
     assert cli_main(["compare", str(exported), str(exported), "--images", str(tmp_path / "none.jpg")]) == 2

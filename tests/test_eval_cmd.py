@@ -237,9 +237,9 @@ def test_real_segmenter_deployed_vs_reference(tmp_path):
     rng = np.random.default_rng(0)
     labels = {f"2007_00{i:04d}": rng.integers(0, 21, size=(40, 56)).astype(np.uint8) for i in range(2)}
     make_voc(tmp_path / "data", labels)
-    onnx_path = api.export_image_graph(head="sclip", model="ViT-T-16-test", pretrained="none",
-                                       classes=classes_of("voc20", "sclip"), size=224,
-                                       out=tmp_path / "m" / "tiny", templates="single")
+    spec = api.ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                               classes=classes_of("voc20", "sclip"), size=224, templates="single")
+    onnx_path = api.export_image_graph(spec, tmp_path / "m" / "tiny")
     out = tmp_path / "out"
     rc = main(["eval", str(onnx_path), "--dataset", "voc20", "--root", str(tmp_path / "data"),
                "--out", str(out), "--backend", "ort-cpu", "--compare-reference", "--no-progress"])

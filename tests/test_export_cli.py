@@ -10,6 +10,7 @@ import pytest
 from clipfuse.runtime.cli import main
 
 from conftest import TINY
+from hidden_modules import hide_modules
 
 BASE = ["export", "--model", TINY, "--pretrained", "none", "--templates", "single"]
 
@@ -96,3 +97,20 @@ def test_heads_lists_every_head_as_json():
     assert rows["clip-dinoiser"]["default_pretrained"] == "laion2b_s34b_b88k"
     assert rows["sclip"]["dataset_overrides"]["voc21"] == {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1}
     assert rows["naclip"]["block"]["gaussian_sigma"] == 5.0
+
+
+def test_heads_needs_no_torch():
+    """The method table is torch-free: `clipfuse heads` runs on a device without the export extra."""
+    script = hide_modules("torch", "open_clip", "onnx", "torchvision") + (
+        "import sys, json\n"
+        "from clipfuse.runtime.cli import main\n"
+        "rc = main(['heads', '--json'])\n"
+        "assert 'torch' not in sys.modules\n"
+        "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["head"]: r for r in json.loads(proc.stdout)}
+    assert rows["naclip"]["block"] == {"attn": "kk", "gaussian_sigma": 5.0, "residual": False, "ffn": False}
+    assert rows["clip-dinoiser"]["block"] == {"background_rule": True}
+    assert rows["sclip"]["pos_embed_rule"] == "scale" and rows["maskclip"]["pos_embed_rule"] == "size"
+    assert all(r["default_size"] == r["protocol"]["window"] for r in rows.values())

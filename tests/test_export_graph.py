@@ -3,6 +3,7 @@ pattern TensorRT fuses, in-graph synonyms and the dynamic vocabulary."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -10,8 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from clipfuse.export.api import build_fused, export_image_graph
+from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
+from clipfuse.runtime.methods import METHODS
 from clipfuse.runtime.fileio import sha256_file
 from clipfuse.runtime.manifest import read_manifest
 
@@ -21,8 +23,8 @@ from conftest import PLAIN_VOCAB, TINY, VOCAB
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("g") / "sclip-tiny"
-    path = export_image_graph("sclip", out, model=TINY, pretrained="none", classes=VOCAB, size=224,
-                              templates="single")
+    path = export_image_graph(ImageExportSpec("sclip", model=TINY, pretrained="none", classes=VOCAB, size=224,
+                                              templates="single"), out)
     return path, read_manifest(path.with_suffix(".json"))
 
 
@@ -83,9 +85,11 @@ def test_attention_scale_is_on_q_before_first_matmul(exported):
 
 def test_synonyms_take_the_max_over_names(tmp_path, tiny_clip):
     """Class 'cat, kitty' scores as the max of the two names' cosine logits."""
-    build = build_fused("maskclip", TINY, "none", VOCAB, 224, templates="single", clip=tiny_clip)
-    flat = build_fused("maskclip", TINY, "none", [[n] for names in VOCAB for n in names], 224,
-                       templates="single", clip=tiny_clip)
+    build = build_fused(ImageExportSpec("maskclip", model=TINY, pretrained="none", classes=VOCAB, size=224,
+                                        templates="single"), clip=tiny_clip)
+    flat = build_fused(ImageExportSpec("maskclip", model=TINY, pretrained="none",
+                                       classes=[[n] for names in VOCAB for n in names], size=224,
+                                       templates="single"), clip=tiny_clip)
     images = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
     with torch.no_grad():
         grouped, per_name = build.module(images), flat.module(images)
@@ -96,14 +100,16 @@ def test_synonyms_take_the_max_over_names(tmp_path, tiny_clip):
 
 
 def test_dynamic_vocab_equals_baked(tmp_path):
-    baked = export_image_graph("naclip", tmp_path / "baked", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                               size=224, templates="single")
-    dynamic = export_image_graph("naclip", tmp_path / "dyn", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                                 size=224, templates="single", vocab="dynamic")
+    baked = export_image_graph(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
+                                               size=224, templates="single"), tmp_path / "baked")
+    dynamic = export_image_graph(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
+                                                 size=224, templates="single", vocab_mode="dynamic"),
+                                 tmp_path / "dyn")
     manifest = read_manifest(dynamic.with_suffix(".json"))
     assert [s["name"] for s in manifest["inputs"]] == ["image", "class_embeddings"]
     assert manifest["outputs"][0]["shape"] == ["batch", "classes", 14, 14]
-    build = build_fused("naclip", TINY, "none", PLAIN_VOCAB, 224, templates="single")
+    build = build_fused(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB, size=224,
+                                        templates="single"))
     emb = build.name_embeddings.numpy()
     images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
     want = _run(baked, {"image": images})
@@ -116,8 +122,10 @@ def test_dynamic_vocab_equals_baked(tmp_path):
 
 
 def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip):
-    with_bg = build_fused("clip-dinoiser", TINY, "none", PLAIN_VOCAB, 224, templates="single", clip=tiny_clip)
-    no_bg = build_fused("clip-dinoiser", TINY, "none", PLAIN_VOCAB[1:], 224, templates="single", clip=tiny_clip)
+    with_bg = build_fused(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
+                                          size=224, templates="single"), clip=tiny_clip)
+    no_bg = build_fused(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none", classes=PLAIN_VOCAB[1:],
+                                        size=224, templates="single"), clip=tiny_clip)
     assert ReferenceModel.from_build(with_bg).background_rule is True
     assert ReferenceModel.from_build(no_bg).background_rule is False
     images = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
@@ -132,8 +140,32 @@ def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip
     assert no_bg.head_params["background_rule"] is False
     assert torch.allclose(probs_no_bg.sum(dim=1), torch.ones(1, 14, 14), atol=1e-5)
     assert np.abs(probs_no_bg.numpy() - ReferenceModel.from_build(no_bg)(images.numpy())).max() <= 1e-4
-    manifest_path = export_image_graph("clip-dinoiser", tmp_path / "d", model=TINY, pretrained="none",
-                                       classes=PLAIN_VOCAB, size=224, templates="single")
+    manifest_path = export_image_graph(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none",
+                                                       classes=PLAIN_VOCAB, size=224, templates="single"),
+                                       tmp_path / "d")
     manifest = json.loads(manifest_path.with_suffix(".json").read_text())
     assert manifest["protocol"]["background_rule"] is True
     assert manifest["protocol"]["score_type"] == "probability"
+
+
+def test_export_spec_round_trips_through_the_manifest(exported):
+    """The reference and the torch backend rebuild from the manifest: the spec they get must be the
+    one the graph was exported from (defaults resolved), not a near copy."""
+    _, manifest = exported
+    spec = ImageExportSpec("sclip", model=TINY, pretrained="none", classes=VOCAB, size=224, templates="single")
+    rebuilt = ImageExportSpec.from_manifest(manifest)
+    # what the build decided (the preset, QuickGELU from the weights) is recorded, not guessed again
+    assert rebuilt == replace(spec.resolved(), head_params=rebuilt.head_params, quick_gelu=manifest["quick_gelu"],
+                              allow_duplicates=True)
+    assert rebuilt.head_params == {"attn": "qq+kk", "gaussian_sigma": None, "residual": True, "ffn": True}
+    assert {k: manifest[k] for k in rebuilt.to_manifest() if k != "head"} == {
+        k: v for k, v in rebuilt.to_manifest().items() if k != "head"}
+    assert manifest["protocol"]["window"] == manifest["input_size"][0]
+
+
+def test_one_source_for_the_window():
+    for method in METHODS.values():
+        assert method.default_size == method.protocol.window
+        assert method.protocol_at(method.default_size) == method.protocol
+        other = method.protocol_at(336)
+        assert (other.window, other.stride, other.short_side) == (336, 168, max(method.protocol.short_side, 336))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from clipfuse.export.api import build_fused, export_image_graph
+from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
 
 from conftest import TINY, VOCAB
@@ -39,7 +39,8 @@ def _check_scores_informative(scores: np.ndarray) -> None:
 def test_tiny_fused_and_onnx_match_reference(tmp_path, tiny_clip, head, size):
     import onnxruntime as ort
 
-    build = build_fused(head, TINY, "none", VOCAB, size, templates="single", clip=tiny_clip)
+    build = build_fused(ImageExportSpec(head, model=TINY, pretrained="none", classes=VOCAB, size=size,
+                                        templates="single"), clip=tiny_clip)
     ref = ReferenceModel.from_build(build)
     images = _images(2, size, seed=size)
     expected = ref(images)
@@ -48,8 +49,8 @@ def test_tiny_fused_and_onnx_match_reference(tmp_path, tiny_clip, head, size):
         fused = build.module(torch.from_numpy(images)).numpy()
     assert np.abs(fused - expected).max() <= TOL
 
-    onnx_path = export_image_graph(head, tmp_path / head, model=TINY, pretrained="none", classes=VOCAB,
-                                   size=size, templates="single")
+    onnx_path = export_image_graph(ImageExportSpec(head, model=TINY, pretrained="none", classes=VOCAB, size=size,
+                                                   templates="single"), tmp_path / head)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(["scores"], {"image": images})[0]
     assert got.shape == (2, len(VOCAB), size // 16, size // 16)
@@ -62,8 +63,8 @@ def test_reference_rebuilds_from_manifest(tmp_path):
 
     import onnxruntime as ort
 
-    onnx_path = export_image_graph("sclip", tmp_path / "m", model=TINY, pretrained="none", classes=VOCAB,
-                                   size=224, templates="single", seed=3)
+    onnx_path = export_image_graph(ImageExportSpec("sclip", model=TINY, pretrained="none", classes=VOCAB, size=224,
+                                                   templates="single", seed=3), tmp_path / "m")
     manifest = json.loads(onnx_path.with_suffix(".json").read_text())
     ref = ReferenceModel.from_manifest(manifest)
     images = _images(1, 224, seed=1)
@@ -82,7 +83,8 @@ def test_vitb16_every_head_onnx_matches_reference(tmp_path, vitb16_clip, size):
     images = _images(1, size, seed=7)
     worst = {}
     for head in HEADS:
-        build = build_fused(head, "ViT-B-16", "none", VOCAB, size, templates="single", clip=vitb16_clip)
+        build = build_fused(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=VOCAB, size=size,
+                                            templates="single"), clip=vitb16_clip)
         expected = ReferenceModel.from_build(build)(images)
         _check_scores_informative(expected)
         path = tmp_path / f"{head}.onnx"

@@ -5,6 +5,8 @@ at three frame sizes, every head, baked and dynamic vocabulary; FP16 >= 99.5 %; 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -26,7 +28,7 @@ LABELS_MIN, CONF_ATOL = 0.999, 1e-4
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, tiny_clip):
     """(head, frame, rules, vocab) -> (window graph, frame graph), exported once per module."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
 
     root = tmp_path_factory.mktemp("frame_graphs")
     cache = {}
@@ -34,11 +36,12 @@ def graphs(tmp_path_factory, tiny_clip):
     def get(head, frame=(480, 640), rules=None, vocab="baked"):
         key = (head, frame, tuple(sorted((rules or {}).items())), vocab)
         if key not in cache:
-            common = dict(model="ViT-T-16-test", pretrained="none", classes=VOCAB, templates="single",
-                          seed=0, clip=tiny_clip, vocab=vocab)
+            spec = ImageExportSpec(head, model="ViT-T-16-test", pretrained="none", classes=VOCAB,
+                                   templates="single", seed=0, vocab_mode=vocab)
             name = f"{head}_{vocab}_{len(cache)}"
-            win = export_image_graph(head, root / f"{name}_win", **common)
-            frm = export_image_graph(head, root / f"{name}_frame", frame=frame, frame_protocol=rules, **common)
+            win = export_image_graph(spec, root / f"{name}_win", clip=tiny_clip)
+            frm = export_image_graph(replace(spec, frame=frame, frame_protocol=dict(rules or {})),
+                                     root / f"{name}_frame", clip=tiny_clip)
             cache[key] = (win, frm)
         return cache[key]
     return get

@@ -28,11 +28,11 @@ OTHER = [["background"], ["car"], ["person"], ["road"]]
 def engines(tmp_path_factory, tiny_clip):
     """engines/sclip.onnx (CLASSES) and engines/other.onnx (OTHER), same weights, same size."""
     pytest.importorskip("onnxruntime")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     root = tmp_path_factory.mktemp("hardening") / "engines"
     for name, classes in (("sclip", CLASSES), ("other", OTHER)):
-        export_image_graph("sclip", root / name, model="ViT-T-16-test", pretrained="none", classes=classes,
-                           templates="single", seed=0, clip=tiny_clip)
+        export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none", classes=classes,
+                                           templates="single", seed=0), root / name, clip=tiny_clip)
     return root
 
 

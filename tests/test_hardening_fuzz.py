@@ -90,10 +90,11 @@ def test_decoder_returns_rgb_or_clipfuse_error(tmp_path, sample):
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory, tiny_clip):
     pytest.importorskip("onnxruntime")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     root = tmp_path_factory.mktemp("fuzz")
-    export_image_graph("sclip", root / "engines" / "m", model="ViT-T-16-test", pretrained="none",
-                       classes=[["background"], ["sky"], ["road"]], templates="single", seed=0, clip=tiny_clip)
+    export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                                       classes=[["background"], ["sky"],
+                       ["road"]], templates="single", seed=0), root / "engines" / "m", clip=tiny_clip)
     return root
 
 

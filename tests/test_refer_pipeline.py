@@ -351,11 +351,12 @@ def test_eval_refer_missing_annotations_is_one_line_error(graphs, tmp_path, caps
 
 
 def test_refer_cli_with_dense_model_proposals(graphs, tmp_path):
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.runtime.refer.masks import dense_label_map, generate_proposals
 
-    dense = export_image_graph(head="sclip", out=tmp_path / "dense", model="ViT-T-16-test", pretrained="none",
-                               classes=[["sky"], ["tree"], ["road"]], size=224, templates="single")
+    dense = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
+                                               classes=[["sky"], ["tree"], ["road"]], size=224, templates="single"),
+                               tmp_path / "dense")
     image, _ = _scene(h=60, w=90, seed=6)
     labels = dense_label_map(dense, image)
     assert labels.max() < 3 and labels.shape[1] > labels.shape[0]

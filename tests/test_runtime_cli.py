@@ -27,10 +27,10 @@ HIDE_TORCH = hide_modules("torch", "open_clip", "onnx", "torchvision", "onnxscri
 def model(tmp_path_factory):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     root = tmp_path_factory.mktemp("runtime_cli")
-    return export_image_graph("sclip", root / "sclip", model="ViT-T-16-test", pretrained="none",
-                              classes=CLASSES, templates="single", seed=0)
+    return export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none", classes=CLASSES,
+                                              templates="single", seed=0), root / "sclip")
 
 
 @pytest.fixture
@@ -187,11 +187,12 @@ def test_real_process_exit_code_and_single_line(model, tmp_path):
 # --- dynamic vocabulary hook -------------------------------------------------------------------
 def test_dynamic_vocab_hook_equals_baked_graph(model, tmp_path):
     """set_class_embeddings feeds `class_embeddings` and max-reduces synonym rows per window."""
-    from clipfuse.export.api import build_fused, export_image_graph
+    from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
     from clipfuse.runtime.segmenter import Segmenter
-    dyn = export_image_graph("sclip", tmp_path / "dyn", model="ViT-T-16-test", pretrained="none",
-                             classes=CLASSES, templates="single", vocab="dynamic", seed=0)
-    build = build_fused("sclip", "ViT-T-16-test", "none", CLASSES, None, "single", "dynamic", seed=0)
+    dyn = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none", classes=CLASSES,
+                                             templates="single", vocab_mode="dynamic", seed=0), tmp_path / "dyn")
+    build = build_fused(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none", classes=CLASSES,
+                                        templates="single", vocab_mode="dynamic", seed=0))
     image = np.random.default_rng(5).integers(0, 256, (200, 260, 3), dtype=np.uint8)
     with Segmenter.open(dyn) as seg_dyn, Segmenter.open(model) as seg_baked:
         with pytest.raises(ClipfuseError, match="dynamic vocabulary"):

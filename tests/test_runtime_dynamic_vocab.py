@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from clipfuse.export.api import export_image_graph
+from clipfuse.export.api import ImageExportSpec, export_image_graph
 from clipfuse.export.text_graph import export_text_graph
 from clipfuse.runtime.cli import main
 
@@ -19,8 +19,9 @@ def _labels(path):
 def test_run_dynamic_vocab_equals_baked(tmp_path, capsys):
     vocab = [["background"], ["cat", "kitty"], ["dog"]]
     common = dict(model=TINY, pretrained="none", size=224, templates="single")
-    dynamic = export_image_graph("sclip", tmp_path / "dyn", classes=[["placeholder"]], vocab="dynamic", **common)
-    baked = export_image_graph("sclip", tmp_path / "baked", classes=vocab, **common)
+    dynamic = export_image_graph(ImageExportSpec("sclip", classes=[["placeholder"]], vocab_mode="dynamic", **common),
+                                 tmp_path / "dyn")
+    baked = export_image_graph(ImageExportSpec("sclip", classes=vocab, **common), tmp_path / "baked")
     text = export_text_graph(tmp_path / "text", model=TINY, pretrained="none", quiet=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(tmp_path / "img.png")

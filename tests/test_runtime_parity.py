@@ -88,7 +88,7 @@ def synthetic_photo(height: int, width: int, seed: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """head -> (onnx path, ReferenceModel rebuilt from the manifest); exported once per module."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.reference import ReferenceModel
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
@@ -98,8 +98,8 @@ def exported(tmp_path_factory):
 
     def get(head: str):
         if head not in cache:
-            onnx = export_image_graph(head, root / head, model="ViT-T-16-test", pretrained="none",
-                                      classes=CLASSES, templates="single", seed=0)
+            onnx = export_image_graph(ImageExportSpec(head, model="ViT-T-16-test", pretrained="none",
+                                                      classes=CLASSES, templates="single", seed=0), root / head)
             ref = ReferenceModel.from_manifest(read_manifest(manifest_path_for(onnx)))
             cache[head] = (onnx, ref)
         return cache[head]
@@ -160,12 +160,12 @@ def test_torch_backend_matches_onnx(exported):
 @pytest.mark.slow
 def test_runtime_matches_reference_vit_b16(tmp_path):
     """Full-size ViT-B/16 (random weights), SCLIP protocol, one 500x375 image."""
-    from clipfuse.export.api import export_image_graph
+    from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.reference import ReferenceModel
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
-    onnx = export_image_graph("sclip", tmp_path / "sclip_b16", model="ViT-B-16", pretrained="none",
-                              classes=CLASSES, templates="single", seed=0)
+    onnx = export_image_graph(ImageExportSpec("sclip", model="ViT-B-16", pretrained="none", classes=CLASSES,
+                                              templates="single", seed=0), tmp_path / "sclip_b16")
     ref = ReferenceModel.from_manifest(read_manifest(manifest_path_for(onnx)))
     with Segmenter.open(onnx) as seg:
         agreement, score_err, full_err, _ = _compare(seg, ref, synthetic_photo(375, 500, seed=1))

@@ -1,56 +1,57 @@
-"""Dense heads by name. Protocol defaults live in clipfuse.runtime.methods (torch-free)."""
+"""Dense heads by family. What each method is (preset, positional rule, protocol) lives in
+clipfuse.runtime.methods (torch-free); this package only turns a MethodSpec into a DenseHead.
+
+A new family: write its DenseHead here and add a builder to FAMILIES.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.methods import METHODS
+from clipfuse.runtime.methods import CLIP_DINOISER, SELF_CORRELATION, MethodSpec, get_method
 
 from .base import DenseHead
 from .dinoiser import ClipDinoiserHead, load_dinoiser_heads
 from .selfcorr import ATTENTION_FORMS, SelfCorrelationHead
 
-# The self-correlation family: (attention form, Gaussian sigma, residual, FFN), methods.md.
-SELFCORR_PRESETS: Dict[str, dict] = {
-    "maskclip": dict(attn="identity", gaussian_sigma=None, residual=True, ffn=True),
-    "sclip": dict(attn="qq+kk", gaussian_sigma=None, residual=True, ffn=True),
-    "clearclip": dict(attn="qq", gaussian_sigma=None, residual=False, ffn=False),
-    "naclip": dict(attn="kk", gaussian_sigma=5.0, residual=False, ffn=False),
-}
-
-# How each method's code resizes the positional table (see posembed.py).
-POS_RULES: Dict[str, str] = {
-    "maskclip": "size", "clip-dinoiser": "size", "sclip": "scale", "clearclip": "scale", "naclip": "scale",
-}
-
-HEAD_NAMES = tuple(METHODS)
+# (visual, grid, merged params, heads checkpoint, seed) -> (DenseHead, weights description)
+HeadBuilder = Callable[[nn.Module, Tuple[int, int], dict, Optional[str], int], Tuple[DenseHead, dict]]
 
 
-def head_defaults(name: str) -> dict:
-    if name not in METHODS:
-        raise ClipfuseError(f"unknown head {name!r}; choose one of: {', '.join(HEAD_NAMES)}")
-    if name == "clip-dinoiser":
-        return {"background_rule": True}
-    return dict(SELFCORR_PRESETS[name])
+def _build_selfcorr(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
+                    seed: int) -> Tuple[DenseHead, dict]:
+    if params["attn"] not in ATTENTION_FORMS:
+        raise ClipfuseError(f"attention form {params['attn']!r} not in {', '.join(ATTENTION_FORMS)}")
+    return SelfCorrelationHead(visual, grid, **params), {}
 
 
-def build_head(name: str, visual: nn.Module, grid: Tuple[int, int], params: Optional[dict] = None,
-               heads_ckpt: Optional[str] = None, seed: int = 0) -> Tuple[DenseHead, dict]:
-    """Instantiate head `name` on `visual`'s weights; `params` override the method's preset.
+def _build_dinoiser(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
+                    seed: int) -> Tuple[DenseHead, dict]:
+    conv_heads, source = load_dinoiser_heads(heads_checkpoint, visual.conv1.out_channels, seed)
+    return ClipDinoiserHead(visual, grid, conv_heads, **params), {"heads_checkpoint": source}
+
+
+FAMILIES: Dict[str, HeadBuilder] = {SELF_CORRELATION: _build_selfcorr, CLIP_DINOISER: _build_dinoiser}
+
+
+def merged_head_params(method: MethodSpec, params: Optional[dict] = None) -> dict:
+    """The method's preset with `params` applied; unknown names are a ClipfuseError."""
+    merged = method.default_head_params()
+    unknown = set(params or {}) - set(merged)
+    if unknown:
+        raise ClipfuseError(f"head {method.name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
+                            f"it takes: {', '.join(merged)}")
+    merged.update(params or {})
+    return merged
+
+
+def build_dense_head(method: str, visual: nn.Module, grid: Tuple[int, int], params: Optional[dict] = None,
+                     heads_checkpoint: Optional[str] = None, seed: int = 0) -> Tuple[DenseHead, dict]:
+    """Instantiate `method`'s DenseHead on `visual`'s weights; `params` override the method's preset.
 
     Returns the head and a dict describing its weights source (for the manifest).
     """
-    merged = head_defaults(name)
-    unknown = set(params or {}) - set(merged)
-    if unknown:
-        raise ClipfuseError(f"head {name!r} has no parameter(s) {', '.join(sorted(unknown))}; "
-                            f"it takes: {', '.join(merged)}")
-    merged.update(params or {})
-    if name == "clip-dinoiser":
-        conv_heads, source = load_dinoiser_heads(heads_ckpt, visual.conv1.out_channels, seed)
-        return ClipDinoiserHead(visual, grid, conv_heads, **merged), {"heads_checkpoint": source}
-    if merged["attn"] not in ATTENTION_FORMS:
-        raise ClipfuseError(f"attention form {merged['attn']!r} not in {', '.join(ATTENTION_FORMS)}")
-    return SelfCorrelationHead(visual, grid, **merged), {}
+    spec = get_method(method)
+    return FAMILIES[spec.head_family](visual, grid, merged_head_params(spec, params), heads_checkpoint, seed)

@@ -25,7 +25,6 @@ CORRELATION_THRESHOLD = 0.2
 POOL_EPS = 1e-6
 LOGIT_SCALE = 100.0
 CONFIDENCE = 0.99
-CHECKPOINT_KEYS = ("obj_proj.weight", "obj_proj.bias", "bkg_decoder.weight", "bkg_decoder.bias")
 
 
 class DinoiserConvHeads(nn.Module):

@@ -36,7 +36,7 @@ class TorchReferenceBackend(Backend):
             # Dynamic-vocabulary graph semantics: one output row per embedding row (no synonym max).
             rows = np.asarray(feeds["class_embeddings"], dtype=np.float32)
             self.model.text = torch.from_numpy(rows.copy())
-            self.model.vocab = [[str(r)] for r in range(len(rows))]
+            self.model.vocabulary = [[str(r)] for r in range(len(rows))]
             self.model.class_of_name = list(range(len(rows)))
         with torch.inference_mode():
             scores = self.model(image)

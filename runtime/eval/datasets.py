@@ -24,6 +24,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..methods import METHODS
 
 IGNORE_INDEX = 255
 CLASSNAMES_DIR = Path(__file__).resolve().parent.parent / "data" / "classnames"
@@ -277,8 +278,8 @@ def open_dataset(name: str, root: "str | Path") -> EvalDataset:
 # --- class-name files ---------------------------------------------------------------------------
 
 # Heads whose published numbers used SCLIP's name files (expanded background, synonyms);
-# ClearCLIP and NACLIP evaluate with SCLIP's code and files. The others use the standard names.
-SCLIP_NAMES_HEADS = frozenset({"sclip", "clearclip", "naclip"})
+# ClearCLIP and NACLIP evaluate with SCLIP's code and files (MethodSpec.class_names).
+SCLIP_NAMES_HEADS = frozenset(name for name, m in METHODS.items() if m.class_names == "sclip")
 
 
 def classes_file(dataset: str, head: Optional[str] = None) -> Path:

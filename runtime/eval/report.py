@@ -18,23 +18,16 @@ import numpy as np
 
 from ..errors import ClipfuseError
 from ..fileio import write_text_atomic
+from ..methods import METHODS, PAPER_COLUMNS
 from .metrics import ConfusionMatrix, summarize
 
 FORMAT = "clipfuse-eval"
 FORMAT_VERSION = 1
-DATASET_ORDER = ("voc21", "context60", "coco-object", "voc20", "cityscapes", "context59", "ade20k",
-                 "coco-stuff164k")
+DATASET_ORDER = PAPER_COLUMNS
 
-# Published mIoU (%), ViT-B/16, in the papers' column order VOC21/C60/Obj/VOC20/City/C59/ADE/Stuff
-# (docs/methods.md). Only what the method papers state per dataset; heads with just an average
-# published there carry it under "avg".
-PAPER_MIOU: Dict[str, Dict[str, float]] = {
-    "sclip": dict(zip(DATASET_ORDER, (59.1, 30.4, 30.5, 80.4, 32.2, 34.2, 16.1, 22.4)), avg=38.2),
-    "clip-dinoiser": dict(zip(DATASET_ORDER, (62.1, 32.4, 34.8, 80.9, 31.7, 35.9, 20.0, 24.6)),
-                          avg=40.3),
-    "clearclip": {"avg": 38.1},
-    "naclip": {"avg": 39.4},
-}
+# Published mIoU (%), ViT-B/16, per method (MethodSpec.published_miou).
+PAPER_MIOU: Dict[str, Dict[str, float]] = {name: dict(m.published_miou) for name, m in METHODS.items()
+                                           if m.published_miou}
 
 # Keys that must match for --resume to continue a record rather than mix two different runs.
 IDENTITY_KEYS = ("model_id", "head", "dataset", "num_classes", "class_names", "runs",

@@ -35,15 +35,13 @@ def export_hint(spec: DatasetSpec, head: Optional[str]) -> str:
             f"--print-classes-file {spec.key}" + (f" --head {head}" if head else "") + "`)")
 
 
-# CLIP-DINOiser's published evaluation applies its background rule on these datasets only.
-BACKGROUND_RULE_DATASETS = frozenset({"voc21", "coco-object"})
-
-
 def background_rule_warning(head: Optional[str], dataset: str, protocol: dict) -> Optional[str]:
-    """A warning when a CLIP-DINOiser graph's background rule differs from the paper's evaluation."""
-    if head != "clip-dinoiser" or "background_rule" not in protocol:
+    """A warning when a CLIP-DINOiser graph's background rule differs from the paper's evaluation
+    (MethodSpec.background_rule_datasets: where the published evaluation applies it)."""
+    method = METHODS.get(head or "")
+    if method is None or not method.has_background_rule or "background_rule" not in protocol:
         return None
-    wanted = dataset in BACKGROUND_RULE_DATASETS
+    wanted = dataset in method.background_rule_datasets
     if bool(protocol["background_rule"]) == wanted:
         return None
     if wanted:
