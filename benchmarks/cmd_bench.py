@@ -7,6 +7,7 @@ from pathlib import Path
 
 from clipfuse.runtime.cliargs import non_negative_float, non_negative_int, on_off, positive_int
 
+ORDER = 80  # place in `clipfuse --help`
 HELP = "time every backend (PyTorch reference, fused torch, ONNX Runtime, TensorRT) on one head"
 DESCRIPTION = """\
 Benchmark a head at one or more input sizes and batch sizes on every backend this machine has, all

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+ORDER = 150  # place in `clipfuse --help`
 HELP = "load-test clipfuse serve: concurrent clients, throughput and p50/p99 latency"
 
 DESCRIPTION = """\

@@ -9,6 +9,7 @@ from typing import Dict, Optional
 
 from clipfuse.runtime.cliargs import fraction, non_negative_int, opset, positive_int
 
+ORDER = 100  # place in `clipfuse --help`
 HELP = "export the Global-Local CLIP referring-segmentation graphs (global + local) with manifests"
 DESCRIPTION = """\
 Export the visual half of Global-Local CLIP (zero-shot referring segmentation, CVPR 2023) as two

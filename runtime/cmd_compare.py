@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+ORDER = 70  # place in `clipfuse --help`
 HELP = "compare two of {PyTorch reference, ONNX FP32, ONNX FP16, TensorRT engine} on real images"
 DESCRIPTION = """\
 Run two artifacts of the SAME export on the sliding windows of real images (the exact uint8

@@ -8,6 +8,7 @@ from typing import Callable, Dict
 
 from .cliargs import positive_int
 
+ORDER = 90  # place in `clipfuse --help`
 HELP = "measure mIoU of an exported model on VOC/Context/COCO/Cityscapes/ADE20K"
 
 DESCRIPTION = """\

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cliargs import fraction, positive_int
 
+ORDER = 120  # place in `clipfuse --help`
 HELP = "evaluate referring segmentation (oIoU, mIoU) on RefCOCO/RefCOCO+/RefCOCOg from a local copy"
 
 DESCRIPTION = """\

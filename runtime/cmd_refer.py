@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .cliargs import fraction
 
+ORDER = 110  # place in `clipfuse --help`
 HELP = "referring segmentation: pick the mask proposal that matches a sentence (Global-Local CLIP)"
 
 DESCRIPTION = """\

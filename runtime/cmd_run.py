@@ -16,6 +16,7 @@ BATCH = int_range(1, 4096)
 THREADS = int_range(1, 1024)
 MAX_PIXELS = int_range(1, 1 << 31)
 
+ORDER = 60  # place in `clipfuse --help`
 HELP = "segment images (file, folder or glob) with an exported .onnx or built .engine"
 
 DESCRIPTION = """\
