@@ -98,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipfuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in load_commands():
+    commands = load_commands()
+    if not commands:  # the package metadata predates the entry points: say how to fix it
+        parser.epilog = ("no commands are registered: the installed clipfuse metadata is stale; "
+                         "reinstall it (pip install -e . in a checkout)")
+    for name, module in commands:
         cmd = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(cmd)
