@@ -157,13 +157,13 @@ def measure_interleaved(live: List[_Live], cfg: BenchConfig, batch: int) -> None
 def _export(cfg: BenchConfig, head: str, size: int, workdir: Path, clip) -> tuple:
     """Fused build (torch runners) + ONNX export of the same weights; returns (build, onnx, manifest)."""
     from clipfuse.export.api import build_fused, export_image_graph
-    from clipfuse.runtime.manifest import manifest_path_for, read_manifest
+    from clipfuse.runtime.artifact import open_artifact
 
     common = dict(model=cfg.model, pretrained=cfg.pretrained, classes=cfg.classes, size=size,
                   templates=cfg.templates, heads_ckpt=cfg.heads_ckpt, seed=cfg.seed)
     build = build_fused(head, clip=clip, **common)
     onnx_path = export_image_graph(head, workdir / f"{head}-{size}", clip=clip, **common)
-    return build, onnx_path, read_manifest(manifest_path_for(onnx_path))
+    return build, onnx_path, open_artifact(onnx_path, kinds=("image",)).manifest
 
 
 def run_suite(cfg: BenchConfig, on_result: Callable[[dict], None]) -> List[dict]:
