@@ -52,13 +52,19 @@ def perturbed_clip_file(path: Path, model_name: str, seed: int = 0) -> Path:
 
 
 def perturbed_dinoiser_heads_file(path: Path, width: int, seed: int = 0) -> Path:
-    """CLIP-DINOiser conv heads in the public `last.pt` layout, biases perturbed."""
+    """CLIP-DINOiser conv heads in the public `last.pt` layout, obj_proj bias perturbed."""
     import torch
 
     from clipfuse.export.heads.dinoiser import load_dinoiser_heads
 
     heads, _ = load_dinoiser_heads(None, width, seed=seed)
-    torch.save({"epoch": 0, "model_state_dict": perturb_(heads, seed + 1).state_dict()}, path)
+    # The background decoder's scalar bias decides alone, on random features, whether the
+    # background rule fires everywhere or nowhere; kept as initialised so it fires on some patches.
+    keep = heads.bkg_decoder.bias.detach().clone()
+    perturb_(heads, seed + 1)
+    with torch.no_grad():
+        heads.bkg_decoder.bias.copy_(keep)
+    torch.save({"epoch": 0, "model_state_dict": heads.state_dict()}, path)
     return path
 
 
