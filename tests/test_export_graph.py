@@ -16,6 +16,7 @@ from clipfuse.runtime.fileio import sha256_file
 from clipfuse.runtime.manifest import read_manifest
 
 from conftest import PLAIN_VOCAB, TINY, VOCAB
+from parity_inputs import smooth_images
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +96,18 @@ def test_synonyms_take_the_max_over_names(tmp_path, tiny_clip):
     assert not torch.equal(per_name[:, 1], per_name[:, 2])
 
 
-def test_dynamic_vocab_equals_baked(tmp_path):
-    baked = export_image_graph("naclip", tmp_path / "baked", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                               size=224, templates="single")
-    dynamic = export_image_graph("naclip", tmp_path / "dyn", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                                 size=224, templates="single", vocab="dynamic")
+def test_dynamic_vocab_equals_baked(tmp_path, perturbed_tiny):
+    weights = perturbed_tiny.export_kwargs("naclip")
+    baked = export_image_graph("naclip", tmp_path / "baked", classes=PLAIN_VOCAB, size=224, templates="single",
+                               **weights)
+    dynamic = export_image_graph("naclip", tmp_path / "dyn", classes=PLAIN_VOCAB, size=224, templates="single",
+                                 vocab="dynamic", **weights)
     manifest = read_manifest(dynamic.with_suffix(".json"))
     assert [s["name"] for s in manifest["inputs"]] == ["image", "class_embeddings"]
     assert manifest["outputs"][0]["shape"] == ["batch", "classes", 14, 14]
-    build = build_fused("naclip", TINY, "none", PLAIN_VOCAB, 224, templates="single")
+    build = build_fused("naclip", classes=PLAIN_VOCAB, size=224, templates="single", **weights)
     emb = build.name_embeddings.numpy()
-    images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    images = smooth_images(2, 224, seed=1)
     want = _run(baked, {"image": images})
     got = _run(dynamic, {"image": images, "class_embeddings": emb})
     assert np.abs(got - want).max() <= 1e-5
@@ -115,12 +117,13 @@ def test_dynamic_vocab_equals_baked(tmp_path):
     assert np.abs(two - want[:, [3, 1]]).max() <= 1e-5
 
 
-def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip):
-    with_bg = build_fused("clip-dinoiser", TINY, "none", PLAIN_VOCAB, 224, templates="single", clip=tiny_clip)
-    no_bg = build_fused("clip-dinoiser", TINY, "none", PLAIN_VOCAB[1:], 224, templates="single", clip=tiny_clip)
+def test_dinoiser_background_rule_only_with_background_class(tmp_path, perturbed_tiny):
+    weights = perturbed_tiny.export_kwargs("clip-dinoiser")
+    with_bg = build_fused("clip-dinoiser", classes=PLAIN_VOCAB, size=224, templates="single", **weights)
+    no_bg = build_fused("clip-dinoiser", classes=PLAIN_VOCAB[1:], size=224, templates="single", **weights)
     assert ReferenceModel.from_build(with_bg).background_rule is True
     assert ReferenceModel.from_build(no_bg).background_rule is False
-    images = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    images = torch.from_numpy(smooth_images(1, 224, seed=5))
     with torch.no_grad():
         probs = with_bg.module(images)
     # the rule sets background to exactly 1 somewhere (random heads: about half the patches)
@@ -132,8 +135,8 @@ def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip
     assert no_bg.head_params["background_rule"] is False
     assert torch.allclose(probs_no_bg.sum(dim=1), torch.ones(1, 14, 14), atol=1e-5)
     assert np.abs(probs_no_bg.numpy() - ReferenceModel.from_build(no_bg)(images.numpy())).max() <= 1e-4
-    manifest_path = export_image_graph("clip-dinoiser", tmp_path / "d", model=TINY, pretrained="none",
-                                       classes=PLAIN_VOCAB, size=224, templates="single")
+    manifest_path = export_image_graph("clip-dinoiser", tmp_path / "d", classes=PLAIN_VOCAB, size=224,
+                                       templates="single", **weights)
     manifest = json.loads(manifest_path.with_suffix(".json").read_text())
     assert manifest["protocol"]["background_rule"] is True
     assert manifest["protocol"]["score_type"] == "probability"
