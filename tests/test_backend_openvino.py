@@ -27,6 +27,7 @@ from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: 
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 
 from conftest import TINY  # noqa: E402
+from parity_inputs import perturb_  # noqa: E402
 
 HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"], ["building"]]
@@ -48,13 +49,7 @@ def smooth_photo(height: int, width: int, seed: int) -> np.ndarray:
 def perturbed_clip():
     from clipfuse.export.weights import load_clip
     clip = load_clip(TINY, "none", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in clip.model.named_parameters():
-            if name.endswith("bias"):
-                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-            elif "ln" in name and name.endswith("weight"):
-                param.mul_(1 + torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_(clip.model, 1, bias_std=0.05, gain=(0.85, 1.15))
     return clip
 
 
