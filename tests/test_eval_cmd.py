@@ -250,3 +250,31 @@ def test_real_segmenter_deployed_vs_reference(tmp_path):
     assert data["agreement"]["percent"] >= 99.0, data["agreement"]
     d = data["results"]["deployed"]["mIoU"] - data["results"]["reference"]["mIoU"]
     assert abs(d) <= 0.5, d
+
+
+@pytest.mark.parametrize("dataset, rule, expected", [
+    ("voc21", False, "the paper applies CLIP-DINOiser's background rule on voc21 but this graph does not"),
+    ("voc20", True, "this graph applies CLIP-DINOiser's background rule, which the paper does not use on voc20"),
+    ("voc21", True, None),
+    ("voc20", False, None),
+])
+def test_dinoiser_background_rule_warning(tmp_path, capsys, dataset, rule, expected):
+    """The exported rule is compared with the paper's per-dataset protocol, warned about, and evaluated."""
+    make_voc(tmp_path / "data")
+    model = fake_model(tmp_path, "clip-dinoiser", classes_of(dataset, None))
+    manifest_path = model.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["protocol"]["background_rule"] = rule
+    manifest_path.write_text(json.dumps(manifest))
+    preds = VOC21_PRED if dataset == "voc21" else VOC20_PRED
+    names = ds.first_names(ds.classes_file(dataset))
+    rc = run_eval([str(model), "--dataset", dataset, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "o")],
+                  factory_of({"auto": FakeSegmenter(preds, names)}, []))
+    assert rc == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "background rule" in line]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("clipfuse eval: warning: ") and expected in warnings[0]
+    meta = json.loads((tmp_path / "o" / "results.json").read_text())["meta"]
+    assert meta["protocol"]["background_rule"] is rule
