@@ -148,11 +148,8 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
     _log(f"loading {model} ({pretrained})", quiet)
     clip = load_clip(model, pretrained, quick_gelu=quick_gelu, seed=seed)
     visual = clip.model.visual
-    refer = {"method": "global-local-clip", "alpha": alpha,
-             "alpha_by_dataset": {"refcoco": 0.95, "refcoco+": 0.95, "refcocog": 0.85},
-             "masked_blocks": masked_blocks, "text_weight": 0.5, "fill": fill,
-             "preprocess": "public-800",
-             "fill_normalized": [0.485, 0.456, 0.406]}
+    from clipfuse.runtime.refer.pipeline import refer_section
+    refer = refer_section(alpha, masked_blocks, fill)
     modules = {"global": ReferGlobal(visual, normalization, masked_blocks).eval(),
                "local": ReferLocal(visual, normalization).eval()}
     written: Dict[str, Path] = {}

@@ -476,3 +476,25 @@ def test_proposals_are_chunked_by_the_backends_max_batch(graphs):
     np.testing.assert_allclose(got_g, want_g, atol=1e-5)
     np.testing.assert_allclose(got_l, want_l, atol=1e-5)
     assert np.abs(want_g[0] - want_g[3]).max() > 1e-3   # rows differ: a mix-up would show
+
+
+def test_the_runtime_reads_every_refer_field_of_the_manifest(graphs, tmp_path, monkeypatch):
+    """export-refer writes the refer section from the runtime's constants and the segmenter reads
+    each field back; a graph made for a preprocessing this runtime lacks is refused."""
+    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.runtime.errors import ClipfuseError
+
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        assert seg.global_manifest["refer"] == P.refer_section(0.95, 3, "public")
+        assert (seg.default_alpha, seg.alpha_for("refcocog"), seg.alpha_for("refcoco+")) == (0.95, 0.85, 0.95)
+        assert seg.text_weight == P.TEXT_WEIGHT and seg.masked_blocks == 3
+        assert seg.public_fill == P.PUBLIC_FILL and seg.fill == "public"
+    finally:
+        seg.close()
+    monkeypatch.setattr(P, "PREPROCESS", "other-600")
+    export_refer(tmp_path / "other", model="ViT-T-16-test", pretrained="none", text=False)
+    monkeypatch.setattr(P, "PREPROCESS", "public-800")
+    paths = P.graph_paths(tmp_path / "other")
+    with pytest.raises(ClipfuseError, match="preprocess 'other-600'"):
+        P.ReferSegmenter(paths["global"], paths["local"])
