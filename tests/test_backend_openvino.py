@@ -115,7 +115,7 @@ def test_fp32_dynamic_vocabulary_and_text_graphs_equal_onnxruntime(graphs):
 
 
 def test_fp32_refer_graphs_equal_onnxruntime(tmp_path_factory, tiny_clip):
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
     from clipfuse.runtime.refer.pipeline import ReferSegmenter
 
     prefix = tmp_path_factory.mktemp("refer") / "tiny"

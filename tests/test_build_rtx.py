@@ -35,7 +35,7 @@ ONE_TARGET = ("86",)
 def graphs(tmp_path_factory, tiny_clip):
     """Every graph family, exported once from the tiny ViT: name -> FP32 .onnx path."""
     from clipfuse.export.api import export_image_graph
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
 
     out = tmp_path_factory.mktemp("rtx")
     paths = {}

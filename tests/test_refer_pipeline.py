@@ -100,7 +100,7 @@ def test_local_crops_match_public_code():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, tiny_clip):
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
 
     prefix = tmp_path_factory.mktemp("refer") / "tiny"
     written = export_refer(prefix, model="ViT-T-16-test", pretrained="none", seed=tiny_clip.seed)
@@ -481,7 +481,7 @@ def test_proposals_are_chunked_by_the_backends_max_batch(graphs):
 def test_the_runtime_reads_every_refer_field_of_the_manifest(graphs, tmp_path, monkeypatch):
     """export-refer writes the refer section from the runtime's constants and the segmenter reads
     each field back; a graph made for a preprocessing this runtime lacks is refused."""
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
     from clipfuse.runtime.errors import ClipfuseError
 
     seg = P.ReferSegmenter.open(graphs)

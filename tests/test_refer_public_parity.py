@@ -35,7 +35,7 @@ def _perturbed_state(seed: int = 7, model_name: str = TINY) -> dict:
 
 def _export(folder, model_name: str, masked_blocks: int):
     """export-refer from a perturbed open_clip-format file -> (ReferSegmenter, the torch tower)."""
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
     from clipfuse.export.weights import load_clip
 
     ckpt = folder / "perturbed.pt"
