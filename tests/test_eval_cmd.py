@@ -50,14 +50,29 @@ class FakeSegmenter:
         return SimpleNamespace(labels=labels.astype(np.int32), class_names=self.class_names)
 
 
-def fake_model(tmp_path: Path, head: str, classes, pretrained="openai") -> Path:
+def fake_model(tmp_path: Path, head: str, classes, pretrained="openai", protocol=None) -> Path:
+    """A stand-in image artifact: a one-node ONNX graph carrying the manifest's contract (eval
+    opens it like any artifact; the fake segmenters never run it)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
+    from clipfuse.runtime.fileio import sha256_file
+
     model = tmp_path / "models" / f"{head}-test.onnx"
     model.parent.mkdir(parents=True, exist_ok=True)
-    model.write_bytes(b"not a real graph")
-    write_manifest(model.with_suffix(".json"), new_manifest(
+    manifest = new_manifest(
         "image", inputs=[], outputs=[], head={"name": head, "params": {}}, classes=classes,
-        pretrained=pretrained, precision="fp32", onnx_sha256="0" * 64,
-        protocol=METHODS[head].protocol.to_dict()))
+        pretrained=pretrained, precision="fp32", onnx_sha256=None,
+        protocol=dict(METHODS[head].protocol.to_dict(), **(protocol or {})))
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "fake",
+                              [value("x", TensorProto.FLOAT, [1])], [value("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph)
+    helper.set_model_props(proto, {CONTRACT_KEY: contract_json(manifest)})
+    onnx.save(proto, str(model))
+    manifest["onnx_sha256"] = sha256_file(model)
+    write_manifest(model.with_suffix(".json"), manifest)
     return model
 
 
@@ -261,11 +276,7 @@ def test_real_segmenter_deployed_vs_reference(tmp_path):
 def test_dinoiser_background_rule_warning(tmp_path, capsys, dataset, rule, expected):
     """The exported rule is compared with the paper's per-dataset protocol, warned about, and evaluated."""
     make_voc(tmp_path / "data")
-    model = fake_model(tmp_path, "clip-dinoiser", classes_of(dataset, None))
-    manifest_path = model.with_suffix(".json")
-    manifest = json.loads(manifest_path.read_text())
-    manifest["protocol"]["background_rule"] = rule
-    manifest_path.write_text(json.dumps(manifest))
+    model = fake_model(tmp_path, "clip-dinoiser", classes_of(dataset, None), protocol={"background_rule": rule})
     preds = VOC21_PRED if dataset == "voc21" else VOC20_PRED
     names = ds.first_names(ds.classes_file(dataset))
     rc = run_eval([str(model), "--dataset", dataset, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "o")],
