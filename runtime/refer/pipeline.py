@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..backends.base import run_in_chunks
 from ..errors import ClipfuseError
 from .nounphrase import NounPhrase, extract_noun_phrase
 
@@ -212,18 +213,6 @@ def _open(path: Path, kind: str, backend: str, options: Optional[dict]):
     return open_backend(path, manifest, backend, **(options or {})), manifest
 
 
-def _run_chunked(runner, feeds: Dict[str, np.ndarray], batched: str, output: str) -> np.ndarray:
-    """Run with the `batched` input cut to the backend's max batch (engine profiles)."""
-    total = len(feeds[batched])
-    step = runner.max_batch or total
-    outs = []
-    for start in range(0, total, step):
-        part = dict(feeds)
-        part[batched] = feeds[batched][start:start + step]
-        outs.append(runner.run(part)[output])
-    return np.concatenate(outs, axis=0)
-
-
 def graph_paths(prefix: "str | Path") -> Dict[str, Path]:
     """engines/NAME -> engines/NAME-global.onnx, -local.onnx, -text.onnx (.engine if present)."""
     prefix = Path(prefix)
@@ -324,13 +313,13 @@ class ReferSegmenter:
 
     def global_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray) -> np.ndarray:
         feeds = {"image": self.prepare(image).global_image, "masks": grid_masks(masks, self.grid)}
-        return _run_chunked(self.global_runner, feeds, "masks", "features")
+        return run_in_chunks(self.global_runner, feeds, "masks")["features"]
 
     def local_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray,
                        fill: Optional[str] = None) -> np.ndarray:
         crops = local_crops(self.prepare(image).restored, masks, self.mean, self.std, fill or self.fill,
                             self.local_size, self.public_fill)
-        return _run_chunked(self.local_runner, {"crops": crops}, "crops", "features")
+        return run_in_chunks(self.local_runner, {"crops": crops}, "crops")["features"]
 
     def visual_features(self, image: Union[np.ndarray, PreparedImage],
                         masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
