@@ -27,7 +27,7 @@ from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: 
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 
 from conftest import TINY  # noqa: E402
-from parity_inputs import perturb_  # noqa: E402
+from parity_inputs import perturb_, smooth_image  # noqa: E402
 
 HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"], ["building"]]
@@ -38,11 +38,7 @@ HAS_BF16 = "BF16" in ovb.device_capabilities(__import__("openvino").Core(), "CPU
 
 
 def smooth_photo(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    coarse = torch.from_numpy(rng.random((3, 6, 8)) * 255)[None]
-    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
-    img = up.numpy().transpose(1, 2, 0) + rng.normal(0, 6, (height, width, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return smooth_image(height, width, seed)
 
 
 @pytest.fixture(scope="module")
