@@ -7,6 +7,7 @@ from pathlib import Path
 
 from clipfuse.runtime.cliargs import non_negative_float, non_negative_int, on_off, positive_int
 
+ORDER = 80  # place in `clipfuse --help`
 HELP = "time every backend (PyTorch reference, fused torch, ONNX Runtime, TensorRT) on one head"
 DESCRIPTION = """\
 Benchmark a head at one or more input sizes and batch sizes on every backend this machine has, all
@@ -152,18 +153,6 @@ def _classes(args):
     return read_classes_file(Path(data.__file__).parent / "classnames" / "voc21.txt")
 
 
-def _render(doc: dict, stem: Path, plots: bool) -> None:
-    from .report import add_derived, render_markdown, write_json
-    from clipfuse.runtime.fileio import write_text_atomic
-    add_derived(doc)
-    write_json(doc, Path(f"{stem}.json"))
-    write_text_atomic(Path(f"{stem}.md"), render_markdown(doc))
-    if plots and any(r.get("status") == "ok" for r in doc["results"]):
-        from .plots import write_plots
-        for path in write_plots(doc, stem):
-            print(f"clipfuse bench: wrote {path}", file=sys.stderr)
-
-
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -172,7 +161,8 @@ def run(args: argparse.Namespace) -> int:
     stem = Path(args.out[:-5] if args.out.endswith(".json") else args.out)
     if args.render_only:
         from .report import read_json
-        _render(read_json(Path(f"{stem}.json")), stem, not args.no_plots)
+        from .session import render
+        render(read_json(Path(f"{stem}.json")), stem, not args.no_plots)
         return 0
     if args.warmup < 0 or args.iters < 1 or args.min_iters < 1:
         raise ClipfuseError("--warmup must be >= 0, --iters and --min-iters >= 1")
@@ -188,10 +178,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch  # heavy imports only once the arguments are known to be good
 
-    from . import timing
-    from .flops import VitShape, head_flops
-    from .report import machine_info, merge_peak, new_document
-    from .suite import BenchConfig, run_suite
+    from .session import run_bench
+    from .suite import BenchConfig
 
     device = args.torch_device
     if device == "auto":
@@ -205,50 +193,7 @@ def run(args: argparse.Namespace) -> int:
                       classes=classes, templates=args.templates, heads_ckpt=args.heads_ckpt, seed=args.seed,
                       quick_gelu=args.quick_gelu,
                       torch_device=device, image=args.image, workdir=args.workdir)
-    torch.set_num_threads(threads)
-    peaks = {}
-    if not args.no_peak:
-        print("clipfuse bench: measuring the matmul peak", file=sys.stderr)
-        peaks["cpu_fp32"] = timing.measure_matmul_peak("cpu", "float32")
-        if torch.cuda.is_available():
-            peaks["cuda_fp16"] = timing.measure_matmul_peak("cuda", "float16")
-            peaks["cuda_fp32"] = timing.measure_matmul_peak("cuda", "float32")
-    shape = VitShape.from_config(args.model)
-    n_names = sum(len(c) for c in classes)
-    flops = {h: {str(s): head_flops(h, shape, s, n_names) for s in sizes} for h in heads}
-    json_path = Path(f"{stem}.json")
-    if args.append and json_path.exists():
-        from .report import read_json
-        doc = read_json(json_path)
-        if (doc["config"]["model"], doc["config"]["scope"]) != (cfg.model, cfg.scope):
-            raise ClipfuseError(f"--append: {json_path} holds {doc['config']['model']} scope "
-                                f"{doc['config']['scope']}, not {cfg.model} scope {cfg.scope}")
-        doc.setdefault("runs", [doc["config"]]).append(cfg.to_dict())
-        for head, per_size in flops.items():
-            doc["flops"].setdefault(head, {}).update(per_size)
-        for key, entry in peaks.items():
-            merge_peak(doc, key, entry)
-        # a re-measured configuration replaces the earlier records of the same measurement
-        again = {(h, s, b, n) for h in cfg.heads for s in cfg.sizes for b in cfg.batches for n in cfg.backends}
-        doc["results"] = [r for r in doc["results"]
-                          if (r["head"], r["size"], r["batch"], r["backend"]) not in again]
-        for key in ("sizes", "batches", "heads", "backends"):
-            doc["config"][key] = sorted(set(doc["config"][key]) | set(getattr(cfg, key)),
-                                        key=(doc["config"][key] + getattr(cfg, key)).index)
-    else:
-        doc = new_document(cfg.to_dict(), machine_info(threads), peaks, flops)
-    run_index = len(doc["runs"]) - 1
-
-    def on_result(rec: dict) -> None:
-        rec["run"] = run_index
-        doc["results"].append(rec)
-        _render(doc, stem, plots=False)  # the JSON and tables grow as measurements finish
-
-    run_suite(cfg, on_result)
-    doc["machine"]["load_average_at_end"] = timing.load_average()
-    if not args.no_peak:  # again at the end: on a shared machine the start may have been a busy moment
-        merge_peak(doc, "cpu_fp32", timing.measure_matmul_peak("cpu", "float32"))
-    _render(doc, stem, not args.no_plots)
+    doc = run_bench(cfg, stem, append=args.append, measure_peak=not args.no_peak, plots=not args.no_plots)
     ok = sum(r.get("status") == "ok" for r in doc["results"])
     print(f"clipfuse bench: {ok} measurements; wrote {stem}.json, {stem}.md", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+ORDER = 150  # place in `clipfuse --help`
 HELP = "load-test clipfuse serve: concurrent clients, throughput and p50/p99 latency"
 
 DESCRIPTION = """\

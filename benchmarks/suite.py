@@ -194,14 +194,14 @@ def _export(cfg: BenchConfig, head: str, size: int, workdir: Path, clip) -> tupl
     """Fused build (torch runners) + ONNX export of the same build; returns (build, onnx, manifest)."""
     from clipfuse.export.api import build_fused, write_image_graph
     from clipfuse.export.spec import ImageExportSpec
-    from clipfuse.runtime.manifest import manifest_path_for, read_manifest
+    from clipfuse.runtime.artifact import open_artifact
 
     spec = ImageExportSpec(method=head, model=cfg.model, pretrained=cfg.pretrained, classes=cfg.classes,
                            size=size, templates=cfg.templates, heads_checkpoint=cfg.heads_ckpt,
                            seed=cfg.seed)
     build = build_fused(spec, clip=clip)
     onnx_path = write_image_graph(build, workdir / f"{head}-{size}")
-    return build, onnx_path, read_manifest(manifest_path_for(onnx_path))
+    return build, onnx_path, open_artifact(onnx_path, kinds=("image",)).manifest
 
 
 @contextmanager

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from clipfuse.runtime.cliargs import float_range
 
+ORDER = 40  # place in `clipfuse --help`
 HELP = "make the FP16 graph and build a TensorRT / TensorRT-RTX engine (or plan it with --dry-run)"
 DESCRIPTION = """\
 Build a TensorRT engine from an exported graph engines/NAME.onnx (+ NAME.json).

@@ -6,6 +6,7 @@ import argparse
 from clipfuse.runtime.cliargs import (fraction, int_range, logit_scale, non_negative_float, non_negative_int, on_off,
                                       opset, pixels)
 
+ORDER = 20  # place in `clipfuse --help`
 HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
 DESCRIPTION = """\
 Fuse the modified last CLIP block of a dense head, its extra modules (CLIP-DINOiser's conv heads)

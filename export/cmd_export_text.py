@@ -5,6 +5,7 @@ import argparse
 
 from clipfuse.runtime.cliargs import non_negative_int, on_off, opset
 
+ORDER = 30  # place in `clipfuse --help`
 HELP = "export the CLIP text encoder (tokens -> text features) as ONNX, FP32 or FP16, with its manifest"
 DESCRIPTION = """\
 Write open_clip's encode_text as an ONNX graph (opset 17) plus a JSON manifest beside it, so the

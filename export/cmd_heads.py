@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+ORDER = 10  # place in `clipfuse --help`
 HELP = "list the dense heads with their default weights, export size and protocol"
 DESCRIPTION = """\
 List every dense head clipfuse can export, with the open_clip weights its method was published

@@ -1,7 +1,8 @@
 """`clipfuse` console script: one entry point, subcommands implemented in their own modules.
 
-Each command module exposes `HELP` (one line), `add_arguments(parser)` and `run(args) -> int`, and
-keeps heavy imports (torch, onnx, tensorrt) inside `run`, so `clipfuse --help` and the runtime
+Each command module registers itself as an entry point in the `clipfuse.commands` group
+(pyproject.toml), exposes `HELP` (one line), `ORDER` (its place in --help), `add_arguments(parser)` and
+`run(args) -> int`, and keeps heavy imports (torch, onnx, tensorrt) inside `run`, so `clipfuse --help` and the runtime
 commands work on a machine with numpy and an inference backend only.
 """
 from __future__ import annotations
@@ -12,30 +13,38 @@ import importlib
 import os
 import sys
 import traceback
-from typing import List, Optional
+from importlib import metadata
+from types import ModuleType
+from typing import Dict, List, Optional, Tuple
 
 from ._version import __version__
-from .cliargs import on_off  # noqa: F401  (re-export: command modules imported it from here)
 from .errors import ClipfuseError
 
-# name -> module; order is the order of `clipfuse --help`.
-COMMANDS = {
-    "heads": "clipfuse.export.cmd_heads",
-    "export": "clipfuse.export.cmd_export",
-    "export-text": "clipfuse.export.cmd_export_text",
-    "build": "clipfuse.export.cmd_build",
-    "doctor": "clipfuse.runtime.cmd_doctor",
-    "run": "clipfuse.runtime.cmd_run",
-    "compare": "clipfuse.runtime.cmd_compare",
-    "bench": "clipfuse.benchmarks.cmd_bench",
-    "eval": "clipfuse.runtime.cmd_eval",
-    "export-refer": "clipfuse.export.cmd_export_refer",
-    "refer": "clipfuse.runtime.cmd_refer",
-    "eval-refer": "clipfuse.runtime.cmd_eval_refer",
-    "serve": "clipfuse.runtime.cmd_serve",
-    "triton-repo": "clipfuse.runtime.cmd_triton_repo",
-    "bench-serve": "clipfuse.benchmarks.cmd_bench_serve",
-}
+# Command modules register themselves under this entry-point group (pyproject.toml), so the
+# torch-free runtime never names the export or benchmark packages that depend on it.
+ENTRY_POINT_GROUP = "clipfuse.commands"
+
+
+def registered_commands() -> Dict[str, str]:
+    """Subcommand name -> module name, from the installed distributions' entry points."""
+    found = metadata.entry_points()
+    if hasattr(found, "select"):
+        group = found.select(group=ENTRY_POINT_GROUP)
+    else:  # Python 3.9: a dict of group -> entry points
+        group = found.get(ENTRY_POINT_GROUP, ())
+    return {ep.name: ep.value.split(":")[0] for ep in group}
+
+
+def load_commands() -> List[Tuple[str, ModuleType]]:
+    """The importable command modules in `clipfuse --help` order (each module's ORDER, then name).
+    A module whose package is not installed (the runtime alone on a Jetson) is left out."""
+    commands = []
+    for name, module_name in registered_commands().items():
+        module = _load(module_name)
+        if module is not None:
+            commands.append((name, module))
+    return sorted(commands, key=lambda item: (getattr(item[1], "ORDER", 1000), item[0]))
+
 
 EPILOG = """\
 typical flow:
@@ -72,7 +81,8 @@ def _load(module_name: str):
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
+        # the command's own package is missing (e.g. clipfuse.export not shipped): leave it out
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
             return None
         raise
 
@@ -88,10 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipfuse {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module_name in COMMANDS.items():
-        module = _load(module_name)
-        if module is None:
-            continue
+    commands = load_commands()
+    if not commands:  # the package metadata predates the entry points: say how to fix it
+        parser.epilog = ("no commands are registered: the installed clipfuse metadata is stale; "
+                         "reinstall it (pip install -e . in a checkout)")
+    for name, module in commands:
         cmd = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP),
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(cmd)

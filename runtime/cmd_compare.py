@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+ORDER = 70  # place in `clipfuse --help`
 HELP = "compare two of {PyTorch reference, ONNX FP32, ONNX FP16, TensorRT engine} on real images"
 DESCRIPTION = """\
 Run two artifacts of the SAME export on the sliding windows of real images (the exact uint8
@@ -135,15 +136,10 @@ def window_feeds(manifest: dict, images: List[Path]) -> List[Dict[str, "object"]
 
 def run_side(backend, feeds) -> Dict[str, "object"]:
     """All outputs of one backend over all feeds, in chunks of its max batch."""
+    from .backends.base import run_in_chunks
     from .compare import merge
 
-    outs = []
-    for feed in feeds:
-        n = len(feed["image"])
-        step = backend.max_batch or n
-        for i in range(0, n, step):
-            outs.append(backend.run({k: (v[i:i + step] if k == "image" else v) for k, v in feed.items()}))
-    return merge(outs)
+    return merge([run_in_chunks(backend, feed, "image") for feed in feeds])
 
 
 def run(args: argparse.Namespace) -> int:

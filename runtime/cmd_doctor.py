@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+ORDER = 50  # place in `clipfuse --help`
 HELP = "show versions, GPU, memory and what clipfuse can do on this machine"
 DESCRIPTION = """\
 Report the versions clipfuse depends on (python, numpy, torch, open_clip, onnx, onnxruntime and its

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Callable, Dict
 
 from .cliargs import positive_int
 
+ORDER = 90  # place in `clipfuse --help`
 HELP = "measure mIoU of an exported model on VOC/Context/COCO/Cityscapes/ADE20K"
 
 DESCRIPTION = """\
@@ -37,8 +37,6 @@ examples:
   clipfuse eval engines/sclip-voc21.onnx --dataset voc21 --root data/VOCdevkit --compare-reference
 """
 
-RESULTS_NAME = "results.json"
-REPORT_NAME = "report.md"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,16 +78,13 @@ def run(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
-def evaluate_command(args: argparse.Namespace,
-                     segmenter_factory: Callable[[Path, str, Dict[str, object]], object] = open_segmenter
-                     ) -> int:
+def evaluate_command(args: argparse.Namespace, segmenter_factory: Callable[[Path, str, Dict[str, object]], object]
+                     = open_segmenter) -> int:
+    """Validate the arguments, run runtime.eval.runner.evaluate_model, print the summary."""
     from .errors import ClipfuseError
     from .eval import datasets as ds
-    from .eval.report import EvalRecord, fmt, paper_miou, write_report
-    from .eval.runner import (background_rule_warning, check_vocabulary, evaluate,
-                              protocol_overrides)
-    from .manifest import manifest_path_for, read_manifest
-    from .methods import METHODS
+    from .eval.report import fmt, paper_miou
+    from .eval.runner import RESULTS_NAME, evaluate_model
 
     if args.print_classes_file:
         print(ds.classes_file(args.print_classes_file, args.head))
@@ -102,64 +97,21 @@ def evaluate_command(args: argparse.Namespace,
     model = Path(args.model)
     if not model.is_file():
         raise ClipfuseError(f"model not found: {model}")
-    manifest = read_manifest(manifest_path_for(model))
-    head = (manifest.get("head") or {}).get("name")
-
-    dataset = ds.open_dataset(args.dataset, args.root)
-    spec = dataset.spec
-    suspicious = check_vocabulary(manifest.get("classes"), spec, head)
-    class_names = ds.first_names(ds.classes_file(spec.key))
-    if suspicious:
-        idx = suspicious[0]
-        print(f"clipfuse eval: warning: {len(suspicious)} class name(s) of the model differ from "
-              f"{spec.title}'s, e.g. class {idx}: model {manifest['classes'][idx]!r} vs dataset "
-              f"{class_names[idx]!r}; check the class order", file=sys.stderr)
-    overrides = protocol_overrides(head, spec.key)
-    protocol = dict(manifest.get("protocol") or {}, **overrides)
-    warning = background_rule_warning(head, spec.key, protocol)
-    if warning:
-        print(f"clipfuse eval: warning: {warning}", file=sys.stderr)
-    runs = ["deployed"] + (["reference"] if args.compare_reference else [])
-    method = METHODS.get(head or "")
-    meta = {
-        "model": str(model), "model_name": model.stem,
-        "model_id": f"{model.name}:{manifest.get('onnx_sha256')}",
-        "head": head, "pretrained": manifest.get("pretrained"),
-        "paper_pretrained": method.default_pretrained if method else None,
-        "precision": manifest.get("precision"),
-        "dataset": spec.key, "dataset_title": spec.title, "root": str(dataset.root),
-        "dataset_size": len(dataset), "limit": args.limit,
-        "num_classes": spec.num_classes, "class_names": class_names,
-        "protocol": protocol, "protocol_overrides": overrides,
-        "runs": runs, "requested_backend": args.backend,
-        "backends": {run: ("torch" if run == "reference" else args.backend) for run in runs},
-    }
-    out = Path(args.out) if args.out else Path("eval-results") / f"{model.stem}-{spec.key}"
-    record = EvalRecord.start(out / RESULTS_NAME, meta, resume=args.resume)
-
-    segmenters = {"deployed": segmenter_factory(model, args.backend, overrides)}
-    if args.compare_reference:
-        segmenters["reference"] = segmenter_factory(model, "torch", overrides)
-    for run_name, seg in segmenters.items():
-        actual = getattr(getattr(seg, "backend", None), "name", None)
-        if isinstance(actual, str):
-            record.meta["backends"][run_name] = actual
-
-    try:
-        evaluate(dataset, segmenters, record, limit=args.limit, progress=not args.no_progress)
-    finally:
-        report = write_report(record, out / REPORT_NAME)
-    paper = paper_miou(head, spec.key)
-    for run_name in runs:
+    outcome = evaluate_model(model, args.dataset, args.root, segmenter_factory, backend=args.backend,
+                             out=Path(args.out) if args.out else None, limit=args.limit, resume=args.resume,
+                             compare_reference=args.compare_reference, progress=not args.no_progress)
+    record, spec = outcome.record, outcome.spec
+    paper = paper_miou(outcome.head, spec.key)
+    for run_name in outcome.runs:
         s = record.summary(run_name)
         paper_txt = "" if paper is None or s["mIoU"] is None else \
             f" (paper {paper:.1f}, {s['mIoU'] - paper:+.2f})"
         print(f"{spec.title} {run_name}: mIoU {fmt(s['mIoU'])}{paper_txt}, aAcc {fmt(s['aAcc'])}, "
               f"{len(record.done)} images")
     if args.compare_reference:
-        a, b = (record.summary(r)["mIoU"] for r in runs)
+        a, b = (record.summary(r)["mIoU"] for r in outcome.runs)
         if a is not None and b is not None:
             print(f"deployed - reference: {a - b:+.2f} mIoU points, pixel agreement "
                   f"{record.agreement():.2f}%")
-    print(f"record: {out / RESULTS_NAME}\nreport: {report}")
+    print(f"record: {outcome.out / RESULTS_NAME}\nreport: {outcome.report}")
     return 0

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from .cliargs import fraction, positive_int
 
+ORDER = 120  # place in `clipfuse --help`
 HELP = "evaluate referring segmentation (oIoU, mIoU) on RefCOCO/RefCOCO+/RefCOCOg from a local copy"
 
 DESCRIPTION = """\
@@ -60,80 +60,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default=None, help="write summary + per-sample results JSON here")
 
 
-def _proposal_file(folder: Path, image_id: int, file_name: str):
-    stem = Path(file_name).stem
-    for name in (str(image_id), stem):
-        for suffix in (".npz", ".npy", ".json", ".png"):
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-        if (folder / name).is_dir():
-            return folder / name
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
     from .errors import ClipfuseError
     from .fileio import write_text_atomic
     from .refer.dataset import ReferDataset
-    from .refer.masks import check_proposals, generate_proposals, hard_masks, load_proposals
-    from .refer.metrics import ReferMetrics
-    from .refer.pipeline import DATASET_ALPHA, ReferSegmenter
+    from .refer.evaluate import evaluate_refer
+    from .refer.pipeline import ReferSegmenter
 
     data = ReferDataset(args.data, args.dataset, args.split_by, args.split, args.images)
-    alpha = DATASET_ALPHA[args.dataset] if args.alpha is None else args.alpha
     masks_dir = Path(args.masks_dir) if args.masks_dir else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise ClipfuseError(f"--masks-dir {masks_dir} is not a folder")
-    groups = list(data.refs_by_image())[:args.limit]
     seg = ReferSegmenter.open(args.graphs, backend=args.backend, text=args.text_graph)
-    metrics = ReferMetrics()
-    samples, no_proposals, text_cache = [], 0, {}
     try:
-        for image_id, refs in tqdm(groups, desc=f"eval-refer {data.name}", unit="image", file=sys.stderr):
-            image = data.read_image(image_id)
-            info = data.images[image_id]
-            if args.oracle_proposals:
-                proposals = data.image_masks(image_id)
-            elif masks_dir is not None:
-                found = _proposal_file(masks_dir, image_id, info["file_name"])
-                proposals = load_proposals(found) if found else np.zeros((0,) + image.shape[:2], bool)
-            else:
-                proposals, _ = generate_proposals(image, args.dense, args.backend)
-            proposals = np.asarray(proposals)
-            if proposals.ndim == 3 and len(proposals) and proposals.reshape(len(proposals), -1).any():
-                masks, _ = check_proposals(proposals, image.shape[:2], source=f"proposals of image {image_id}")
-                prepared = seg.prepare(image)
-                f_global, f_local = seg.global_features(prepared, masks), seg.local_features(prepared, masks)
-            else:
-                masks = None
-            for ref in refs:
-                target = data.ann_mask(ref.ann_id)
-                for sent in ref.sentences:
-                    sentence = sent.get("raw") or sent.get("sent") or ""
-                    if masks is None:
-                        no_proposals += 1
-                        iou = metrics.add(np.zeros_like(target), target)
-                        samples.append({"ref_id": ref.ref_id, "sent_id": sent.get("sent_id"), "iou": iou,
-                                        "best": None})
-                        continue
-                    if sentence not in text_cache:
-                        text_cache[sentence] = seg.text_feature(sentence, args.parser)
-                    text, phrase = text_cache[sentence]
-                    result = seg.rank(f_global, f_local, text, phrase, alpha)
-                    iou = metrics.add(hard_masks(masks[result.best:result.best + 1])[0], target)
-                    samples.append({"ref_id": ref.ref_id, "sent_id": sent.get("sent_id"), "iou": round(iou, 6),
-                                    "best": result.best, "score": round(float(result.scores[result.best]), 6),
-                                    "noun_phrase": phrase.phrase})
+        alpha = seg.alpha_for(args.dataset) if args.alpha is None else args.alpha
+        summary, samples = evaluate_refer(seg, data, alpha, oracle=args.oracle_proposals, masks_dir=masks_dir,
+                                          dense=args.dense, backend=args.backend, parser=args.parser,
+                                          limit=args.limit)
+        summary["masked_blocks"] = seg.masked_blocks
     finally:
         seg.close()
-    summary = {"dataset": data.name, "alpha": alpha,
-               "proposals": "oracle" if args.oracle_proposals else (str(masks_dir) if masks_dir else
-                                                                   f"generated{'+dense' if args.dense else ''}"),
-               "images": len(groups), "no_proposals": no_proposals}
-    summary.update(metrics.summary())
+    no_proposals = summary["no_proposals"]
     print(f"{data.name}: {summary['expressions']} expressions, oIoU {100 * summary['oIoU']:.2f}, "
           f"mIoU {100 * summary['mIoU']:.2f}, P@0.5 {100 * summary['P@0.5']:.2f}"
           + (f" ({no_proposals} without proposals)" if no_proposals else ""))

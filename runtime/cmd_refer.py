@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from pathlib import Path
 
 from .cliargs import fraction
 
+ORDER = 110  # place in `clipfuse --help`
 HELP = "referring segmentation: pick the mask proposal that matches a sentence (Global-Local CLIP)"
 
 DESCRIPTION = """\
@@ -61,55 +59,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .refer.single import refer_image
 
-    from .fileio import atomic_path, write_text_atomic
-    from .imageio import read_image
-    from .outputs import save_overlay_png
-    from .refer.masks import check_proposals, generate_proposals, hard_masks, load_proposals
-    from .refer.nounphrase import extract_noun_phrase
-    from .refer.pipeline import ReferSegmenter, mask_boxes
-
-    extract_noun_phrase(args.text, args.parser)        # bad sentence: fail before any heavy work
-    image = read_image(args.image)
-    if args.masks:
-        raw = load_proposals(args.masks)
-        source = str(args.masks)
-    else:
-        print("clipfuse refer: generating proposals "
-              f"({'dense model + ' if args.dense else ''}colour clusters)", file=sys.stderr)
-        raw, source = generate_proposals(image, args.dense, args.backend)
-    masks, kept = check_proposals(raw, image.shape[:2], source=f"--masks {args.masks}" if args.masks else source)
-    if len(kept) < len(raw):
-        print(f"clipfuse refer: dropped {len(raw) - len(kept)} empty mask(s)", file=sys.stderr)
-
-    seg = ReferSegmenter.open(args.graphs, backend=args.backend, text=args.text_graph)
-    try:
-        text, phrase = seg.text_feature(args.text, args.parser)
-        prepared = seg.prepare(image)
-        f_global = seg.global_features(prepared, masks)
-        f_local = seg.local_features(prepared, masks, args.fill)
-        result = seg.rank(f_global, f_local, text, phrase, args.alpha)
-    finally:
-        seg.close()
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.image).stem
-    best = hard_masks(masks[result.best:result.best + 1])[0]
-    from PIL import Image
-    with atomic_path(out / f"{stem}.mask.png") as tmp:
-        Image.fromarray(best.astype(np.uint8) * 255, mode="L").save(tmp, format="PNG")
-    save_overlay_png(out / f"{stem}.overlay.png", image, best.astype(np.int64), ["background", phrase.phrase])
-    boxes = mask_boxes(masks)
-    ranked = [{"rank": r, "proposal": int(kept[i]), "score": round(float(result.scores[i]), 6),
-               "area": int(hard_masks(masks[i:i + 1]).sum()), "box_xyxy": [int(v) for v in boxes[i]]}
-              for r, i in enumerate(result.ranking())]
-    report = {"image": str(args.image), "height": int(image.shape[0]), "width": int(image.shape[1]),
-              "sentence": args.text, "encoded_sentence": phrase.sentence, "noun_phrase": phrase.phrase,
-              "parser": phrase.parser, "alpha": result.alpha, "proposals": source,
-              "num_proposals": len(masks), "best_proposal": int(kept[result.best]), "ranking": ranked}
-    write_text_atomic(out / f"{stem}.refer.json", json.dumps(report, indent=2) + "\n")
-    print(f"{args.image}: best proposal {int(kept[result.best])} of {len(masks)} (score {result.scores[result.best]:.4f}, "
-          f"noun phrase {phrase.phrase!r}) -> {out}/{stem}.mask.png")
+    outcome = refer_image(args.graphs, args.image, args.text, args.out, masks=args.masks, dense=args.dense,
+                          text_graph=args.text_graph, backend=args.backend, parser=args.parser, fill=args.fill,
+                          alpha=args.alpha)
+    result, best = outcome.result, outcome.result.best
+    print(f"{args.image}: best proposal {int(outcome.kept[best])} of {outcome.num_proposals} "
+          f"(score {result.scores[best]:.4f}, noun phrase {result.noun_phrase.phrase!r}) -> {outcome.mask_path}")
     return 0

@@ -16,6 +16,7 @@ BATCH = int_range(1, 4096)
 THREADS = int_range(1, 1024)
 MAX_PIXELS = int_range(1, 1 << 31)
 
+ORDER = 60  # place in `clipfuse --help`
 HELP = "segment images (file, folder or glob) with an exported .onnx or built .engine"
 
 DESCRIPTION = """\
@@ -171,29 +172,6 @@ def _suffixes() -> List[str]:
     return list(IMAGE_SUFFIXES)
 
 
-def _feed_vocabulary(seg, args: argparse.Namespace) -> None:
-    """Embed the vocabulary with the exported text graph and hand it to the dynamic image graph."""
-    from .errors import ClipfuseError
-    from .text import TextEncoder, class_embeddings
-    from .vocab import parse_classes
-
-    if not args.text_model:
-        raise ClipfuseError(f"{Path(args.model).name} takes its vocabulary at run time: pass --text-model "
-                            "(made by `clipfuse export-text` with the same --model/--pretrained)")
-    vocab = parse_classes(args.classes) if args.classes else seg.classes
-    # the text graph is an .onnx too: openvino runs it as well (auto precision = fp32 for text)
-    text_backend = "openvino" if args.backend == "openvino" else "auto"
-    options = {"device": args.device} if args.device else {}
-    encoder = TextEncoder.open(args.text_model, backend=text_backend, backend_options=options)
-    for key in ("model", "pretrained"):
-        if encoder.manifest.get(key) != seg.manifest.get(key):
-            raise ClipfuseError(f"text graph {Path(args.text_model).name} has {key} {encoder.manifest.get(key)!r}, "
-                                f"the image graph {seg.manifest.get(key)!r}: embeddings would not match")
-    emb = class_embeddings(encoder, vocab, args.templates or seg.manifest.get("templates", "imagenet80"),
-                           progress=True)
-    seg.set_class_embeddings(emb.embeddings, emb.classes)
-
-
 def run(args: argparse.Namespace) -> int:
     from .errors import ClipfuseError
     from .fileio import writable_dir
@@ -213,9 +191,8 @@ def run(args: argparse.Namespace) -> int:
 def _segment_all(args: argparse.Namespace, images: list, out_dir: Path, options: dict) -> int:
     from tqdm import tqdm
 
+    from .batch import feed_vocabulary, segment_files
     from .errors import ClipfuseError
-    from .imageio import DEFAULT_MAX_PIXELS, read_image
-    from .outputs import write_image_outputs
     from .segmenter import Segmenter
 
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
@@ -223,29 +200,15 @@ def _segment_all(args: argparse.Namespace, images: list, out_dir: Path, options:
                          long_side_max=args.long_side_max, stride=args.window_stride,
                          logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd)
     if seg.dynamic_vocab:
-        _feed_vocabulary(seg, args)
+        feed_vocabulary(seg, args.text_model, args.classes, args.templates, args.backend, args.device)
     elif args.text_model or args.classes:
         raise ClipfuseError(f"{Path(args.model).name} has a baked vocabulary; --text-model/--classes need a "
                             "graph exported with --vocab dynamic")
-    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
-    failures = []
-    with seg, tqdm(images, desc="segmenting", unit="img", disable=len(images) < 2, file=sys.stderr) as bar:
-        for src, stem in bar:
-            try:
-                image = read_image(src, max_pixels=max_pixels)
-            except ClipfuseError as exc:
-                if len(images) == 1:
-                    raise
-                failures.append(str(exc))
-                tqdm.write(f"clipfuse run: skipped: {exc}", file=sys.stderr)
-                continue
-            result = seg.segment(image)
-            write_image_outputs(out_dir / stem, image, result.labels, result.class_names,
-                                overlay=not args.no_overlay, source=str(src),
-                                extra={"model": str(args.model), "backend": seg.backend.name,
-                                       "precision": seg.backend.precision,
-                                       "windows": result.num_windows,
-                                       "processing_size": list(result.processing_size)})
+    with seg:
+        failures = segment_files(seg, images, out_dir, overlay=not args.no_overlay, max_pixels=args.max_pixels,
+                                 extra={"model": str(args.model)},
+                                 skipped=lambda message: tqdm.write(f"clipfuse run: skipped: {message}",
+                                                                    file=sys.stderr))
     done = len(images) - len(failures)
     print(f"clipfuse run: {done} image(s) segmented into {out_dir}", file=sys.stderr)
     if failures:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+ORDER = 130  # place in `clipfuse --help`
 HELP = "serve graphs/engines over HTTP and gRPC with NVIDIA Triton (dynamic batching)"
 
 DESCRIPTION = """\

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+ORDER = 140  # place in `clipfuse --help`
 HELP = "write a Triton model repository (graph/engine model + Python protocol model) for Triton"
 
 DESCRIPTION = """\

@@ -8,6 +8,8 @@ from typing import Callable
 
 import numpy as np
 
+import parity_inputs
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -38,15 +40,7 @@ def free_ports(count: int) -> list:
 
 def smooth_image(height: int, width: int, seed: int) -> np.ndarray:
     """Low-frequency RGB image: neighbouring patches look alike, as in photos (several classes win)."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (4, 5, 3)).astype(np.float64)
-    ys = np.linspace(0, 3, height)[:, None]
-    xs = np.linspace(0, 4, width)[None, :]
-    y0, x0 = np.floor(ys).astype(int).clip(0, 2), np.floor(xs).astype(int).clip(0, 3)
-    wy, wx = (ys - y0)[..., None], (xs - x0)[..., None]
-    img = (coarse[y0, x0] * (1 - wy) * (1 - wx) + coarse[y0 + 1, x0] * wy * (1 - wx)
-           + coarse[y0, x0 + 1] * (1 - wy) * wx + coarse[y0 + 1, x0 + 1] * wy * wx)
-    return img.clip(0, 255).astype(np.uint8)
+    return parity_inputs.smooth_image(height, width, seed, coarse=(4, 5), noise=0.0)
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> None:

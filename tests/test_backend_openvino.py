@@ -27,6 +27,7 @@ from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: 
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 
 from conftest import TINY  # noqa: E402
+from parity_inputs import perturb_, smooth_image  # noqa: E402
 
 HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"], ["building"]]
@@ -37,24 +38,14 @@ HAS_BF16 = "BF16" in ovb.device_capabilities(__import__("openvino").Core(), "CPU
 
 
 def smooth_photo(height: int, width: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    coarse = torch.from_numpy(rng.random((3, 6, 8)) * 255)[None]
-    up = torch.nn.functional.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)[0]
-    img = up.numpy().transpose(1, 2, 0) + rng.normal(0, 6, (height, width, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    return smooth_image(height, width, seed)
 
 
 @pytest.fixture(scope="module")
 def perturbed_clip():
     from clipfuse.export.weights import load_clip
     clip = load_clip(TINY, "none", seed=0)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in clip.model.named_parameters():
-            if name.endswith("bias"):
-                param.add_(torch.randn(param.shape, generator=gen) * 0.05)
-            elif "ln" in name and name.endswith("weight"):
-                param.mul_(1 + torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_(clip.model, 1, bias_std=0.05, gain=(0.85, 1.15))
     return clip
 
 
@@ -143,7 +134,7 @@ def test_fp32_frame_graph_equals_onnxruntime(graphs, tmp_path_factory, perturbed
 
 
 def test_fp32_refer_graphs_equal_onnxruntime(tmp_path_factory, tiny_clip):
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
     from clipfuse.runtime.refer.pipeline import ReferSegmenter
 
     prefix = tmp_path_factory.mktemp("refer") / "tiny"

@@ -36,7 +36,7 @@ FRAME = (240, 320)  # H, W of the frame graphs (2 x 2 windows at the tiny ViT's 
 def graphs(tmp_path_factory, tiny_clip):
     """Every graph family, exported once from the tiny ViT: name -> FP32 .onnx path."""
     from clipfuse.export.api import ImageExportSpec, export_image_graph
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
 
     out = tmp_path_factory.mktemp("rtx")
     paths = {}

@@ -50,14 +50,29 @@ class FakeSegmenter:
         return SimpleNamespace(labels=labels.astype(np.int32), class_names=self.class_names)
 
 
-def fake_model(tmp_path: Path, head: str, classes, pretrained="openai") -> Path:
+def fake_model(tmp_path: Path, head: str, classes, pretrained="openai", protocol=None) -> Path:
+    """A stand-in image artifact: a one-node ONNX graph carrying the manifest's contract (eval
+    opens it like any artifact; the fake segmenters never run it)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
+    from clipfuse.runtime.fileio import sha256_file
+
     model = tmp_path / "models" / f"{head}-test.onnx"
     model.parent.mkdir(parents=True, exist_ok=True)
-    model.write_bytes(b"not a real graph")
-    write_manifest(model.with_suffix(".json"), new_manifest(
+    manifest = new_manifest(
         "image", inputs=[], outputs=[], head={"name": head, "params": {}}, classes=classes,
-        pretrained=pretrained, precision="fp32", onnx_sha256="0" * 64,
-        protocol=METHODS[head].protocol.to_dict()))
+        pretrained=pretrained, precision="fp32", onnx_sha256=None,
+        protocol=dict(METHODS[head].protocol.to_dict(), **(protocol or {})))
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "fake",
+                              [value("x", TensorProto.FLOAT, [1])], [value("y", TensorProto.FLOAT, [1])])
+    proto = helper.make_model(graph)
+    helper.set_model_props(proto, {CONTRACT_KEY: contract_json(manifest)})
+    onnx.save(proto, str(model))
+    manifest["onnx_sha256"] = sha256_file(model)
+    write_manifest(model.with_suffix(".json"), manifest)
     return model
 
 
@@ -250,3 +265,27 @@ def test_real_segmenter_deployed_vs_reference(tmp_path):
     assert data["agreement"]["percent"] >= 99.0, data["agreement"]
     d = data["results"]["deployed"]["mIoU"] - data["results"]["reference"]["mIoU"]
     assert abs(d) <= 0.5, d
+
+
+@pytest.mark.parametrize("dataset, rule, expected", [
+    ("voc21", False, "the paper applies CLIP-DINOiser's background rule on voc21 but this graph does not"),
+    ("voc20", True, "this graph applies CLIP-DINOiser's background rule, which the paper does not use on voc20"),
+    ("voc21", True, None),
+    ("voc20", False, None),
+])
+def test_dinoiser_background_rule_warning(tmp_path, capsys, dataset, rule, expected):
+    """The exported rule is compared with the paper's per-dataset protocol, warned about, and evaluated."""
+    make_voc(tmp_path / "data")
+    model = fake_model(tmp_path, "clip-dinoiser", classes_of(dataset, None), protocol={"background_rule": rule})
+    preds = VOC21_PRED if dataset == "voc21" else VOC20_PRED
+    names = ds.first_names(ds.classes_file(dataset))
+    rc = run_eval([str(model), "--dataset", dataset, "--root", str(tmp_path / "data"), "--out", str(tmp_path / "o")],
+                  factory_of({"auto": FakeSegmenter(preds, names)}, []))
+    assert rc == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "background rule" in line]
+    if expected is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warnings[0].startswith("clipfuse eval: warning: ") and expected in warnings[0]
+    meta = json.loads((tmp_path / "o" / "results.json").read_text())["meta"]
+    assert meta["protocol"]["background_rule"] is rule

@@ -18,6 +18,7 @@ from clipfuse.runtime.fileio import sha256_file
 from clipfuse.runtime.manifest import read_manifest
 
 from conftest import PLAIN_VOCAB, TINY, VOCAB
+from parity_inputs import smooth_images
 
 
 @pytest.fixture(scope="module")
@@ -99,19 +100,16 @@ def test_synonyms_take_the_max_over_names(tmp_path, tiny_clip):
     assert not torch.equal(per_name[:, 1], per_name[:, 2])
 
 
-def test_dynamic_vocab_equals_baked(tmp_path):
-    baked = export_image_graph(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                                               size=224, templates="single"), tmp_path / "baked")
-    dynamic = export_image_graph(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                                                 size=224, templates="single", vocab_mode="dynamic"),
-                                 tmp_path / "dyn")
+def test_dynamic_vocab_equals_baked(tmp_path, perturbed_tiny):
+    spec = perturbed_tiny.spec("naclip", classes=PLAIN_VOCAB, size=224, templates="single")
+    baked = export_image_graph(spec, tmp_path / "baked", clip=perturbed_tiny.clip)
+    dynamic = export_image_graph(replace(spec, vocab_mode="dynamic"), tmp_path / "dyn", clip=perturbed_tiny.clip)
     manifest = read_manifest(dynamic.with_suffix(".json"))
     assert [s["name"] for s in manifest["inputs"]] == ["image", "class_embeddings"]
     assert manifest["outputs"][0]["shape"] == ["batch", "classes", 14, 14]
-    build = build_fused(ImageExportSpec("naclip", model=TINY, pretrained="none", classes=PLAIN_VOCAB, size=224,
-                                        templates="single"))
+    build = build_fused(spec, clip=perturbed_tiny.clip)
     emb = build.name_embeddings.numpy()
-    images = np.random.default_rng(1).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+    images = smooth_images(2, 224, seed=1)
     want = _run(baked, {"image": images})
     got = _run(dynamic, {"image": images, "class_embeddings": emb})
     assert np.abs(got - want).max() <= 1e-5
@@ -121,14 +119,13 @@ def test_dynamic_vocab_equals_baked(tmp_path):
     assert np.abs(two - want[:, [3, 1]]).max() <= 1e-5
 
 
-def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip):
-    with_bg = build_fused(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none", classes=PLAIN_VOCAB,
-                                          size=224, templates="single"), clip=tiny_clip)
-    no_bg = build_fused(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none", classes=PLAIN_VOCAB[1:],
-                                        size=224, templates="single"), clip=tiny_clip)
+def test_dinoiser_background_rule_only_with_background_class(tmp_path, perturbed_tiny):
+    spec = perturbed_tiny.spec("clip-dinoiser", classes=PLAIN_VOCAB, size=224, templates="single")
+    with_bg = build_fused(spec, clip=perturbed_tiny.clip)
+    no_bg = build_fused(replace(spec, classes=PLAIN_VOCAB[1:]), clip=perturbed_tiny.clip)
     assert ReferenceModel.from_build(with_bg).background_rule is True
     assert ReferenceModel.from_build(no_bg).background_rule is False
-    images = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    images = torch.from_numpy(smooth_images(1, 224, seed=5))
     with torch.no_grad():
         probs = with_bg.module(images)
     # the rule sets background to exactly 1 somewhere (random heads: about half the patches)
@@ -140,9 +137,7 @@ def test_dinoiser_background_rule_only_with_background_class(tmp_path, tiny_clip
     assert no_bg.head_params["background_rule"] is False
     assert torch.allclose(probs_no_bg.sum(dim=1), torch.ones(1, 14, 14), atol=1e-5)
     assert np.abs(probs_no_bg.numpy() - ReferenceModel.from_build(no_bg)(images.numpy())).max() <= 1e-4
-    manifest_path = export_image_graph(ImageExportSpec("clip-dinoiser", model=TINY, pretrained="none",
-                                                       classes=PLAIN_VOCAB, size=224, templates="single"),
-                                       tmp_path / "d")
+    manifest_path = export_image_graph(spec, tmp_path / "d", clip=perturbed_tiny.clip)
     manifest = json.loads(manifest_path.with_suffix(".json").read_text())
     assert manifest["protocol"]["background_rule"] is True
     assert manifest["protocol"]["score_type"] == "probability"

@@ -13,18 +13,15 @@ from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
 
 from conftest import TINY, VOCAB
+from parity_inputs import smooth_images
 
 HEADS = ["maskclip", "sclip", "clearclip", "naclip", "clip-dinoiser"]
 TOL = 1e-4
 
 
 def _images(n: int, size: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    # smooth-ish images: random noise alone makes every patch alike
-    base = rng.integers(0, 256, (n, size // 16, size // 16, 3)).astype(np.uint8)
-    img = base.repeat(16, axis=1).repeat(16, axis=2)
-    noise = rng.integers(-20, 21, img.shape)
-    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+    # smooth images: random noise alone makes every patch alike
+    return smooth_images(n, size, seed)
 
 
 def _check_scores_informative(scores: np.ndarray) -> None:
@@ -36,11 +33,12 @@ def _check_scores_informative(scores: np.ndarray) -> None:
 
 @pytest.mark.parametrize("size", [224, 448])
 @pytest.mark.parametrize("head", HEADS)
-def test_tiny_fused_and_onnx_match_reference(tmp_path, tiny_clip, head, size):
+def test_tiny_fused_and_onnx_match_reference(tmp_path, perturbed_tiny, head, size):
+    """Biases and LayerNorm gains perturbed (random init would hide a dropped bias)."""
     import onnxruntime as ort
 
-    build = build_fused(ImageExportSpec(head, model=TINY, pretrained="none", classes=VOCAB, size=size,
-                                        templates="single"), clip=tiny_clip)
+    spec = perturbed_tiny.spec(head, classes=VOCAB, size=size, templates="single")
+    build = build_fused(spec, clip=perturbed_tiny.clip)
     ref = ReferenceModel.from_build(build)
     images = _images(2, size, seed=size)
     expected = ref(images)
@@ -49,8 +47,7 @@ def test_tiny_fused_and_onnx_match_reference(tmp_path, tiny_clip, head, size):
         fused = build.module(torch.from_numpy(images)).numpy()
     assert np.abs(fused - expected).max() <= TOL
 
-    onnx_path = export_image_graph(ImageExportSpec(head, model=TINY, pretrained="none", classes=VOCAB, size=size,
-                                                   templates="single"), tmp_path / head)
+    onnx_path = export_image_graph(spec, tmp_path / head, clip=perturbed_tiny.clip)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     got = session.run(["scores"], {"image": images})[0]
     assert got.shape == (2, len(VOCAB), size // 16, size // 16)

@@ -139,7 +139,7 @@ def test_bad_options_are_one_line_errors(tiny_clip):
 
 
 def _export_and_compare(clip, prefix: Path, grid: int, n_masks: int, precision: str = "fp32"):
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
 
     written = export_refer(prefix, model=clip.model_name, pretrained="none", seed=clip.seed,
                            precision=precision, text=False)

@@ -100,7 +100,7 @@ def test_local_crops_match_public_code():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory, tiny_clip):
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
 
     prefix = tmp_path_factory.mktemp("refer") / "tiny"
     written = export_refer(prefix, model="ViT-T-16-test", pretrained="none", seed=tiny_clip.seed)
@@ -440,3 +440,62 @@ def test_public_copy_is_torchvision_resize_800_on_pil(hw):
     got = P.public_copy(image)
     assert got.shape == expected.shape and min(got.shape[:2]) == 800
     assert np.array_equal(got, expected)
+
+
+class _BatchLimited:
+    """A backend wrapper that, like an engine with an optimisation profile, refuses batches over
+    `max_batch` and records the batch sizes it ran."""
+
+    def __init__(self, runner, max_batch: int, batched: str):
+        self.runner, self.max_batch, self.batched, self.sizes = runner, max_batch, batched, []
+
+    def run(self, feeds):
+        size = len(feeds[self.batched])
+        assert size <= self.max_batch, f"batch {size} over the profile's {self.max_batch}"
+        self.sizes.append(size)
+        return self.runner.run(feeds)
+
+    def close(self):
+        self.runner.close()
+
+
+def test_proposals_are_chunked_by_the_backends_max_batch(graphs):
+    """5 proposals through runners limited to 2 (global) and 3 (local): cut into 2+2+1 and 3+2,
+    in order, with the features of one unlimited call."""
+    image, masks3 = _scene(seed=6)
+    masks = np.concatenate([masks3, masks3[:2, ::-1, ::-1]])   # 5 distinct proposals
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        want_g, want_l = seg.visual_features(image, masks)
+        seg.global_runner = _BatchLimited(seg.global_runner, 2, "masks")
+        seg.local_runner = _BatchLimited(seg.local_runner, 3, "crops")
+        got_g, got_l = seg.visual_features(image, masks)
+    finally:
+        seg.close()
+    assert seg.global_runner.sizes == [2, 2, 1] and seg.local_runner.sizes == [3, 2]
+    assert got_g.shape == want_g.shape == (5, want_g.shape[1])
+    np.testing.assert_allclose(got_g, want_g, atol=1e-5)
+    np.testing.assert_allclose(got_l, want_l, atol=1e-5)
+    assert np.abs(want_g[0] - want_g[3]).max() > 1e-3   # rows differ: a mix-up would show
+
+
+def test_the_runtime_reads_every_refer_field_of_the_manifest(graphs, tmp_path, monkeypatch):
+    """export-refer writes the refer section from the runtime's constants and the segmenter reads
+    each field back; a graph made for a preprocessing this runtime lacks is refused."""
+    from clipfuse.export.refer_export import export_refer
+    from clipfuse.runtime.errors import ClipfuseError
+
+    seg = P.ReferSegmenter.open(graphs)
+    try:
+        assert seg.global_manifest["refer"] == P.refer_section(0.95, 3, "public")
+        assert (seg.default_alpha, seg.alpha_for("refcocog"), seg.alpha_for("refcoco+")) == (0.95, 0.85, 0.95)
+        assert seg.text_weight == P.TEXT_WEIGHT and seg.masked_blocks == 3
+        assert seg.public_fill == P.PUBLIC_FILL and seg.fill == "public"
+    finally:
+        seg.close()
+    monkeypatch.setattr(P, "PREPROCESS", "other-600")
+    export_refer(tmp_path / "other", model="ViT-T-16-test", pretrained="none", text=False)
+    monkeypatch.setattr(P, "PREPROCESS", "public-800")
+    paths = P.graph_paths(tmp_path / "other")
+    with pytest.raises(ClipfuseError, match="preprocess 'other-600'"):
+        P.ReferSegmenter(paths["global"], paths["local"])

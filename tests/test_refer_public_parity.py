@@ -18,6 +18,7 @@ import glclip_public_reference as public  # noqa: E402
 from clipfuse.runtime.refer import pipeline as P  # noqa: E402
 
 from conftest import TINY  # noqa: E402
+from parity_inputs import perturb_  # noqa: E402
 
 TOL = 1e-4
 MASKED_BLOCKS = 2            # the tiny ViT has 3 blocks: block 0 runs once, unmasked
@@ -29,21 +30,12 @@ def _perturbed_state(seed: int = 7, model_name: str = TINY) -> dict:
     from clipfuse.export.weights import load_clip
 
     model = load_clip(model_name, "none", seed=seed).model
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, value in model.state_dict().items():
-        value = value.clone()
-        if name.endswith("bias"):
-            value += 0.2 * torch.randn(value.shape, generator=gen)
-        elif ("ln_" in name or "ln_final" in name) and name.endswith("weight"):
-            value *= 1.0 + 0.3 * torch.randn(value.shape, generator=gen)
-        state[name] = value
-    return state
+    return perturb_(model, seed, bias_std=0.2, gain=(0.7, 1.3)).state_dict()
 
 
 def _export(folder, model_name: str, masked_blocks: int):
     """export-refer from a perturbed open_clip-format file -> (ReferSegmenter, the torch tower)."""
-    from clipfuse.export.cmd_export_refer import export_refer
+    from clipfuse.export.refer_export import export_refer
     from clipfuse.export.weights import load_clip
 
     ckpt = folder / "perturbed.pt"

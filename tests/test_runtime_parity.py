@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 from clipfuse.runtime.methods import Protocol  # noqa: E402
 from clipfuse.runtime.protocol import resize_scores  # noqa: E402
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
+from parity_inputs import smooth_image  # noqa: E402
 from sclip_reference import reference_postprocess  # noqa: E402
 
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"]]
@@ -76,19 +77,15 @@ def reference_segment(image: np.ndarray, model, protocol: Protocol, num_classes:
 # Fixtures
 # ------------------------------------------------------------------------------------------------
 def synthetic_photo(height: int, width: int, seed: int) -> np.ndarray:
-    """Smooth blobs + gradient + mild noise: regions large enough to give structured label maps."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.random((3, 6, 8)) * 255
-    up = F.interpolate(torch.from_numpy(coarse)[None], size=(height, width), mode="bicubic",
-                       align_corners=False)[0].numpy()
-    img = up.transpose(1, 2, 0) + rng.normal(0, 6, (height, width, 3))
-    return np.clip(img, 0, 255).astype(np.uint8)
+    """Smooth blobs + mild noise: regions large enough to give structured label maps."""
+    return smooth_image(height, width, seed)
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """head -> (onnx path, ReferenceModel rebuilt from the manifest); exported once per module."""
-    from clipfuse.export.api import ImageExportSpec, export_image_graph
+def exported(tmp_path_factory, perturbed_tiny):
+    """head -> (onnx path, ReferenceModel rebuilt from the manifest); exported once per module from
+    weights with perturbed biases and LayerNorm gains (files the manifest names)."""
+    from clipfuse.export.api import export_image_graph
     from clipfuse.export.reference import ReferenceModel
     from clipfuse.runtime.manifest import manifest_path_for, read_manifest
 
@@ -98,8 +95,8 @@ def exported(tmp_path_factory):
 
     def get(head: str):
         if head not in cache:
-            onnx = export_image_graph(ImageExportSpec(head, model="ViT-T-16-test", pretrained="none",
-                                                      classes=CLASSES, templates="single", seed=0), root / head)
+            onnx = export_image_graph(perturbed_tiny.spec(head, classes=CLASSES, templates="single", seed=0),
+                                      root / head, clip=perturbed_tiny.clip)
             ref = ReferenceModel.from_manifest(read_manifest(manifest_path_for(onnx)))
             cache[head] = (onnx, ref)
         return cache[head]

@@ -53,6 +53,19 @@ _REGISTRY: Dict[str, tuple] = {
 }
 
 
+def run_in_chunks(backend, feeds: Dict[str, np.ndarray], batched: str) -> Dict[str, np.ndarray]:
+    """Run `feeds` with the `batched` input cut to `backend.max_batch` (an engine's profile; None:
+    one call) and every output concatenated along axis 0. The other inputs go whole to each call."""
+    total = len(feeds[batched])
+    step = backend.max_batch or total
+    parts = []
+    for start in range(0, total, step):
+        part = dict(feeds)
+        part[batched] = feeds[batched][start:start + step]
+        parts.append(backend.run(part))
+    return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
+
+
 def register_backend(name: str, module: str, cls: str, suffixes: tuple) -> None:
     _REGISTRY[name] = (module, cls, suffixes)
 

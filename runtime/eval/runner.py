@@ -7,15 +7,22 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ClipfuseError
 from ..methods import METHODS
-from .datasets import DatasetSpec, EvalDataset, classes_file, first_names
+from .datasets import DatasetSpec, EvalDataset, classes_file, first_names, open_dataset
 from .metrics import mean_iou
-from .report import EvalRecord
+from .report import EvalRecord, write_report
+
+RESULTS_NAME = "results.json"
+REPORT_NAME = "report.md"
+# (model, backend, protocol overrides) -> a segmenter; the runtime's Segmenter.open, or a fake
+SegmenterFactory = Callable[[Path, str, Dict[str, object]], object]
 
 
 def protocol_overrides(head: Optional[str], dataset: str) -> Dict[str, object]:
@@ -120,3 +127,78 @@ def evaluate(dataset: EvalDataset, segmenters: Dict[str, object], record: EvalRe
         bar.close()
         record.save(finished=complete)
     return record
+
+
+@dataclass
+class EvalOutcome:
+    record: EvalRecord
+    report: Path
+    out: Path
+    spec: DatasetSpec
+    head: Optional[str]
+    runs: List[str]
+
+
+def _warn(message: str) -> None:
+    print(f"clipfuse eval: warning: {message}", file=sys.stderr)
+
+
+def evaluate_model(model: Path, dataset: str, root: "str | Path", open_segmenter: SegmenterFactory, *,
+                   backend: str = "auto", out: Optional[Path] = None, limit: Optional[int] = None,
+                   resume: bool = False, compare_reference: bool = False, progress: bool = True,
+                   warn: Callable[[str], None] = _warn) -> EvalOutcome:
+    """Evaluate `model` on `dataset` with the method's per-dataset protocol: check the vocabulary
+    and the background rule against the dataset (warnings through `warn`), start or resume the
+    record in `out` (default eval-results/MODEL-DATASET), run the deployed segmenter (and the
+    PyTorch reference with `compare_reference`), and write the Markdown report even when stopped."""
+    from ..artifact import open_artifact
+
+    # kind + contract here; the segmenter opened below checks the file's hash
+    manifest = open_artifact(model, kinds=("image",), verify=False,
+                             hint="`eval` needs an image graph from `clipfuse export`").manifest
+    head = (manifest.get("head") or {}).get("name")
+
+    data = open_dataset(dataset, root)
+    spec = data.spec
+    suspicious = check_vocabulary(manifest.get("classes"), spec, head)
+    class_names = first_names(classes_file(spec.key))
+    if suspicious:
+        idx = suspicious[0]
+        warn(f"{len(suspicious)} class name(s) of the model differ from {spec.title}'s, e.g. class {idx}: "
+             f"model {manifest['classes'][idx]!r} vs dataset {class_names[idx]!r}; check the class order")
+    overrides = protocol_overrides(head, spec.key)
+    protocol = dict(manifest.get("protocol") or {}, **overrides)
+    warning = background_rule_warning(head, spec.key, protocol)
+    if warning:
+        warn(warning)
+    runs = ["deployed"] + (["reference"] if compare_reference else [])
+    method = METHODS.get(head or "")
+    meta = {
+        "model": str(model), "model_name": model.stem,
+        "model_id": f"{model.name}:{manifest.get('onnx_sha256')}",
+        "head": head, "pretrained": manifest.get("pretrained"),
+        "paper_pretrained": method.default_pretrained if method else None,
+        "precision": manifest.get("precision"),
+        "dataset": spec.key, "dataset_title": spec.title, "root": str(data.root),
+        "dataset_size": len(data), "limit": limit,
+        "num_classes": spec.num_classes, "class_names": class_names,
+        "protocol": protocol, "protocol_overrides": overrides,
+        "runs": runs, "requested_backend": backend,
+        "backends": {run: ("torch" if run == "reference" else backend) for run in runs},
+    }
+    out = Path(out) if out else Path("eval-results") / f"{model.stem}-{spec.key}"
+    record = EvalRecord.start(out / RESULTS_NAME, meta, resume=resume)
+
+    segmenters = {"deployed": open_segmenter(model, backend, overrides)}
+    if compare_reference:
+        segmenters["reference"] = open_segmenter(model, "torch", overrides)
+    for run_name, seg in segmenters.items():
+        actual = getattr(getattr(seg, "backend", None), "name", None)
+        if isinstance(actual, str):
+            record.meta["backends"][run_name] = actual
+
+    try:
+        evaluate(data, segmenters, record, limit=limit, progress=progress)
+    finally:
+        report = write_report(record, out / REPORT_NAME)
+    return EvalOutcome(record=record, report=report, out=out, spec=spec, head=head, runs=runs)

@@ -33,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..backends.base import run_in_chunks
 from ..errors import ClipfuseError
 from .nounphrase import NounPhrase, extract_noun_phrase
 
@@ -43,6 +44,17 @@ DEFAULT_ALPHA = 0.95                      # RefCOCO / RefCOCO+; RefCOCOg uses 0.
 DATASET_ALPHA = {"refcoco": 0.95, "refcoco+": 0.95, "refcocog": 0.85}
 TEXT_WEIGHT = 0.5                         # t = 0.5 * sentence + 0.5 * noun phrase
 COPY_SHORT_SIDE = 800                     # data/dataset_refer_bert.py: T.Resize(800)
+METHOD = "global-local-clip"
+PREPROCESS = "public-800"                 # prepare_image: the public code's 800-pixel copy
+
+
+def refer_section(alpha: float, masked_blocks: int, fill: str) -> dict:
+    """The `refer` part of both graphs' manifests. Written by `export-refer` from the constants
+    above (one source); ReferSegmenter reads every field back, so a graph made for other
+    settings is run with them or refused."""
+    return {"method": METHOD, "alpha": alpha, "alpha_by_dataset": dict(DATASET_ALPHA),
+            "masked_blocks": masked_blocks, "text_weight": TEXT_WEIGHT, "fill": fill,
+            "preprocess": PREPROCESS, "fill_normalized": list(PUBLIC_FILL)}
 
 EncodeText = Callable[[Sequence[str]], np.ndarray]    # texts -> raw features [N, E]
 
@@ -141,25 +153,26 @@ def mask_boxes(masks: np.ndarray) -> np.ndarray:
     return np.trunc(box).astype(np.int64)
 
 
-def fill_pixel(mean: Sequence[float], std: Sequence[float], fill: str = "public") -> np.ndarray:
+def fill_pixel(mean: Sequence[float], std: Sequence[float], fill: str = "public",
+               public_fill: Sequence[float] = PUBLIC_FILL) -> np.ndarray:
     """The fill colour on the 0..255 pixel scale that the graph's normalisation maps to the
-    public code's normalised fill (or to 0 for fill="mean")."""
+    public code's normalised fill `public_fill` (or to 0 for fill="mean")."""
     mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
     if fill == "public":
-        return (np.asarray(PUBLIC_FILL, np.float32) * std + mean) * 255.0
+        return (np.asarray(public_fill, np.float32) * std + mean) * 255.0
     if fill == "mean":
         return mean * 255.0
     raise ClipfuseError(f"unknown fill {fill!r}; choose one of: {', '.join(FILL_MODES)}")
 
 
 def local_crops(restored: np.ndarray, masks: np.ndarray, mean: Sequence[float], std: Sequence[float],
-                fill: str = "public", size: int = 224) -> np.ndarray:
+                fill: str = "public", size: int = 224, public_fill: Sequence[float] = PUBLIC_FILL) -> np.ndarray:
     """Masked, box-cropped, resized crops of `restored` (PreparedImage.restored, H x W x 3 on the
     0..255 scale) -> float32 [N, size, size, 3]. Only mask pixels equal to 1 keep the image
     (the public code's mask.type(torch.uint8)). (The box never leaves the image: a projection's
     centre -+ half its count stays within [-0.5, W - 0.5], which truncates into [0, W].)"""
     restored = np.asarray(restored, dtype=np.float32)
-    fill_px = fill_pixel(mean, std, fill)
+    fill_px = fill_pixel(mean, std, fill, public_fill)
     out = np.empty((len(masks), size, size, 3), dtype=np.float32)
     for n, (mask, (x1, y1, x2, y2)) in enumerate(zip(masks, mask_boxes(masks))):
         x2, y2 = max(x2, x1 + 1), max(y2, y1 + 1)        # a mask in row/column 0 alone still gets one
@@ -183,10 +196,10 @@ def cosine_scores(features: np.ndarray, text: np.ndarray) -> np.ndarray:
     return f @ t
 
 
-def text_feature(encode: EncodeText, phrase: NounPhrase) -> np.ndarray:
-    """t = 0.5 * enc(sentence) + 0.5 * enc(noun phrase), raw features -> [E]."""
+def text_feature(encode: EncodeText, phrase: NounPhrase, weight: float = TEXT_WEIGHT) -> np.ndarray:
+    """t = w * enc(sentence) + (1 - w) * enc(noun phrase) (w = 0.5), raw features -> [E]."""
     feats = np.asarray(encode([phrase.sentence, phrase.phrase]), dtype=np.float32)
-    return TEXT_WEIGHT * feats[0] + (1.0 - TEXT_WEIGHT) * feats[1]
+    return weight * feats[0] + (1.0 - weight) * feats[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,18 +211,6 @@ def _open(path: Path, kind: str, backend: str, options: Optional[dict]):
 
     manifest = open_artifact(path, kinds=(kind,), what="graph", hint="run `clipfuse export-refer` first").manifest
     return open_backend(path, manifest, backend, **(options or {})), manifest
-
-
-def _run_chunked(runner, feeds: Dict[str, np.ndarray], batched: str, output: str) -> np.ndarray:
-    """Run with the `batched` input cut to the backend's max batch (engine profiles)."""
-    total = len(feeds[batched])
-    step = runner.max_batch or total
-    outs = []
-    for start in range(0, total, step):
-        part = dict(feeds)
-        part[batched] = feeds[batched][start:start + step]
-        outs.append(runner.run(part)[output])
-    return np.concatenate(outs, axis=0)
 
 
 def graph_paths(prefix: "str | Path") -> Dict[str, Path]:
@@ -265,8 +266,17 @@ class ReferSegmenter:
         self.input_size = int(gm["input_size"][0])
         self.local_size = int(lm["input_size"][0])
         self.mean, self.std = gm["normalization"]["mean"], gm["normalization"]["std"]
-        self.default_alpha = float(gm.get("refer", {}).get("alpha", DEFAULT_ALPHA))
+        refer = gm.get("refer", {})
+        for key, supported in (("method", METHOD), ("preprocess", PREPROCESS)):
+            if refer.get(key, supported) != supported:
+                raise ClipfuseError(f"{Path(global_path).name} was exported for {key} {refer[key]!r}; this "
+                                    f"runtime implements {supported!r}: re-export with `clipfuse export-refer`")
+        self.default_alpha = float(refer.get("alpha", DEFAULT_ALPHA))
+        self.alpha_by_dataset = dict(refer.get("alpha_by_dataset", DATASET_ALPHA))
+        self.text_weight = float(refer.get("text_weight", TEXT_WEIGHT))
+        self.masked_blocks = refer.get("masked_blocks")      # baked into the graph; reported by eval-refer
         self.fill = lm.get("refer", {}).get("fill", "public")
+        self.public_fill = tuple(lm.get("refer", {}).get("fill_normalized", PUBLIC_FILL))
         self.encode_text = encode_text
         self._closers = [self.global_runner, self.local_runner]
 
@@ -303,13 +313,13 @@ class ReferSegmenter:
 
     def global_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray) -> np.ndarray:
         feeds = {"image": self.prepare(image).global_image, "masks": grid_masks(masks, self.grid)}
-        return _run_chunked(self.global_runner, feeds, "masks", "features")
+        return run_in_chunks(self.global_runner, feeds, "masks")["features"]
 
     def local_features(self, image: Union[np.ndarray, PreparedImage], masks: np.ndarray,
                        fill: Optional[str] = None) -> np.ndarray:
         crops = local_crops(self.prepare(image).restored, masks, self.mean, self.std, fill or self.fill,
-                            self.local_size)
-        return _run_chunked(self.local_runner, {"crops": crops}, "crops", "features")
+                            self.local_size, self.public_fill)
+        return run_in_chunks(self.local_runner, {"crops": crops}, "crops")["features"]
 
     def visual_features(self, image: Union[np.ndarray, PreparedImage],
                         masks: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -327,9 +337,15 @@ class ReferSegmenter:
         phrase = extract_noun_phrase(sentence, parser)
         if self.encode_text is None:
             raise ClipfuseError("no text encoder: open with ReferSegmenter.open(prefix) or pass encode_text")
-        return text_feature(self.encode_text, phrase), phrase
+        return text_feature(self.encode_text, phrase, self.text_weight), phrase
 
     # -- ranking ----------------------------------------------------------------------------------
+    def alpha_for(self, dataset: str) -> float:
+        """The paper's alpha for `dataset` as the graphs record it (RefCOCOg 0.85, else 0.95)."""
+        if dataset not in self.alpha_by_dataset:
+            raise ClipfuseError(f"no alpha recorded for dataset {dataset!r}; pass --alpha")
+        return float(self.alpha_by_dataset[dataset])
+
     def rank(self, f_global: np.ndarray, f_local: np.ndarray, text: np.ndarray, phrase: NounPhrase,
              alpha: Optional[float] = None) -> ReferResult:
         alpha = self.default_alpha if alpha is None else float(alpha)

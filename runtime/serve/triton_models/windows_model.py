@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from clipfuse.runtime.backends.base import open_backend  # noqa: E402
-from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
+from clipfuse.runtime.artifact import open_artifact  # noqa: E402
 
 
 class TritonPythonModel:
@@ -20,7 +20,9 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         artifact = os.path.join(HERE, params["clipfuse_artifact"])
-        manifest = read_manifest(manifest_path_for(artifact))
+        # `triton-repo` hashed the artifact when it wrote the repository (unless --no-verify); here
+        # the kind and the contract (cheap) catch a manifest swapped or edited in the repository.
+        manifest = open_artifact(artifact, kinds=("image",), verify=False).manifest
         self.backend = open_backend(artifact, manifest, params.get("clipfuse_backend", "auto"))
         self.input = manifest["inputs"][0]["name"]
         self.outputs = [t["name"] for t in manifest["outputs"]]  # a frame graph has several
