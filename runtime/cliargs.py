@@ -74,4 +74,5 @@ positive_float = float_range(0.0, low_open=True)
 non_negative_float = float_range(0.0)
 opset = int_range(17, 30)                      # LayerNormalization needs 17; 30 is far past ONNX today
 pixels = int_range(1, 16384)                   # short side, long-side cap, stride
+port = int_range(0, 65535)                     # 0: let the OS pick (tests)
 logit_scale = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking

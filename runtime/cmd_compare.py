@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .cliargs import positive_int
+
 ORDER = 70  # place in `clipfuse --help`
 HELP = "compare two of {PyTorch reference, ONNX FP32, ONNX FP16, TensorRT engine} on real images"
 DESCRIPTION = """\
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("b", metavar="B", help="second artifact, ARTIFACT[@BACKEND]")
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH",
                         help="image files, folders or glob patterns")
-    parser.add_argument("--max-images", type=int, default=4, help="use at most this many images (default: 4)")
+    parser.add_argument("--max-images", type=positive_int, default=4, help="use at most this many images (default: 4)")
     parser.add_argument("--atol", action="append", default=[], metavar="[OUTPUT=]VALUE",
                         help="max abs diff allowed (for one output with OUTPUT=VALUE); repeatable")
     parser.add_argument("--min-argmax", action="append", default=[], metavar="[OUTPUT=]FRACTION",

@@ -173,10 +173,18 @@ COMMAND_NUMERIC = {
     "eval": (["m.onnx"], ["--limit"]),
     "refer": ([], ["--alpha"]),
     "eval-refer": ([], ["--alpha", "--limit"]),
+    "compare": (["a.onnx", "b.onnx", "--images", "x.png"], ["--max-images"]),
+    "serve": (["m.onnx"], ["--http-port", "--grpc-port", "--metrics-port", "--instances", "--max-batch-size",
+                           "--queue-delay-us", "--window-batch", "--drain-timeout", "--threads", "--max-pixels",
+                           "--log-verbose"]),
+    "triton-repo": (["m.onnx", "-o", "r"], ["--instances", "--protocol-instances", "--max-batch-size",
+                                            "--window-batch", "--queue-delay-us", "--max-pixels"]),
+    "bench-serve": (["m.onnx"], ["--clients", "--requests", "--instances", "--max-batch-size", "--queue-delay-us",
+                                 "--window-batch", "--threads", "--baseline-requests"]),
 }
 
 
-@fuzz(150)
+@fuzz(250)  # ~20 per command
 @given(st.sampled_from(sorted(COMMAND_NUMERIC)), st.data())
 def test_every_commands_numbers_parse_to_finite_values_or_one_line(command, data):
     import contextlib
