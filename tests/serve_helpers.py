@@ -103,3 +103,23 @@ def tiny_sclip_frame(root) -> "Path":
                             frame=FRAME),
             Path(root) / "serve_tiny" / "sclip_frame"))
     return _EXPORTED["sclip_frame"]
+
+
+def concurrently(call: Callable[[int], object], n: int, timeout: float = 120.0) -> list:
+    """[call(0), ..., call(n-1)], each in its own thread, all released at once (a barrier) so the
+    server sees them together; fails if any did not finish in `timeout` seconds."""
+    import threading
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        results[i] = call(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert all(r is not None for r in results), "a concurrent client did not finish"
+    return results

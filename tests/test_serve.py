@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from serve_helpers import (FRAME, LOOPBACK, free_ports, listening_addresses, serve_deps_missing, smooth_image,
+from serve_helpers import (FRAME, LOOPBACK, concurrently, free_ports, listening_addresses, serve_deps_missing, smooth_image,
                            tiny_sclip, tiny_sclip_frame, wait_until)
 
 _MISSING = serve_deps_missing()
@@ -116,21 +115,12 @@ def test_concurrent_http_and_grpc_match_local_runtime(server, local):
     srv, o = server
     # six clients with one image size (Triton batches equal shapes), two with other sizes
     images = [smooth_image(180, 240, s) for s in range(6)] + [smooth_image(300, 200, 7), smooth_image(96, 500, 8)]
-    results = [None] * len(images)
-    barrier = threading.Barrier(len(images))
-
     def client(i):
-        barrier.wait()
         call = http_infer if i % 2 == 0 else grpc_infer
-        results[i] = call(o.http_port if i % 2 == 0 else o.grpc_port, images[i])
+        return call(o.http_port if i % 2 == 0 else o.grpc_port, images[i])
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
     before = len(srv.models["tiny"].history)
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert all(r is not None for r in results)
+    results = concurrently(client, len(images))
     classes_seen = set()
     for image, (labels, confidence) in zip(images, results):
         ref = local.segment(image, return_scores=True)
@@ -152,20 +142,8 @@ def test_frame_graph_served_batched_equal_to_local(server, frame_artifact):
     confidence equal the local Segmenter's, and an image of another size gets a Triton error."""
     srv, o = server
     images = [smooth_image(*FRAME, s) for s in range(5)]
-    results = [None] * len(images)
-    barrier = threading.Barrier(len(images))
-
-    def client(i):
-        barrier.wait()
-        results[i] = http_infer(o.http_port, images[i], model="tinyframe")
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
     before = len(srv.models["tinyframe"].history)
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert all(r is not None for r in results)
+    results = concurrently(lambda i: http_infer(o.http_port, images[i], model="tinyframe"), len(images))
     with Segmenter.open(frame_artifact) as seg:
         for image, (labels, confidence) in zip(images, results):
             ref = seg.segment(image, return_confidence=True)

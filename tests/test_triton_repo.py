@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 
 import numpy as np
 import pytest
 
-from serve_helpers import (FRAME, LOOPBACK, free_ports, serve_deps_missing, smooth_image, tiny_sclip,
+from serve_helpers import (FRAME, LOOPBACK, concurrently, free_ports, serve_deps_missing, smooth_image, tiny_sclip,
                            tiny_sclip_frame, wait_until)
 
 _MISSING = serve_deps_missing()
@@ -142,11 +141,7 @@ def bundled_server(artifact, frame_artifact, tmp_path_factory):
 def test_bundled_triton_answers_like_local_runtime(bundled_server, artifact):
     http, grpc = bundled_server
     images = [smooth_image(150, 200, s) for s in range(4)] + [smooth_image(260, 180, 9)]
-    results = [None] * len(images)
-    barrier = threading.Barrier(len(images))
-
     def client(i):
-        barrier.wait()
         if i % 2:
             c = tgrpc.InferenceServerClient(f"{LOOPBACK}:{grpc}")
             x = tgrpc.InferInput("image", [1, *images[i].shape], "UINT8")
@@ -155,15 +150,11 @@ def test_bundled_triton_answers_like_local_runtime(bundled_server, artifact):
             x = thttp.InferInput("image", [1, *images[i].shape], "UINT8")
         x.set_data_from_numpy(images[i][None])
         try:
-            results[i] = c.infer("seg", [x]).as_numpy("labels")[0]
+            return c.infer("seg", [x]).as_numpy("labels")[0]
         finally:
             c.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(images))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = concurrently(client, len(images))
     with Segmenter.open(artifact) as local:
         for image, labels in zip(images, results):
             assert labels is not None
