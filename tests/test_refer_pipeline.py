@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,7 +284,7 @@ def _write_dataset(root: Path):
     return rle_mask
 
 
-def test_eval_refer_dataset_reader(tmp_path):
+def test_eval_refer_dataset_reader(tmp_path, monkeypatch):
     from clipfuse.runtime.refer.dataset import ReferDataset
 
     rle_mask = _write_dataset(tmp_path)
@@ -291,7 +292,14 @@ def test_eval_refer_dataset_reader(tmp_path):
     assert len(data) == 5 and [r.ref_id for r in data.refs] == [1, 2, 3]
     assert np.array_equal(data.ann_mask(103), rle_mask)
     assert data.image_masks(11).shape == (2, 40, 56)
-    assert data.ann_mask(104)[0:9, 0:11].all() and data.ann_mask(104).sum() == 9 * 11   # polygon incl. border
+    try:  # with pycocotools installed, polygons are COCO's own rasterisation (border excluded)
+        from pycocotools import mask as coco_mask
+        rle = coco_mask.frPyObjects(_polygon(0, 0, 10, 8), *data.ann_mask(104).shape)
+        assert np.array_equal(data.ann_mask(104), coco_mask.decode(coco_mask.merge(rle)).astype(bool))
+    except ImportError:
+        pass
+    monkeypatch.setitem(sys.modules, "pycocotools", None)   # the built-in rasteriser: border included
+    assert data.ann_mask(104)[0:9, 0:11].all() and data.ann_mask(104).sum() == 9 * 11
 
 
 def test_eval_refer_oracle_and_masks_dir(graphs, tmp_path):
