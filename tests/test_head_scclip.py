@@ -1,0 +1,100 @@
+"""SC-CLIP (heads-sc-clip-rcs.md section 1): the static head against the reference written from
+the spec (export/reference.py: torch.quantile, torch.where, Python index lists, one window at a
+time), on the perturbed tiny ViT with smooth images; plus the static replacements on their own.
+
+The tiny ViT has 3 blocks, so SC-CLIP's ViT-B/16 block indices are overridden: LOF on F_1
+(the last block's input), S8 from F_1, S3 from F_0, multi-level sum F_0 + F_1.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from clipfuse.export.api import build_fused, export_image_graph
+from clipfuse.export.heads.scclip import ScClipHead, outlier_count
+from clipfuse.export.reference import ReferenceModel, _scclip_fix, _scclip_lof_outliers
+
+from conftest import VOCAB
+from parity_inputs import smooth_images
+
+TOL = 1e-4
+TINY_BLOCKS = dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2)
+
+
+@pytest.fixture(scope="module")
+def scclip_build(perturbed_tiny):
+    spec = perturbed_tiny.spec("sc-clip", classes=VOCAB, size=224, templates="single", head_params=TINY_BLOCKS)
+    return spec, build_fused(spec, clip=perturbed_tiny.clip)
+
+
+def test_outlier_count_matches_torch_quantile():
+    for n in (196, 588, 1200, 50):
+        k_out, _ = outlier_count(n, 0.95)
+        vals = torch.randperm(n).float()
+        assert int((vals > torch.quantile(vals, 0.95)).sum()) == k_out
+    assert outlier_count(196, 0.95)[0] == 10
+
+
+def test_static_lof_and_fix_equal_public_formulation(scclip_build):
+    """TopK + lerp threshold and the depthwise 3x3 fix against quantile/where/index lists."""
+    head = scclip_build[1].module.head
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        p = torch.randn(196, 128, generator=gen, dtype=torch.float64).float() * (1 + trial)
+        mask = head.outlier_mask(p.unsqueeze(0))[0]
+        ids = _scclip_lof_outliers(p, 30, 0.95)
+        want = torch.zeros(196)
+        want[ids] = 1
+        assert torch.equal(mask, want)
+        fixed = head.fix(p.unsqueeze(0), mask.unsqueeze(0))[0]
+        ref = _scclip_fix(p.reshape(14, 14, -1), ids, 14).reshape(196, -1)
+        assert torch.allclose(fixed, ref, atol=1e-6)
+
+
+def test_threshold_exact_with_ties(scclip_build):
+    """Tied LOF values across ranks 185/186 (reference then selects fewer than 10)."""
+    head = scclip_build[1].module.head
+    gen = torch.Generator().manual_seed(1)
+    for lo, hi in ((186, 187), (185, 187), (184, 187), (185, 190), (180, 196), (186, 188)):
+        lof = torch.rand(196, generator=gen) + 1.0
+        order = lof.argsort()
+        lof[order[lo:hi]] = float(lof[order[lo]])     # a run of equal values at the threshold
+        want = lof > torch.quantile(lof, 0.95)
+        assert torch.equal(head.select_outliers(lof.unsqueeze(0))[0], want)
+
+
+def test_fused_and_onnx_match_reference(tmp_path, perturbed_tiny, scclip_build):
+    import onnxruntime as ort
+
+    spec, build = scclip_build
+    ref = ReferenceModel.from_build(build)
+    images = smooth_images(3, 224, seed=7)
+    expected = ref(images)
+    assert np.isfinite(expected).all() and len(np.unique(expected.argmax(axis=1))) > 1
+    with torch.no_grad():
+        fused = build.module(torch.from_numpy(images)).numpy()
+    assert np.abs(fused - expected).max() <= TOL
+    onnx_path = export_image_graph(spec, tmp_path / "sc", clip=perturbed_tiny.clip)
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["scores"],
+                                                                                     {"image": images})[0]
+    assert np.abs(got - expected).max() <= TOL
+
+
+def test_outlier_masks_agree_with_reference(scclip_build):
+    """Reported apart from the logits: the selection is discontinuous."""
+    build = scclip_build[1]
+    ref = ReferenceModel.from_build(build)
+    images = smooth_images(4, 224, seed=11)
+    head: ScClipHead = build.module.head
+    agree = []
+    for img in images:
+        ref(img[None])
+        want = torch.zeros(196)
+        want[ref.last_outliers] = 1
+        with torch.no_grad():
+            x, taps = build.module.trunk(torch.from_numpy(img[None]))
+            got = head.outlier_mask(x[:, 1:])[0]
+        agree.append(float((got == want).float().mean()))
+        assert int(got.sum()) == 10
+    assert min(agree) == 1.0, agree
