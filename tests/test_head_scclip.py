@@ -38,7 +38,7 @@ def test_outlier_count_matches_torch_quantile():
 
 def test_static_lof_and_fix_equal_public_formulation(scclip_build):
     """TopK + lerp threshold and the depthwise 3x3 fix against quantile/where/index lists."""
-    head = scclip_build[1].module.head
+    head = scclip_build[1].module.head.fp32_statistics
     gen = torch.Generator().manual_seed(0)
     for trial in range(5):
         p = torch.randn(196, 128, generator=gen, dtype=torch.float64).float() * (1 + trial)
@@ -54,7 +54,7 @@ def test_static_lof_and_fix_equal_public_formulation(scclip_build):
 
 def test_threshold_exact_with_ties(scclip_build):
     """Tied LOF values across ranks 185/186 (reference then selects fewer than 10)."""
-    head = scclip_build[1].module.head
+    head = scclip_build[1].module.head.fp32_statistics
     gen = torch.Generator().manual_seed(1)
     for lo, hi in ((186, 187), (185, 187), (184, 187), (185, 190), (180, 196), (186, 188)):
         lof = torch.rand(196, generator=gen) + 1.0
@@ -94,7 +94,41 @@ def test_outlier_masks_agree_with_reference(scclip_build):
         want[ref.last_outliers] = 1
         with torch.no_grad():
             x, taps = build.module.trunk(torch.from_numpy(img[None]))
-            got = head.outlier_mask(x[:, 1:])[0]
+            got = head.fp32_statistics.outlier_mask(x[:, 1:])[0]
         agree.append(float((got == want).float().mean()))
         assert int(got.sum()) == 10
     assert min(agree) == 1.0, agree
+
+
+@pytest.fixture(scope="module")
+def scclip_onnx(tmp_path_factory, perturbed_tiny, scclip_build):
+    return export_image_graph(scclip_build[0], tmp_path_factory.mktemp("sc_onnx") / "sc",
+                              clip=perturbed_tiny.clip)
+
+
+def test_fp16_graph_keeps_statistics_fp32_and_labels_agree(tmp_path, scclip_onnx):
+    """Declared islands (LOF, TopK, cosine matrices, thresholds) are FP32; labels agree >= 99 %."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto
+
+    from clipfuse.export import fp16 as fp16_pass
+    from clipfuse.export import graph_checks
+
+    dst = tmp_path / "sc.fp16.onnx"
+    report = fp16_pass.convert_file(scclip_onnx, dst)
+    assert report.fp32_by_reason.get("declared", 0) > 50
+    model = onnx.load(str(dst))
+    assert graph_checks.run_checks(model) == []
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    for node in model.graph.node:
+        if node.op_type in ("TopK", "GatherElements", "GreaterOrEqual", "Greater"):
+            assert types.get(node.input[0]) == TensorProto.FLOAT, node.name
+    images = smooth_images(6, 224, seed=21)
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(["scores"],
+                                                                                     {"image": images})[0]
+    s32, s16 = run(scclip_onnx), run(dst)
+    agree = float((s32.argmax(1) == s16.argmax(1)).mean())
+    print(f"sc-clip tiny FP16 vs FP32: label agreement {agree:.4f}, max |diff| {np.abs(s32 - s16).max():.2e}")
+    assert agree >= 0.99, agree

@@ -42,34 +42,25 @@ def threshold_rownorm(s: torch.Tensor, beta: float) -> torch.Tensor:
     return w / (w.sum(dim=-1, keepdim=True) + 1e-6)
 
 
-class ScClipHead(DenseHead):
-    def __init__(self, visual: nn.Module, grid: Tuple[int, int], pre_adjust_block: int = 8,
-                 post_adjust_block: int = 3, multi_start: int = 3, multi_stop: int = 10, res_cls: float = 0.3,
-                 beta: float = 0.4, lof_k: int = 30, lof_quantile: float = 0.95,
-                 attn_sharpen: float = 3.0) -> None:
-        super().__init__(visual, grid)
-        last_in = len(visual.transformer.resblocks) - 2
-        for name, idx in (("pre_adjust_block", pre_adjust_block), ("post_adjust_block", post_adjust_block)):
-            if not 0 <= idx <= last_in:
-                raise ValueError(f"{name}={idx} outside blocks 0..{last_in}")
-        if not 0 <= multi_start < multi_stop <= last_in + 1:
-            raise ValueError(f"multi-level range [{multi_start}, {multi_stop}) outside blocks 0..{last_in}")
+class Fp32Statistics(nn.Module):
+    """Outlier detection, the outlier fix, cosine matrices, thresholds and the similarity prior.
+
+    Its attribute name starts with `fp32_`, so export/fp16.py keeps every node of its scope in
+    FP32 (distances, LOF, TopK thresholds and S >= beta are discontinuous in their inputs).
+    """
+
+    def __init__(self, grid: Tuple[int, int], width: int, beta: float, lof_k: int, lof_quantile: float,
+                 attn_sharpen: float) -> None:
+        super().__init__()
+        self.grid = grid
         n = grid[0] * grid[1]
-        if lof_k + 1 > n:
-            raise ValueError(f"LOF needs more than {lof_k} patches, the grid has {n}")
-        self.pre_adjust_block, self.post_adjust_block = pre_adjust_block, post_adjust_block
-        self.multi_start, self.multi_stop = multi_start, multi_stop
-        self.res_cls, self.beta, self.lof_k = res_cls, beta, lof_k
-        self.lof_quantile, self.attn_sharpen = lof_quantile, attn_sharpen
+        self.beta, self.lof_k, self.attn_sharpen = beta, lof_k, attn_sharpen
         self.k_out, self.lerp = outlier_count(n, lof_quantile)
-        self.tap_blocks = tuple(sorted({pre_adjust_block, post_adjust_block,
-                                        *range(multi_start, multi_stop)}))
         kernel = torch.ones(1, 1, 3, 3)
         kernel[..., 1, 1] = 0.0
         self.register_buffer("nbr_kernel", kernel, persistent=False)
-        self.register_buffer("self_pairs", torch.eye(n, dtype=torch.bool), persistent=False)
-        width = visual.conv1.out_channels
         self.register_buffer("nbr_kernel_dw", kernel.expand(width, 1, 3, 3).contiguous(), persistent=False)
+        self.register_buffer("self_pairs", torch.eye(n, dtype=torch.bool), persistent=False)
 
     # --- section 1.3 ------------------------------------------------------------------------------
     def outlier_mask(self, p: torch.Tensor) -> torch.Tensor:
@@ -107,13 +98,47 @@ class ScClipHead(DenseHead):
         upd = outlier.unsqueeze(-1) * (cnt > 0).to(p.dtype)
         return p * (1.0 - upd) + num / cnt.clamp(min=1.0) * upd
 
-    def kkmix(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        attn = self.block.attn
-        _, k, v = qkv(attn, z)
-        mk = self.attn_sharpen * (s - s.mean(dim=(-2, -1), keepdim=True))
+    def forward(self, p_last: torch.Tensor, p_pre: torch.Tensor, p_post: torch.Tensor):
+        """Patches of F_last, F_pre, F_post -> (outlier mask, fixed F_last, W8, W3, attention prior)."""
+        outlier = self.outlier_mask(p_last)
+        fixed = self.fix(p_last, outlier)
+        s8 = cosine_matrix(self.fix(p_pre, outlier))
+        s3 = cosine_matrix(p_post)
+        mk = self.attn_sharpen * (s8 - s8.mean(dim=(-2, -1), keepdim=True))
         # A finite mask: every row keeps its diagonal (S_ii = 1 >= mean), so softmax is unchanged.
         mk = torch.where(mk < 0, torch.full_like(mk, -1e4), mk)
-        prior = torch.softmax(mk, dim=-1).unsqueeze(1)                 # same for all heads
+        prior = torch.softmax(mk, dim=-1)
+        return outlier, fixed, threshold_rownorm(s8, self.beta), threshold_rownorm(s3, self.beta), prior
+
+
+class ScClipHead(DenseHead):
+    def __init__(self, visual: nn.Module, grid: Tuple[int, int], pre_adjust_block: int = 8,
+                 post_adjust_block: int = 3, multi_start: int = 3, multi_stop: int = 10, res_cls: float = 0.3,
+                 beta: float = 0.4, lof_k: int = 30, lof_quantile: float = 0.95,
+                 attn_sharpen: float = 3.0) -> None:
+        super().__init__(visual, grid)
+        last_in = len(visual.transformer.resblocks) - 2
+        for name, idx in (("pre_adjust_block", pre_adjust_block), ("post_adjust_block", post_adjust_block)):
+            if not 0 <= idx <= last_in:
+                raise ValueError(f"{name}={idx} outside blocks 0..{last_in}")
+        if not 0 <= multi_start < multi_stop <= last_in + 1:
+            raise ValueError(f"multi-level range [{multi_start}, {multi_stop}) outside blocks 0..{last_in}")
+        n = grid[0] * grid[1]
+        if lof_k + 1 > n:
+            raise ValueError(f"LOF needs more than {lof_k} patches, the grid has {n}")
+        self.pre_adjust_block, self.post_adjust_block = pre_adjust_block, post_adjust_block
+        self.multi_start, self.multi_stop = multi_start, multi_stop
+        self.res_cls, self.beta, self.lof_k = res_cls, beta, lof_k
+        self.lof_quantile, self.attn_sharpen = lof_quantile, attn_sharpen
+        self.tap_blocks = tuple(sorted({pre_adjust_block, post_adjust_block,
+                                        *range(multi_start, multi_stop)}))
+        self.fp32_statistics = Fp32Statistics(grid, visual.conv1.out_channels, beta, lof_k, lof_quantile,
+                                              attn_sharpen)
+
+    def kkmix(self, z: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+        attn = self.block.attn
+        _, k, v = qkv(attn, z)
+        prior = prior.unsqueeze(1)                                     # same for all heads
         kk = torch.softmax(torch.matmul(k * head_scale(attn), k.transpose(-2, -1)), dim=-1)
         return attn.out_proj(merge_heads(torch.matmul(0.5 * prior + 0.5 * kk, v)))
 
@@ -121,15 +146,11 @@ class ScClipHead(DenseHead):
                  ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         taps = guide
         ln1 = self.block.ln_1
-        p10 = x[:, 1:]
-        outlier = self.outlier_mask(p10)
-        xs = self.fix(p10, outlier)
-        s8 = cosine_matrix(self.fix(taps[self.pre_adjust_block][:, 1:], outlier))
-        s3 = cosine_matrix(taps[self.post_adjust_block][:, 1:])
-        w8, w3 = threshold_rownorm(s8, self.beta), threshold_rownorm(s3, self.beta)
-        main = w3 @ (self.kkmix(ln1(w8 @ xs), s8) + self.res_cls * x[:, :1])
+        _, xs, w8, w3, prior = self.fp32_statistics(x[:, 1:], taps[self.pre_adjust_block][:, 1:],
+                                                    taps[self.post_adjust_block][:, 1:])
+        main = w3 @ (self.kkmix(ln1(w8 @ xs), prior) + self.res_cls * x[:, :1])
         ms = sum(taps[i] for i in range(self.multi_start, self.multi_stop))
-        multi = w3 @ (self.kkmix(ln1(ms[:, 1:]), s8) + self.res_cls * ms[:, :1])
+        multi = w3 @ (self.kkmix(ln1(ms[:, 1:]), prior) + self.res_cls * ms[:, :1])
         z = main + multi
         feats = self.ln_post(z) @ self.proj
         b, _, e = feats.shape
