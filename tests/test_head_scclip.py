@@ -15,11 +15,11 @@ from clipfuse.export.api import build_fused, export_image_graph
 from clipfuse.export.heads.scclip import ScClipHead, outlier_count
 from clipfuse.export.reference import ReferenceModel, _scclip_fix, _scclip_lof_outliers
 
-from conftest import VOCAB
+from conftest import TINY_HEAD_PARAMS, VOCAB
 from parity_inputs import smooth_images
 
 TOL = 1e-4
-TINY_BLOCKS = dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2)
+TINY_BLOCKS = TINY_HEAD_PARAMS["sc-clip"]
 
 
 @pytest.fixture(scope="module")

@@ -148,10 +148,14 @@ class ScClipHead(DenseHead):
         ln1 = self.block.ln_1
         _, xs, w8, w3, prior = self.fp32_statistics(x[:, 1:], taps[self.pre_adjust_block][:, 1:],
                                                     taps[self.post_adjust_block][:, 1:])
-        main = w3 @ (self.kkmix(ln1(w8 @ xs), prior) + self.res_cls * x[:, :1])
         ms = sum(taps[i] for i in range(self.multi_start, self.multi_stop))
-        multi = w3 @ (self.kkmix(ln1(ms[:, 1:]), prior) + self.res_cls * ms[:, :1])
-        z = main + multi
+        # Both passes of block 11 in one batch: one in_proj/attention/out_proj chain in the graph
+        # (two separate chains made TensorRT-RTX 1.7's FP16 build fail in Myelin).
+        b = x.shape[0]
+        both = self.kkmix(ln1(torch.cat([w8 @ xs, ms[:, 1:]])), torch.cat([prior, prior]))
+        cls = torch.cat([x[:, :1], ms[:, :1]])
+        mixed = torch.cat([w3, w3]) @ (both + self.res_cls * cls)
+        z = mixed[:b] + mixed[b:]
         feats = self.ln_post(z) @ self.proj
         b, _, e = feats.shape
         return feats.transpose(1, 2).reshape(b, e, *self.grid), {}
