@@ -132,3 +132,19 @@ def test_fp16_graph_keeps_statistics_fp32_and_labels_agree(tmp_path, scclip_onnx
     agree = float((s32.argmax(1) == s16.argmax(1)).mean())
     print(f"sc-clip tiny FP16 vs FP32: label agreement {agree:.4f}, max |diff| {np.abs(s32 - s16).max():.2e}")
     assert agree >= 0.99, agree
+
+
+def test_analytic_flops_match_torch_flop_counter(scclip_build):
+    """benchmarks.flops counts every matmul/conv the fused SC-CLIP module runs (two attention passes)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipfuse.benchmarks.flops import VitShape, head_flops
+
+    spec, build = scclip_build
+    shape = VitShape.from_visual(build.clip.model.visual)
+    image = torch.from_numpy(smooth_images(2, 224, seed=3))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        build.module(image)
+    names = sum(len(c) for c in VOCAB)
+    assert counter.get_total_flops() // 2 == head_flops("sc-clip", shape, 224, names, build.head_params,
+                                                        as_exported=True)["total"]
