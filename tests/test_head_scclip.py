@@ -148,3 +148,17 @@ def test_analytic_flops_match_torch_flop_counter(scclip_build):
     names = sum(len(c) for c in VOCAB)
     assert counter.get_total_flops() // 2 == head_flops("sc-clip", shape, 224, names, build.head_params,
                                                         as_exported=True)["total"]
+
+
+def test_frame_graph_equals_windowed_runtime(tmp_path, perturbed_tiny, scclip_build, scclip_onnx):
+    """The frame graph batches every window through the head: SC-CLIP's LOF, means and masks are
+    per window, so it must equal the runtime's window-by-window protocol."""
+    from dataclasses import replace
+
+    from test_frame_graph import CONF_ATOL, LABELS_MIN, _compare
+    from test_runtime_parity import synthetic_photo
+
+    frm = export_image_graph(replace(scclip_build[0], frame=(240, 320)), tmp_path / "frame", clip=perturbed_tiny.clip)
+    agree, conf, score, labels = _compare(scclip_onnx, frm, synthetic_photo(240, 320, seed=4))
+    assert len(np.unique(labels)) >= 2
+    assert agree >= LABELS_MIN and conf <= CONF_ATOL and score <= CONF_ATOL, (agree, conf, score)
