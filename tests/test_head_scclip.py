@@ -162,3 +162,19 @@ def test_frame_graph_equals_windowed_runtime(tmp_path, perturbed_tiny, scclip_bu
     agree, conf, score, labels = _compare(scclip_onnx, frm, synthetic_photo(240, 320, seed=4))
     assert len(np.unique(labels)) >= 2
     assert agree >= LABELS_MIN and conf <= CONF_ATOL and score <= CONF_ATOL, (agree, conf, score)
+
+
+def test_eval_protocol_per_dataset_is_the_spec_table():
+    """heads-sc-clip-rcs.md section 3 (SC columns): what `eval` applies through MethodSpec.protocol_for."""
+    from clipfuse.runtime.methods import get_method
+
+    m = get_method("sc-clip")
+    want = {"voc21": (336, 50.0, 0.15, 0.1), "context60": (336, 40.0, 0.15, None),
+            "coco-object": (336, 55.0, 0.35, None), "voc20": (336, 40.0, 0.0, None),
+            "context59": (336, 40.0, 0.0, None), "coco-stuff164k": (336, 40.0, 0.0, None),
+            "cityscapes": (560, 40.0, 0.0, None), "ade20k": (336, 40.0, 0.0, None)}
+    for dataset, (short, scale, prob, area) in want.items():
+        p = m.protocol_for(dataset)
+        assert (p.short_side, p.logit_scale, p.prob_thd, p.area_thd) == (short, scale, prob, area), dataset
+        assert (p.window, p.stride, p.long_side_max, p.score_type) == (224, 112, 2048, "cosine")
+    assert m.default_pretrained == "openai" and m.class_names == "sclip"
