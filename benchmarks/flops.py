@@ -16,13 +16,18 @@ N = (S/p)^2 patches, T = N + 1 tokens, R = class-name rows of the classifier.
   CLIP-DINOiser        obj_proj 3x3 conv 2 N (9 D) C, correlation 2 N^2 C, pooling 2 E N^2,
                        background 1x1 conv 2 N D        (C = 256 correlation channels)
   classifier           2 N E R
+  SC-CLIP              the last block's attention runs twice on the N patch tokens (main and multi-level
+                       pass; k,v needed, the graph's packed in_proj also computes q), each 2 N D (2D|3D)
+                       + 2 * 2 N^2 D + 2 N D^2, no MLP; similarity work 2 N^2 D each for the LOF Gram
+                       matrix, S8, S3, W8 X and W3 X (twice) = 12 N^2 D; two depthwise 3x3 neighbour
+                       sums (features and inlier counts) 2 * 2 * 9 N (D + 1)
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
-from clipfuse.runtime.methods import CLIP_DINOISER, get_method
+from clipfuse.runtime.methods import CLIP_DINOISER, SC_CLIP, get_method
 
 DINOISER_CHANNELS = 256
 # The self-correlation family's attention forms -> number of T x T logit products.
@@ -91,6 +96,12 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
     plain = sum(_block(t, d, m, 1, False, True).values())
     out = {"patch_embed": 2 * n * 3 * shape.patch ** 2 * d,
            "trunk_blocks": (shape.layers - 1) * plain}
+    if get_method(head).head_family == SC_CLIP:
+        out.update(_scclip_flops(n, d, as_exported))
+        out["projection"] = 2 * n * d * e
+        out["classifier"] = 2 * n * e * num_names
+        out["total"] = sum(out.values())
+        return out
     dinoiser = get_method(head).head_family == CLIP_DINOISER
     if dinoiser:                   # MaskCLIP's value path feeds the correlation pooling
         form, ffn = "identity", True
@@ -110,6 +121,13 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
     out["classifier"] = 2 * n * e * num_names
     out["total"] = sum(out.values())
     return out
+
+
+def _scclip_flops(n: int, d: int, as_exported: bool) -> Dict[str, int]:
+    """SC-CLIP's replaced last block on N patch tokens: two passes of its attention + similarities."""
+    one_pass = 2 * n * d * (3 * d if as_exported else 2 * d) + 2 * 2 * n * n * d + 2 * n * d * d
+    return {"last_block": 2 * one_pass,
+            "similarities": 12 * n * n * d + 2 * 2 * 9 * n * (d + 1)}    # + the inlier-count conv
 
 
 def flops_per_image(head: str, shape: VitShape, size: int, num_names: int, params: Optional[dict] = None) -> int:

@@ -10,6 +10,8 @@ graph whose tensors already carry their precision. This pass makes that graph:
   (CLIP-DINOiser's guided pooling, the projection feeding an L2 norm), and everything downstream of
   the cosine classifier (the MatMul of L2-normalised features with the class embeddings: synonym
   max, softmax, background rule);
+* every node in the scope of a head submodule named `fp32_*` (declared islands: SC-CLIP's
+  outlier selection and similarity thresholds);
 * graph inputs and outputs keep their dtypes (uint8 image in, float32 scores out);
 * a Cast sits at every boundary between the two, so TensorRT, ONNX Runtime and a reader of the
   graph all see the same precision decisions.
@@ -57,6 +59,8 @@ ELEMENTWISE = frozenset({"Add", "Sub", "Mul", "Div", "Clip", "Max", "Min", "Expa
 SUM_REDUCE_OPS = frozenset({"ReduceSum", "ReduceL2", "ReduceSumSquare", "ReduceL1"})
 LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Flatten"})
 MATMUL_OPS = frozenset({"MatMul", "Gemm"})
+# Prefix of a module attribute whose whole scope stays FP32 (export/heads/scclip.py).
+DECLARED_FP32_SCOPE = "fp32_"
 MOVE_OPS = LAYOUT_OPS | {"Slice", "Gather", "Concat", "Split", "Expand", "Tile"}
 
 
@@ -113,6 +117,13 @@ def fp32_islands(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> 
     for i, node in enumerate(nodes):
         if node.op_type in fp32_ops:
             islands[i] = node.op_type
+
+    # 1b. scopes a head declares FP32 by naming its submodule `fp32_*` (SC-CLIP's distances, LOF,
+    #     TopK thresholds, cosine matrices and S >= beta masks: discontinuous in their inputs, so
+    #     no structural rule below would be enough)
+    for i, node in enumerate(nodes):
+        if any(part.startswith(DECLARED_FP32_SCOPE) for part in node.name.split("/")):
+            islands.setdefault(i, "declared")
 
     # 2. statistic tensors: outputs of reductions, carried through elementwise ops whose other
     #    inputs are constants or statistics (mean + eps, sqrt(var), clamp(norm, eps), expand(norm)).

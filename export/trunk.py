@@ -29,7 +29,7 @@ class VisionTrunk(nn.Module):
 
     def __init__(self, visual: nn.Module, size: Tuple[int, int], pos_rule: str,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 guide_block: Optional[int] = None) -> None:
+                 guide_block: Optional[int] = None, tap_blocks: Sequence[int] = ()) -> None:
         super().__init__()
         patch = visual.conv1.kernel_size[0]
         self.grid = (size[0] // patch, size[1] // patch)
@@ -43,6 +43,9 @@ class VisionTrunk(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(mean).mul(255.0).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).mul(255.0).view(1, 3, 1, 1))
         self.guide_block = guide_block
+        if guide_block is not None and tap_blocks:
+            raise ValueError("a head reads either a guide block or tapped block outputs, not both")
+        self.tap_blocks = tuple(tap_blocks)
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         # Cast first: TensorRT accepts a UInt8 network input only when it feeds a Cast directly
@@ -54,12 +57,16 @@ class VisionTrunk(nn.Module):
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding
         return self.ln_pre(x)
 
-    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Tokens entering the last block [B, 1+N, D], and the guide tokens if asked for."""
+    def forward(self, image: torch.Tensor):
+        """Tokens entering the last block [B, 1+N, D], and the guide tokens if asked for
+        (or {block index: block output} for a head with tap_blocks)."""
         x = self.embed(image)
         guide = None
+        taps = {}
         for idx, block in enumerate(self.blocks):
             x, block_guide = run_block(block, x)
             if idx == self.guide_block:
                 guide = block_guide
-        return x, guide
+            if idx in self.tap_blocks:
+                taps[idx] = x
+        return x, (taps if self.tap_blocks else guide)

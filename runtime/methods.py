@@ -51,6 +51,7 @@ class Protocol:
 # DenseHead families (export/heads/): which module class a method's preset parameterises.
 SELF_CORRELATION = "self-correlation"
 CLIP_DINOISER = "clip-dinoiser"
+SC_CLIP = "sc-clip"
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,30 @@ METHODS: Dict[str, MethodSpec] = {
         published_miou={"avg": 39.4},
     ),
 }
+
+# SC-CLIP (heads-sc-clip-rcs.md section 1 and 3). Block indices are those of a 12-block ViT-B/16;
+# a shallower tower needs them overridden (--head-param). Constants are the public code's.
+METHODS["sc-clip"] = MethodSpec(
+    name="sc-clip",
+    summary="SC-CLIP: LOF outlier fix, block-8/3 similarity pooling, kk + similarity-prior attention "
+            "run twice (main + multi-level sum of blocks 3..9)",
+    default_pretrained="openai",
+    protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
+                      logit_scale=40.0, prob_thd=0.0),
+    head_family=SC_CLIP,
+    head_params=dict(pre_adjust_block=8, post_adjust_block=3, multi_start=3, multi_stop=10, res_cls=0.3,
+                     beta=0.4, lof_k=30, lof_quantile=0.95, attn_sharpen=3.0),
+    pos_rule="scale",
+    class_names="sclip",
+    dataset_protocol={
+        "voc21": {"logit_scale": 50.0, "prob_thd": 0.15, "area_thd": 0.1},
+        "context60": {"logit_scale": 40.0, "prob_thd": 0.15},
+        "coco-object": {"logit_scale": 55.0, "prob_thd": 0.35},
+        "cityscapes": {"short_side": 560},
+    },
+    # The repo's README radar figure (backbone not named; B/16 is the repo default).
+    published_miou=_per_dataset(64.6, 36.8, 37.7, 84.3, 41.0, 40.1, 20.1, 26.6, avg=43.9),
+)
 
 METHOD_NAMES = tuple(METHODS)
 

@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TINY = "ViT-T-16-test"
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass"]]
+# Head parameters a method needs on the 3-block tiny ViT (its defaults name ViT-B/16 blocks).
+TINY_HEAD_PARAMS = {
+    "sc-clip": dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2),
+}
 PLAIN_VOCAB = [["background"], ["cat"], ["dog"], ["grass"]]
 
 

@@ -24,8 +24,9 @@ from clipfuse.export.trt_build import BatchProfile  # noqa: E402
 from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
 from clipfuse.runtime.fileio import sha256_file  # noqa: E402
 from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
+from conftest import TINY_HEAD_PARAMS  # noqa: E402
 
-HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip")
+HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "sc-clip")
 VOCAB = [["background"], ["cat", "kitty"], ["grass"]]
 # one target keeps CI builds short; the default (all RTX targets) is checked once below
 ONE_TARGET = ("86",)
@@ -42,7 +43,8 @@ def graphs(tmp_path_factory, tiny_clip):
     paths = {}
     for head in HEADS:
         paths[head] = export_image_graph(ImageExportSpec(head, model="ViT-T-16-test", pretrained="none",
-                                                         classes=VOCAB, size=224, templates="single"),
+                                                         classes=VOCAB, size=224, templates="single",
+                                                         head_params=TINY_HEAD_PARAMS.get(head, {})),
                                          out / head, clip=tiny_clip)
     paths["sclip-dynamic"] = export_image_graph(ImageExportSpec("sclip", model="ViT-T-16-test", pretrained="none",
                                                                 classes=VOCAB, size=224, templates="single",

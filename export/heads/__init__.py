@@ -10,10 +10,11 @@ from typing import Callable, Dict, Optional, Tuple
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.methods import CLIP_DINOISER, SELF_CORRELATION, MethodSpec, get_method
+from clipfuse.runtime.methods import CLIP_DINOISER, SC_CLIP, SELF_CORRELATION, MethodSpec, get_method
 
 from .base import DenseHead
 from .dinoiser import ClipDinoiserHead, load_dinoiser_heads
+from .scclip import ScClipHead
 from .selfcorr import ATTENTION_FORMS, SelfCorrelationHead
 
 # (visual, grid, merged params, heads checkpoint, seed) -> (DenseHead, weights description)
@@ -34,6 +35,17 @@ def _build_dinoiser(visual: nn.Module, grid: Tuple[int, int], params: dict, head
 
 
 FAMILIES: Dict[str, HeadBuilder] = {SELF_CORRELATION: _build_selfcorr, CLIP_DINOISER: _build_dinoiser}
+
+
+def _build_scclip(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
+                  seed: int) -> Tuple[DenseHead, dict]:
+    try:
+        return ScClipHead(visual, grid, **params), {}
+    except ValueError as exc:
+        raise ClipfuseError(f"sc-clip: {exc}") from None
+
+
+FAMILIES[SC_CLIP] = _build_scclip
 
 
 def merged_head_params(method: MethodSpec, params: Optional[dict] = None) -> dict:

@@ -17,6 +17,9 @@ class DenseHead(nn.Module):
     score_type = "cosine"
     # Index of the block whose ln_2 output the head reads (None: none needed).
     guide_block: Optional[int] = None
+    # Blocks whose outputs the head reads besides the last block's input (SC-CLIP); the trunk
+    # then passes them as `guide` = {block index: tokens [B, 1+N, D]}.
+    tap_blocks: Tuple[int, ...] = ()
 
     def __init__(self, visual: nn.Module, grid: Tuple[int, int]) -> None:
         super().__init__()
