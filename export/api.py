@@ -129,7 +129,8 @@ def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[Loa
     grid = (spec.size // patch, spec.size // patch)
     dense_head, weights_info = build_dense_head(spec.method, visual, grid, _dense_head_params(spec, vocabulary),
                                                 spec.heads_checkpoint, seed=clip.seed)
-    trunk = VisionTrunk(visual, (spec.size, spec.size), method.pos_rule, guide_block=dense_head.guide_block)
+    trunk = VisionTrunk(visual, (spec.size, spec.size), method.pos_rule, guide_block=dense_head.guide_block,
+                        attention_blocks=dense_head.attention_blocks)
 
     names = flat_names(vocabulary)
     _log(f"encoding {len(names)} class names x {len(template_list)} templates", quiet)

@@ -17,6 +17,8 @@ class DenseHead(nn.Module):
     score_type = "cosine"
     # Index of the block whose ln_2 output the head reads (None: none needed).
     guide_block: Optional[int] = None
+    # Blocks whose mean attention probabilities [B, heads, T, T] the head reads as its guide (RCS).
+    attention_blocks: Tuple[int, ...] = ()
 
     def __init__(self, visual: nn.Module, grid: Tuple[int, int]) -> None:
         super().__init__()
