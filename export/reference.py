@@ -144,7 +144,8 @@ class ReferenceModel:
         n, (t, bsz, d) = layer.num_heads, xs.shape
         _, k, v = F.linear(xs, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
         k, v = heads_of(k, n, bsz, d // n), heads_of(v, n, bsz, d // n)
-        attn_s = F.softmax(torch.bmm(k, k.transpose(1, 2)) * (d // n) ** -0.5 + self.bias, dim=-1)
+        logits = torch.bmm(k, k.transpose(1, 2)) * (d // n) ** -0.5
+        attn_s = F.softmax(logits if self.bias is None else logits + self.bias, dim=-1)
         lam, tau = self.params["lam"], self.params["tau"]
         mixed = tau * ((1 - lam) * attn_s + lam * attn_c)
         out = torch.bmm(mixed, v).transpose(0, 1).contiguous().view(-1, bsz, d)

@@ -52,7 +52,7 @@ def test_fused_and_onnx_match_reference(rcs):
     assert np.abs(got - expected).max() <= TOL
 
 
-@pytest.mark.parametrize("change", [{"lam": 0.0}, {"tau": 1.0}, {"attention_blocks": (0,)}])
+@pytest.mark.parametrize("change", [{"lam": 0.0}, {"tau": 1.0}, {"attention_blocks": (0,)}, {"gaussian_sigma": None}])
 def test_reference_sees_every_parameter(rcs, change):
     """Each of lambda, tau and the tapped blocks moves the scores far beyond the tolerance, so the
     parity above cannot pass with one of them dropped."""
@@ -127,3 +127,14 @@ def test_export_cli_bakes_rcs_lambda_and_blocks(tmp_path, perturbed_tiny, capsys
     manifest = json.loads((tmp_path / "g.json").read_text())
     assert manifest["head"]["params"]["lam"] == 0.6
     assert manifest["head"]["params"]["attention_blocks"] == [0, 1]
+
+
+def test_without_gaussian_bias_still_matches_reference(perturbed_tiny):
+    """--gaussian-sigma 0 (None): RCS on a plain kk^T attention; fused == reference."""
+    spec = perturbed_tiny.spec("rcs", classes=VOCAB, size=224, templates="single",
+                               head_params=dict(TINY_PARAMS, gaussian_sigma=None))
+    build = build_fused(spec, clip=perturbed_tiny.clip)
+    images = smooth_images(1, 224, seed=3)
+    with torch.no_grad():
+        fused = build.module(torch.from_numpy(images)).numpy()
+    assert np.abs(fused - ReferenceModel.from_build(build)(images)).max() <= TOL

@@ -20,16 +20,18 @@ from .selfcorr import gaussian_bias
 
 class RcsHead(DenseHead):
     def __init__(self, visual: nn.Module, grid: Tuple[int, int], lam: float = 0.3, tau: float = 2.0,
-                 gaussian_sigma: float = 5.0, attention_blocks: Sequence[int] = (5, 6, 7, 8)) -> None:
+                 gaussian_sigma: Optional[float] = 5.0, attention_blocks: Sequence[int] = (5, 6, 7, 8)) -> None:
         super().__init__(visual, grid)
         self.lam = float(lam)
         self.tau = float(tau)
-        self.gaussian_sigma = float(gaussian_sigma)
+        # None or 0 (--gaussian-sigma 0): no neighbourhood bias, as for the self-correlation heads
+        self.gaussian_sigma = float(gaussian_sigma) if gaussian_sigma else None
         self.attention_blocks = tuple(int(b) for b in attention_blocks)
         last = len(visual.transformer.resblocks) - 1
         if not self.attention_blocks or any(not 0 <= b < last for b in self.attention_blocks):
             raise ValueError(f"RCS attention blocks {self.attention_blocks} must lie in 0..{last - 1}")
-        self.register_buffer("spatial_bias", gaussian_bias(grid, self.gaussian_sigma), persistent=False)
+        bias = gaussian_bias(grid, self.gaussian_sigma) if self.gaussian_sigma else None
+        self.register_buffer("spatial_bias", bias, persistent=False)
 
     def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         block = self.block
