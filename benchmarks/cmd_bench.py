@@ -74,7 +74,7 @@ def _int_list(text: str):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("what to measure")
     what.add_argument("--head", default="sclip",
-                      help="head(s), comma-separated, or 'all' (maskclip,sclip,clip-dinoiser,clearclip,naclip) "
+                      help="head(s), comma-separated, or 'all' (every head of `clipfuse heads`) "
                            "(default: %(default)s)")
     what.add_argument("--model", default="ViT-B-16", help="open_clip model name (default: %(default)s)")
     what.add_argument("--pretrained", default="none",

@@ -15,6 +15,10 @@ N = (S/p)^2 patches, T = N + 1 tokens, R = class-name rows of the classifier.
   ln_post @ proj       2 N D E
   CLIP-DINOiser        obj_proj 3x3 conv 2 N (9 D) C, correlation 2 N^2 C, pooling 2 E N^2,
                        background 1x1 conv 2 N D        (C = 256 correlation channels)
+  RCS (NACLIP + ResCLIP) the same products as NACLIP: the mean of four blocks' attention maps
+                       and the tau/lambda mix are element-wise. Its cost is not in FLOPs: blocks 5..8
+                       must materialise their H x T x T probabilities, which stops TensorRT's fused
+                       MHA kernel there (measure with `clipfuse bench`).
   classifier           2 N E R
   SC-CLIP              the last block's attention runs twice on the N patch tokens (main and multi-level
                        pass; k,v needed, the graph's packed in_proj also computes q), each 2 N D (2D|3D)
@@ -27,7 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
-from clipfuse.runtime.methods import CLIP_DINOISER, SC_CLIP, get_method
+from clipfuse.runtime.methods import CLIP_DINOISER, RCS, SC_CLIP, get_method
 
 DINOISER_CHANNELS = 256
 # The self-correlation family's attention forms -> number of T x T logit products.
@@ -105,6 +109,8 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
     dinoiser = get_method(head).head_family == CLIP_DINOISER
     if dinoiser:                   # MaskCLIP's value path feeds the correlation pooling
         form, ffn = "identity", True
+    elif get_method(head).head_family == RCS:   # NACLIP's last block; the mix is element-wise
+        form, ffn = "kk", False
     else:
         form, ffn = params["attn"], bool(params["ffn"])
     value_only = form == "identity"

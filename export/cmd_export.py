@@ -57,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "required for open_clip-format files, which do not record it")
     parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
                         help="self-correlation heads: override the attention form")
+    parser.add_argument("--rcs-lambda", type=non_negative_float, default=None, metavar="LAM",
+                        help="rcs: weight of the mean attention of blocks 5..8 (baked into the graph); "
+                             "ResCLIP's per dataset: VOC21/Context60/ADE20k 0.3, COCO-Object/Context59/"
+                             "COCO-Stuff 0.4, VOC20 0.6, Cityscapes 0.2 (default 0.3)")
+    parser.add_argument("--rcs-blocks", type=_block_list, default=None, metavar="I,J,..",
+                        help="rcs: 0-based blocks whose attention probabilities are averaged (ResCLIP, "
+                             "ViT-B/16: 5,6,7,8; other depths are not specified by ResCLIP)")
     parser.add_argument("--gaussian-sigma", type=non_negative_float, default=None,
                         help="self-correlation heads: Gaussian spatial bias sigma (0 = none)")
     parser.add_argument("--residual", type=on_off, default=None, metavar="on|off",
@@ -86,6 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
+def _block_list(text: str) -> tuple:
+    try:
+        blocks = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+    if not blocks or min(blocks) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative block indices, got {text!r}")
+    return blocks
+
+
 def head_overrides(args: argparse.Namespace) -> dict:
     params = {}
     if args.attn is not None:
@@ -98,6 +115,10 @@ def head_overrides(args: argparse.Namespace) -> dict:
         params["ffn"] = args.ffn
     if args.no_background_rule:
         params["background_rule"] = False
+    if args.rcs_lambda is not None:
+        params["lam"] = args.rcs_lambda
+    if args.rcs_blocks is not None:
+        params["attention_blocks"] = args.rcs_blocks
     return params
 
 

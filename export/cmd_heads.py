@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
             "takes_heads_checkpoint": spec.takes_heads_checkpoint,
             "protocol": spec.protocol.to_dict(),
             "dataset_overrides": spec.dataset_protocol,
+            "dataset_head_params": spec.dataset_head_params,
             "published_miou": spec.published_miou,
         })
     if args.json:
@@ -55,4 +56,8 @@ def run(args: argparse.Namespace) -> int:
               f"area_thd {p['area_thd']}")
         for ds, over in row["dataset_overrides"].items():
             print(f"    {ds}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
+        if row["dataset_head_params"]:
+            print("  baked per dataset (export one graph per setting; eval warns on a mismatch):")
+            for ds, over in row["dataset_head_params"].items():
+                print(f"    {ds}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
     return 0

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipfuse.runtime.methods import CLIP_DINOISER, SC_CLIP, get_method
+from clipfuse.runtime.methods import CLIP_DINOISER, RCS, SC_CLIP, get_method
 from clipfuse.runtime.vocab import class_of_name
 
 from .trunk import CLIP_MEAN, CLIP_STD
@@ -155,12 +155,54 @@ class ReferenceModel:
         if self.family == CLIP_DINOISER:
             hooks.append(blocks[len(blocks) - 3].ln_2.register_forward_hook(
                 lambda m, a, out: captured.__setitem__("guide", out)))
+        if self.family == RCS:
+            # the query input of each tapped block's attention (ln_1 output); probabilities below
+            for i in self.params["attention_blocks"]:
+                hooks.append(blocks[i].attn.register_forward_pre_hook(
+                    lambda m, a, kw, i=i: captured.__setitem__(("attn_in", i), a[0] if a else kw["query"]),
+                    with_kwargs=True))
         try:
             self.visual(images)
         finally:
             for h in hooks:
                 h.remove()
+        if self.family == RCS:
+            return captured["x"], [captured[("attn_in", i)] for i in self.params["attention_blocks"]]
         return captured["x"], captured.get("guide")
+
+    def _rcs(self, x: torch.Tensor, attn_inputs: List[torch.Tensor]) -> torch.Tensor:
+        """ResCLIP's RCS pass (heads-sc-clip-rcs.md 2.3/2.4) in its sequence-first bmm style."""
+        blocks = self.visual.transformer.resblocks
+        batch_first = getattr(self.visual.transformer, "batch_first", True)
+
+        def heads_of(t, n, bsz, hd):                   # [T, B, n*hd] -> [B*n, T, hd]
+            return t.contiguous().view(-1, bsz * n, hd).transpose(0, 1)
+
+        acc = None
+        for i, y in zip(self.params["attention_blocks"], attn_inputs):
+            layer = blocks[i].attn
+            ys = y.permute(1, 0, 2) if batch_first else y
+            n, (t, bsz, d) = layer.num_heads, ys.shape
+            q, k, _ = F.linear(ys, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
+            probs = F.softmax(torch.bmm(heads_of(q, n, bsz, d // n), heads_of(k, n, bsz, d // n).transpose(1, 2))
+                              * (d // n) ** -0.5, dim=-1)
+            acc = probs if acc is None else acc + probs
+        attn_c = acc / len(attn_inputs)
+        blk = blocks[-1]
+        layer = blk.attn
+        xs = blk.ln_1(x.permute(1, 0, 2))
+        n, (t, bsz, d) = layer.num_heads, xs.shape
+        _, k, v = F.linear(xs, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
+        k, v = heads_of(k, n, bsz, d // n), heads_of(v, n, bsz, d // n)
+        logits = torch.bmm(k, k.transpose(1, 2)) * (d // n) ** -0.5
+        attn_s = F.softmax(logits if self.bias is None else logits + self.bias, dim=-1)
+        lam, tau = self.params["lam"], self.params["tau"]
+        mixed = tau * ((1 - lam) * attn_s + lam * attn_c)
+        out = torch.bmm(mixed, v).transpose(0, 1).contiguous().view(-1, bsz, d)
+        z = layer.out_proj(out).permute(1, 0, 2)
+        feats = self.visual.ln_post(z[:, 1:]) @ self.visual.proj
+        b, _, e = feats.shape
+        return feats.permute(0, 2, 1).reshape(b, e, *self.grid)
 
     def _last_block(self, x: torch.Tensor, form: str, residual: bool, ffn: bool) -> torch.Tensor:
         blk = self.visual.transformer.resblocks[-1]
@@ -229,6 +271,8 @@ class ReferenceModel:
             feats = torch.cat([self._scclip_feats(images[i:i + 1]) for i in range(images.shape[0])])
             return self._max_over_synonyms(self._cosine_per_name(feats))
         x, guide = self._tokens(images)
+        if self.family == RCS:
+            return self._max_over_synonyms(self._cosine_per_name(self._rcs(x, guide)))
         if self.family != CLIP_DINOISER:
             p = self.params
             feats = self._last_block(x, p["attn"], p["residual"], p["ffn"])

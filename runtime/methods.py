@@ -52,6 +52,7 @@ class Protocol:
 SELF_CORRELATION = "self-correlation"
 CLIP_DINOISER = "clip-dinoiser"
 SC_CLIP = "sc-clip"
+RCS = "rcs"
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,9 @@ class MethodSpec:
     # Published mIoU (%), ViT-B/16, per clipfuse dataset name (docs/methods.md): only what the
     # method's paper states per dataset; a method with just an average published has only "avg".
     published_miou: Dict[str, float] = field(default_factory=dict)
+    # Per-dataset head parameters baked into the graph (e.g. RCS's lambda), keyed by dataset name:
+    # `clipfuse eval` warns when a graph's manifest differs (runtime/eval/runner.py).
+    dataset_head_params: Dict[str, dict] = field(default_factory=dict)
 
     @property
     def default_size(self) -> int:
@@ -212,6 +216,34 @@ METHODS["sc-clip"] = MethodSpec(
     },
     # The repo's README radar figure (backbone not named; B/16 is the repo default).
     published_miou=_per_dataset(64.6, 36.8, 37.7, 84.3, 41.0, 40.1, 20.1, 26.6, avg=43.9),
+)
+
+# ResCLIP's RCS on NACLIP (heads-sc-clip-rcs.md section 2, SFR excluded; section 3 parameters).
+# ResCLIP evaluates VOC21/VOC20 on the whole image (non-square grid); clipfuse slides 224 windows
+# there unless a graph of the processing size is exported (a stated deviation, README).
+METHODS["rcs"] = MethodSpec(
+    name="rcs",
+    summary=("NACLIP + ResCLIP RCS (no SFR): tau*((1-lam) softmax(kk^T+G) + lam * mean attention of "
+             "blocks 5..8), no residual/FFN; lam per dataset. Deviation: ResCLIP runs VOC21/VOC20 on the "
+             "whole image (non-square grid); clipfuse slides square 224 windows there (graphs are square)"),
+    default_pretrained="openai",
+    protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
+                      logit_scale=40.0, prob_thd=0.0),
+    head_family=RCS,
+    head_params={"lam": 0.3, "tau": 2.0, "gaussian_sigma": 5.0, "attention_blocks": (5, 6, 7, 8)},
+    pos_rule="scale",
+    class_names="sclip",
+    dataset_protocol={
+        "voc21": {"prob_thd": 0.1},
+        "context60": {"prob_thd": 0.1},
+        "coco-object": {"prob_thd": 0.1},
+        "cityscapes": {"short_side": 560},
+    },
+    dataset_head_params={
+        "voc21": {"lam": 0.3}, "context60": {"lam": 0.3}, "coco-object": {"lam": 0.4},
+        "voc20": {"lam": 0.6}, "context59": {"lam": 0.4}, "coco-stuff164k": {"lam": 0.4},
+        "cityscapes": {"lam": 0.2}, "ade20k": {"lam": 0.3},
+    },
 )
 
 METHOD_NAMES = tuple(METHODS)

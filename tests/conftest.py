@@ -11,8 +11,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 TINY = "ViT-T-16-test"
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass"]]
 # Head parameters a method needs on the 3-block tiny ViT (its defaults name ViT-B/16 blocks).
+# The tiny test ViT has 3 blocks: heads that read given blocks of a 12-block ViT-B/16 read these.
 TINY_HEAD_PARAMS = {
     "sc-clip": dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2),
+    "rcs": dict(attention_blocks=(0, 1)),          # ViT-B/16: 5..8
 }
 PLAIN_VOCAB = [["background"], ["cat"], ["dog"], ["grass"]]
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import TINY_HEAD_PARAMS
+
 from clipfuse.benchmarks.flops import VitShape, head_flops
 
 TINY = "ViT-T-16-test"
-HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip")
+HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "rcs")
+# the tiny ViT has 3 blocks: RCS taps blocks 0,1 there (ViT-B/16: 5..8)
 # ViT-T-16-test: width 128, 3 layers, 4 heads, patch 16, MLP 512, embed 64 (export/model_configs)
 TINY_SHAPE = VitShape(width=128, layers=3, heads=4, patch=16, mlp_width=512, embed_dim=64)
 
@@ -34,6 +37,8 @@ def test_hand_count_sclip_and_clearclip_tiny_32px():
     assert head_flops("clearclip", TINY_SHAPE, 32, 3)["total"] == patch + 2 * block + clear_last + proj + cls
     # NACLIP has the same products as ClearCLIP (kk instead of qq; its Gaussian bias is element-wise)
     assert head_flops("naclip", TINY_SHAPE, 32, 3)["total"] == head_flops("clearclip", TINY_SHAPE, 32, 3)["total"]
+    # RCS adds only element-wise work to NACLIP (the mean of tapped attention maps, the mix)
+    assert head_flops("rcs", TINY_SHAPE, 32, 3) == head_flops("naclip", TINY_SHAPE, 32, 3)
 
 
 def test_hand_count_maskclip_and_dinoiser_tiny_32px():
@@ -69,7 +74,8 @@ def test_matches_torch_flop_counter_on_fused_modules(tiny_clip, size):
     assert VitShape.from_visual(tiny_clip.model.visual) == TINY_SHAPE
     for head in HEADS:
         build = build_fused(ImageExportSpec(head, model=TINY, pretrained="none", classes=vocab, size=size,
-                                            templates="single"), clip=tiny_clip)
+                                            templates="single", head_params=TINY_HEAD_PARAMS.get(head, {})),
+                            clip=tiny_clip)
         image = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             build.module(image)

@@ -1,5 +1,5 @@
 """Real TensorRT in CI: TensorRT for RTX parses and builds, STRONGLY TYPED and ahead of time on this
-CPU, an engine of every graph family clipfuse exports (5 heads x FP32/FP16, dynamic vocabulary,
+CPU, an engine of every graph family clipfuse exports (6 heads x FP32/FP16, dynamic vocabulary,
 frame graphs with baked and dynamic vocabulary, text encoder, refer global/local), and each engine's I/O tensors (names, dtypes, shapes, batch
 profile) match the manifest's contract. Tiny ViT (the op set is the point; build time is not);
 ViT-B/16 once per head family in the slow tests. Engine EXECUTION needs a GPU: those tests are in
@@ -26,7 +26,7 @@ from clipfuse.runtime.fileio import sha256_file  # noqa: E402
 from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
 from conftest import TINY_HEAD_PARAMS  # noqa: E402
 
-HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "sc-clip")
+HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "sc-clip", "rcs")
 VOCAB = [["background"], ["cat", "kitty"], ["grass"]]
 # one target keeps CI builds short; the default (all RTX targets) is checked once below
 ONE_TARGET = ("86",)
@@ -200,7 +200,7 @@ def test_cli_build_rtx_and_polygraphy_flavour_stays_consistent(graphs, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["naclip", "clip-dinoiser"])
+@pytest.mark.parametrize("head", ["naclip", "clip-dinoiser", "rcs"])
 def test_rtx_builds_full_vitb16_fp16_per_head_family(head, vitb16_clip, tmp_path):
     """Full size once per head family (self-correlation heads share one block; CLIP-DINOiser adds
     its pooling and background head): the folded ViT-B/16 FP16 graph parses and builds."""

@@ -10,6 +10,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from conftest import TINY_HEAD_PARAMS
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 onnx = pytest.importorskip("onnx")
@@ -19,7 +21,8 @@ from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 from test_runtime_parity import synthetic_photo  # noqa: E402
 
-HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
+HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "rcs"]
+# the tiny ViT has 3 blocks: RCS taps blocks 0,1 there (ViT-B/16: 5..8)
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass", "lawn"], ["sky"]]
 VOC_RULES = {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1}
 LABELS_MIN, CONF_ATOL = 0.999, 1e-4
@@ -37,7 +40,8 @@ def graphs(tmp_path_factory, tiny_clip):
         key = (head, frame, tuple(sorted((rules or {}).items())), vocab)
         if key not in cache:
             spec = ImageExportSpec(head, model="ViT-T-16-test", pretrained="none", classes=VOCAB,
-                                   templates="single", seed=0, vocab_mode=vocab)
+                                   templates="single", seed=0, vocab_mode=vocab,
+                                   head_params=TINY_HEAD_PARAMS.get(head, {}))
             name = f"{head}_{vocab}_{len(cache)}"
             win = export_image_graph(spec, root / f"{name}_win", clip=tiny_clip)
             frm = export_image_graph(replace(spec, frame=frame, frame_protocol=dict(rules or {})),

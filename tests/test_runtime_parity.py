@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import TINY_HEAD_PARAMS
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
 pytest.importorskip("onnxruntime")
@@ -25,7 +27,10 @@ from parity_inputs import smooth_image  # noqa: E402
 from sclip_reference import reference_postprocess  # noqa: E402
 
 CLASSES = [["background"], ["sky"], ["tree", "bush"], ["road"], ["person", "people"], ["car"]]
-HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip"]
+HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "rcs"]
+# the tiny ViT has 3 blocks: RCS taps blocks 0,1 there (ViT-B/16: 5..8)
+# lam 0.4: a lambda other than the default, so a dropped parameter shows
+HEAD_PARAMS = {**TINY_HEAD_PARAMS, "rcs": {**TINY_HEAD_PARAMS["rcs"], "lam": 0.4}}
 SIZES = [(375, 500), (480, 640), (683, 1024)]  # (H, W): non-square, both orientations of aspect
 LABEL_AGREEMENT = 0.995
 SCORE_ATOL = 1e-4
@@ -95,7 +100,8 @@ def exported(tmp_path_factory, perturbed_tiny):
 
     def get(head: str):
         if head not in cache:
-            onnx = export_image_graph(perturbed_tiny.spec(head, classes=CLASSES, templates="single", seed=0),
+            onnx = export_image_graph(perturbed_tiny.spec(head, classes=CLASSES, templates="single", seed=0,
+                                                          head_params=HEAD_PARAMS.get(head, {})),
                                       root / head, clip=perturbed_tiny.clip)
             ref = ReferenceModel.from_manifest(read_manifest(manifest_path_for(onnx)))
             cache[head] = (onnx, ref)

@@ -10,10 +10,11 @@ from typing import Callable, Dict, Optional, Tuple
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.methods import CLIP_DINOISER, SC_CLIP, SELF_CORRELATION, MethodSpec, get_method
+from clipfuse.runtime.methods import CLIP_DINOISER, RCS, SC_CLIP, SELF_CORRELATION, MethodSpec, get_method
 
 from .base import DenseHead
 from .dinoiser import ClipDinoiserHead, load_dinoiser_heads
+from .rcs import RcsHead
 from .scclip import ScClipHead
 from .selfcorr import ATTENTION_FORMS, SelfCorrelationHead
 
@@ -34,7 +35,16 @@ def _build_dinoiser(visual: nn.Module, grid: Tuple[int, int], params: dict, head
     return ClipDinoiserHead(visual, grid, conv_heads, **params), {"heads_checkpoint": source}
 
 
+def _build_rcs(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
+               seed: int) -> Tuple[DenseHead, dict]:
+    try:
+        return RcsHead(visual, grid, **params), {}
+    except ValueError as exc:
+        raise ClipfuseError(str(exc)) from None
+
+
 FAMILIES: Dict[str, HeadBuilder] = {SELF_CORRELATION: _build_selfcorr, CLIP_DINOISER: _build_dinoiser}
+FAMILIES[RCS] = _build_rcs
 
 
 def _build_scclip(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],

@@ -20,6 +20,8 @@ class DenseHead(nn.Module):
     # Blocks whose outputs the head reads besides the last block's input (SC-CLIP); the trunk
     # then passes them as `guide` = {block index: tokens [B, 1+N, D]}.
     tap_blocks: Tuple[int, ...] = ()
+    # Blocks whose mean attention probabilities [B, heads, T, T] the head reads as its guide (RCS).
+    attention_blocks: Tuple[int, ...] = ()
 
     def __init__(self, visual: nn.Module, grid: Tuple[int, int]) -> None:
         super().__init__()

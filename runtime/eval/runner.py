@@ -42,6 +42,21 @@ def export_hint(spec: DatasetSpec, head: Optional[str]) -> str:
             f"--print-classes-file {spec.key}" + (f" --head {head}" if head else "") + "`)")
 
 
+def head_params_warning(head: Optional[str], dataset: str, manifest: dict) -> Optional[str]:
+    """A warning when a graph's baked head parameters (e.g. RCS's lambda) differ from the ones the
+    method's published evaluation uses on `dataset` (MethodSpec.dataset_head_params)."""
+    method = METHODS.get(head or "")
+    wanted = method.dataset_head_params.get(dataset, {}) if method else {}
+    baked = (manifest.get("head") or {}).get("params") or {}
+    off = {k: v for k, v in wanted.items() if k in baked and baked[k] != v}
+    if not off:
+        return None
+    found = ", ".join(f"{k}={baked[k]}" for k in off)
+    want = ", ".join(f"{k}={v}" for k, v in off.items())
+    hint = f" (clipfuse export --head rcs --rcs-lambda {off['lam']})" if head == "rcs" and "lam" in off else ""
+    return f"this graph has {found} baked in; the published {dataset} evaluation uses {want}: re-export{hint}"
+
+
 def background_rule_warning(head: Optional[str], dataset: str, protocol: dict) -> Optional[str]:
     """A warning when a CLIP-DINOiser graph's background rule differs from the paper's evaluation
     (MethodSpec.background_rule_datasets: where the published evaluation applies it)."""
@@ -168,9 +183,10 @@ def evaluate_model(model: Path, dataset: str, root: "str | Path", open_segmenter
              f"model {manifest['classes'][idx]!r} vs dataset {class_names[idx]!r}; check the class order")
     overrides = protocol_overrides(head, spec.key)
     protocol = dict(manifest.get("protocol") or {}, **overrides)
-    warning = background_rule_warning(head, spec.key, protocol)
-    if warning:
-        warn(warning)
+    for warning in (background_rule_warning(head, spec.key, protocol),
+                    head_params_warning(head, spec.key, manifest)):
+        if warning:
+            warn(warning)
     runs = ["deployed"] + (["reference"] if compare_reference else [])
     method = METHODS.get(head or "")
     meta = {

@@ -1,0 +1,47 @@
+"""ResCLIP's RCS on NACLIP (heads-sc-clip-rcs.md section 2; SFR excluded).
+
+    A_c = mean of the attention probabilities of blocks 5..8 (per head, CLS row/column kept),
+          tapped from those blocks inside the same graph (VisionTrunk.attention_blocks)
+    k, v from ln_1 of the last block's input;  A_s = softmax(s k k^T + G)   (NACLIP, G Gaussian)
+    A   = tau ((1 - lam) A_s + lam A_c)        rows sum to tau, not 1 (tau 2.0 matters: out_proj bias)
+    F   = ln_post(out_proj(A v))[patches] @ proj   (no residual, no FFN)
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..attention import head_scale, merge_heads, qkv, scaled_softmax
+from .base import DenseHead
+from .selfcorr import gaussian_bias
+
+
+class RcsHead(DenseHead):
+    def __init__(self, visual: nn.Module, grid: Tuple[int, int], lam: float = 0.3, tau: float = 2.0,
+                 gaussian_sigma: Optional[float] = 5.0, attention_blocks: Sequence[int] = (5, 6, 7, 8)) -> None:
+        super().__init__(visual, grid)
+        self.lam = float(lam)
+        self.tau = float(tau)
+        # None or 0 (--gaussian-sigma 0): no neighbourhood bias, as for the self-correlation heads
+        self.gaussian_sigma = float(gaussian_sigma) if gaussian_sigma else None
+        self.attention_blocks = tuple(int(b) for b in attention_blocks)
+        last = len(visual.transformer.resblocks) - 1
+        if not self.attention_blocks or any(not 0 <= b < last for b in self.attention_blocks):
+            raise ValueError(f"RCS attention blocks {self.attention_blocks} must lie in 0..{last - 1}")
+        bias = gaussian_bias(grid, self.gaussian_sigma) if self.gaussian_sigma else None
+        self.register_buffer("spatial_bias", bias, persistent=False)
+
+    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        block = self.block
+        attn = block.attn
+        _, k, v = qkv(attn, block.ln_1(x))
+        self_attn = scaled_softmax(k, k, head_scale(attn), self.spatial_bias)
+        mixed = self.tau * ((1.0 - self.lam) * self_attn + self.lam * guide)
+        out = block.ls_1(attn.out_proj(merge_heads(torch.matmul(mixed, v))))
+        return self.project(out), {}
+
+    def params(self) -> dict:
+        return {"lam": self.lam, "tau": self.tau, "gaussian_sigma": self.gaussian_sigma,
+                "attention_blocks": list(self.attention_blocks)}
