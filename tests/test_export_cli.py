@@ -93,7 +93,7 @@ def test_heads_lists_every_head_as_json():
     out = subprocess.run([sys.executable, "-m", "clipfuse.runtime.cli", "heads", "--json"],
                          capture_output=True, text=True, check=True).stdout
     rows = {r["head"]: r for r in json.loads(out)}
-    assert set(rows) == {"maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "rcs"}
+    assert set(rows) == {"maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "sc-clip", "rcs"}
     assert rows["clip-dinoiser"]["default_pretrained"] == "laion2b_s34b_b88k"
     assert rows["sclip"]["dataset_overrides"]["voc21"] == {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1}
     assert rows["naclip"]["block"]["gaussian_sigma"] == 5.0
