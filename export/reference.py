@@ -182,7 +182,7 @@ class ReferenceModel:
         for i, y in zip(self.params["attention_blocks"], attn_inputs):
             layer = blocks[i].attn
             ys = y.permute(1, 0, 2) if batch_first else y
-            n, (t, bsz, d) = layer.num_heads, ys.shape
+            n, (_, bsz, d) = layer.num_heads, ys.shape
             q, k, _ = F.linear(ys, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
             probs = F.softmax(torch.bmm(heads_of(q, n, bsz, d // n), heads_of(k, n, bsz, d // n).transpose(1, 2))
                               * (d // n) ** -0.5, dim=-1)
@@ -191,7 +191,7 @@ class ReferenceModel:
         blk = blocks[-1]
         layer = blk.attn
         xs = blk.ln_1(x.permute(1, 0, 2))
-        n, (t, bsz, d) = layer.num_heads, xs.shape
+        n, (_, bsz, d) = layer.num_heads, xs.shape
         _, k, v = F.linear(xs, layer.in_proj_weight, layer.in_proj_bias).chunk(3, dim=-1)
         k, v = heads_of(k, n, bsz, d // n), heads_of(v, n, bsz, d // n)
         logits = torch.bmm(k, k.transpose(1, 2)) * (d // n) ** -0.5

@@ -87,3 +87,23 @@ def smooth_image(height: int, width: int, seed: int, coarse: Tuple[int, int] = (
 def smooth_images(n: int, size: int, seed: int) -> np.ndarray:
     """uint8 [n, size, size, 3] smooth images (one seed each)."""
     return np.stack([smooth_image(size, size, seed * 1000 + i) for i in range(n)])
+
+
+def match_reference(build, onnx_path: Path, images: np.ndarray, tol: float) -> Tuple[np.ndarray, np.ndarray]:
+    """Assert the fused module of `build` and its exported graph (ONNX Runtime CPU) both equal the
+    independent reference (export.reference) on `images` within `tol`; returns (reference, graph)
+    scores for the caller's own checks."""
+    import onnxruntime as ort
+    import torch
+
+    from clipfuse.export.reference import ReferenceModel
+
+    expected = ReferenceModel.from_build(build)(images)
+    with torch.no_grad():
+        fused = build.module(torch.from_numpy(images)).numpy()
+    assert np.abs(fused - expected).max() <= tol, f"fused module: max |d| {np.abs(fused - expected).max():.2e}"
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(["scores"], {"image": images})[0]
+    assert got.shape == expected.shape and np.abs(got - expected).max() <= tol, \
+        f"ONNX graph: max |d| {np.abs(got - expected).max():.2e}"
+    return expected, got

@@ -13,7 +13,7 @@ from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
 
 from conftest import TINY, VOCAB
-from parity_inputs import smooth_images
+from parity_inputs import match_reference, smooth_images
 
 HEADS = ["maskclip", "sclip", "clearclip", "naclip", "clip-dinoiser"]
 TOL = 1e-4
@@ -35,23 +35,12 @@ def _check_scores_informative(scores: np.ndarray) -> None:
 @pytest.mark.parametrize("head", HEADS)
 def test_tiny_fused_and_onnx_match_reference(tmp_path, perturbed_tiny, head, size):
     """Biases and LayerNorm gains perturbed (random init would hide a dropped bias)."""
-    import onnxruntime as ort
-
     spec = perturbed_tiny.spec(head, classes=VOCAB, size=size, templates="single")
     build = build_fused(spec, clip=perturbed_tiny.clip)
-    ref = ReferenceModel.from_build(build)
-    images = _images(2, size, seed=size)
-    expected = ref(images)
-    _check_scores_informative(expected)
-    with torch.no_grad():
-        fused = build.module(torch.from_numpy(images)).numpy()
-    assert np.abs(fused - expected).max() <= TOL
-
     onnx_path = export_image_graph(spec, tmp_path / head, clip=perturbed_tiny.clip)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = session.run(["scores"], {"image": images})[0]
+    expected, got = match_reference(build, onnx_path, _images(2, size, seed=size), TOL)
+    _check_scores_informative(expected)
     assert got.shape == (2, len(VOCAB), size // 16, size // 16)
-    assert np.abs(got - expected).max() <= TOL
 
 
 def test_reference_rebuilds_from_manifest(tmp_path):

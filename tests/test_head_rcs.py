@@ -19,7 +19,7 @@ from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.methods import get_method
 
 from conftest import VOCAB
-from parity_inputs import smooth_images
+from parity_inputs import match_reference, smooth_images
 
 TOL = 1e-4
 TINY_PARAMS = {"attention_blocks": (0, 1), "lam": 0.4}
@@ -40,16 +40,9 @@ def _ort(path, images):
 
 def test_fused_and_onnx_match_reference(rcs):
     build, onnx_path = rcs
-    ref = ReferenceModel.from_build(build)
-    images = smooth_images(3, 224, seed=11)
-    expected = ref(images)
+    expected, got = match_reference(build, onnx_path, smooth_images(3, 224, seed=11), TOL)
     assert np.isfinite(expected).all() and len(np.unique(expected.argmax(axis=1))) > 1
-    with torch.no_grad():
-        fused = build.module(torch.from_numpy(images)).numpy()
-    assert np.abs(fused - expected).max() <= TOL
-    got = _ort(onnx_path, images)
     assert got.shape == (3, len(VOCAB), 14, 14)
-    assert np.abs(got - expected).max() <= TOL
 
 
 @pytest.mark.parametrize("change", [{"lam": 0.0}, {"tau": 1.0}, {"attention_blocks": (0,)}, {"gaussian_sigma": None}])

@@ -16,7 +16,7 @@ from clipfuse.export.heads.scclip import ScClipHead, outlier_count
 from clipfuse.export.reference import ReferenceModel, _scclip_fix, _scclip_lof_outliers
 
 from conftest import TINY_HEAD_PARAMS, VOCAB
-from parity_inputs import smooth_images
+from parity_inputs import match_reference, smooth_images
 
 TOL = 1e-4
 TINY_BLOCKS = TINY_HEAD_PARAMS["sc-clip"]
@@ -65,20 +65,10 @@ def test_threshold_exact_with_ties(scclip_build):
 
 
 def test_fused_and_onnx_match_reference(tmp_path, perturbed_tiny, scclip_build):
-    import onnxruntime as ort
-
     spec, build = scclip_build
-    ref = ReferenceModel.from_build(build)
-    images = smooth_images(3, 224, seed=7)
-    expected = ref(images)
-    assert np.isfinite(expected).all() and len(np.unique(expected.argmax(axis=1))) > 1
-    with torch.no_grad():
-        fused = build.module(torch.from_numpy(images)).numpy()
-    assert np.abs(fused - expected).max() <= TOL
     onnx_path = export_image_graph(spec, tmp_path / "sc", clip=perturbed_tiny.clip)
-    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(["scores"],
-                                                                                     {"image": images})[0]
-    assert np.abs(got - expected).max() <= TOL
+    expected, _ = match_reference(build, onnx_path, smooth_images(3, 224, seed=7), TOL)
+    assert np.isfinite(expected).all() and len(np.unique(expected.argmax(axis=1))) > 1
 
 
 def test_outlier_masks_agree_with_reference(scclip_build):
