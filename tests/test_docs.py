@@ -69,6 +69,9 @@ def cited_paths(text: str) -> Iterator[str]:
     prose = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", _prose(text))
     for span in re.findall(r"`([^`\n]+)`", prose):
         span = span.strip()
+        if any(seg.isupper() and len(seg) >= 3 and seg not in ("README", "CHANGELOG", "LICENSE")
+               for seg in re.split(r"[/.\-_]", span)):
+            continue            # a pattern such as runtime/backends/NAME.py, not a file
         if re.fullmatch(r"[\w.\-/{},*]+(::[\w\[\]\-.]+)?(:\d+(-\d+)?)?", span) and \
                 span.split("/")[0].split("::")[0] in REPO_TOP and ("/" in span or "." in span):
             yield span
