@@ -194,8 +194,9 @@ METHODS: Dict[str, MethodSpec] = {
     ),
 }
 
-# SC-CLIP (docs/methods.md#sc-clip, per-dataset values in its protocol table). Block indices are those of a 12-block ViT-B/16;
-# a shallower tower needs them overridden (--head-param). Constants are the public code's.
+# SC-CLIP (docs/methods.md#sc-clip; per-dataset values in its protocol table).
+# Block indices are those of a 12-block ViT-B/16; a shallower tower needs them overridden
+# (--head-param). Constants are the public code's.
 METHODS["sc-clip"] = MethodSpec(
     name="sc-clip",
     summary="SC-CLIP: LOF outlier fix, block-8/3 similarity pooling, kk + similarity-prior attention "

@@ -155,7 +155,8 @@ def test_frame_graph_equals_windowed_runtime(tmp_path, perturbed_tiny, scclip_bu
 
 
 def test_eval_protocol_per_dataset_is_the_spec_table():
-    """docs/methods.md#the-sliding-window-protocol (sc-clip row): what `eval` applies through MethodSpec.protocol_for."""
+    """docs/methods.md#the-sliding-window-protocol (sc-clip row): what `eval` applies through
+    MethodSpec.protocol_for."""
     from clipfuse.runtime.methods import get_method
 
     m = get_method("sc-clip")
