@@ -4,7 +4,7 @@ Counts the dense products (matmuls and convolutions), one multiply-add = 2 FLOPs
 work (normalisation, LayerNorm, softmax, GELU, residual adds, thresholds) is left out: it is
 memory-bound rather than compute-bound and below 1% of the total for ViT-B/16.
 
-Notation (methods.md): width D, MLP width M, heads H, patch p, embed E, S x S input,
+Notation (docs/methods.md#common-ground): width D, MLP width M, heads H, patch p, embed E, S x S input,
 N = (S/p)^2 patches, T = N + 1 tokens, R = class-name rows of the classifier.
 
   patch embed          2 N (3 p^2) D

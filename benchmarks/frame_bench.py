@@ -1,4 +1,4 @@
-"""Host protocol cost and frame graph vs window graph + host protocol (issue 16), on ONNX Runtime.
+"""Host protocol cost and frame graph vs window graph + host protocol, on ONNX Runtime.
 
     python -m clipfuse.benchmarks.frame_bench -o benchmarks/results/cpu-vitb16-frame [--model ViT-B-16]
 

@@ -18,8 +18,8 @@ from typing import Callable, Dict, List, Optional
 import onnx
 from onnx import TensorProto
 
-# TensorRT's ONNX parser support matrix (onnx-tensorrt docs/operators.md, "Operator Support
-# Matrix", rows marked Y). Base: the 8.5 table (the first with opset 17); plus the operators the
+# TensorRT's ONNX parser support matrix (operators.md of the onnx-tensorrt repository, "Operator
+# Support Matrix", rows marked Y). Base: the 8.5 table (the first with opset 17); plus the operators the
 # 8.6/10.x tables add as supported: LayerNormalization (8.6+, opset 17), GroupNormalization,
 # IsInf, BitwiseAnd/Or/Xor/Not, Gelu (opset 20), Bernoulli, BlackmanWindow/HammingWindow/
 # HannWindow, CastLike, Col2Im, Mish-free. Only ops clipfuse graphs can contain matter in practice;

@@ -74,7 +74,7 @@ def _naclip_gaussian(grid, sigma: float) -> torch.Tensor:
     return g.float()
 
 
-# --- SC-CLIP, as its public code computes it (heads-sc-clip-rcs.md 1.2/1.3), one window at a time ---
+# --- SC-CLIP, as its public code computes it (docs/methods.md#sc-clip), one window at a time ---
 def _scclip_lof_outliers(p: torch.Tensor, k: int, quantile: float) -> torch.Tensor:
     """Flat ids of the LOF outliers of p [N, D] (difference norms, quantile, where)."""
     dist = torch.norm(p.unsqueeze(1) - p.unsqueeze(0), dim=-1) ** 2
@@ -171,7 +171,7 @@ class ReferenceModel:
         return captured["x"], captured.get("guide")
 
     def _rcs(self, x: torch.Tensor, attn_inputs: List[torch.Tensor]) -> torch.Tensor:
-        """ResCLIP's RCS pass (heads-sc-clip-rcs.md 2.3/2.4) in its sequence-first bmm style."""
+        """ResCLIP's RCS pass (docs/methods.md#resclip-rcs) in its sequence-first bmm style."""
         blocks = self.visual.transformer.resblocks
         batch_first = getattr(self.visual.transformer, "batch_first", True)
 

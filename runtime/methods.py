@@ -14,7 +14,7 @@ graph exported at another size gets `protocol_at(size)` (window = size) in its m
 
 Adding a self-correlation head (a new attention form aside) is one entry here; a new head family
 also needs its DenseHead in export/heads/ (registered in `export.heads.FAMILIES`) and its
-reference in export/reference.py. Numbers are those of the methods' public code (README: sources).
+reference in export/reference.py. Numbers are those of the methods' public code (docs/methods.md#sources).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class MethodSpec:
     # protocol.window is also the default export size (see `default_size`).
     protocol: Protocol
     head_family: str
-    # The DenseHead's default parameters (methods.md): for self-correlation heads the attention
+    # The DenseHead's default parameters (docs/methods.md): for self-correlation heads the attention
     # form, Gaussian sigma, residual and FFN; for CLIP-DINOiser whether the background rule is on.
     head_params: Dict[str, object]
     # How the method's code resizes the positional table (export/posembed.py): "size" or "scale".
@@ -194,8 +194,9 @@ METHODS: Dict[str, MethodSpec] = {
     ),
 }
 
-# SC-CLIP (heads-sc-clip-rcs.md section 1 and 3). Block indices are those of a 12-block ViT-B/16;
-# a shallower tower needs them overridden (--head-param). Constants are the public code's.
+# SC-CLIP (docs/methods.md#sc-clip; per-dataset values in its protocol table).
+# Block indices are those of a 12-block ViT-B/16; a shallower tower needs them overridden
+# (--head-param). Constants are the public code's.
 METHODS["sc-clip"] = MethodSpec(
     name="sc-clip",
     summary="SC-CLIP: LOF outlier fix, block-8/3 similarity pooling, kk + similarity-prior attention "
@@ -218,9 +219,9 @@ METHODS["sc-clip"] = MethodSpec(
     published_miou=_per_dataset(64.6, 36.8, 37.7, 84.3, 41.0, 40.1, 20.1, 26.6, avg=43.9),
 )
 
-# ResCLIP's RCS on NACLIP (heads-sc-clip-rcs.md section 2, SFR excluded; section 3 parameters).
+# ResCLIP's RCS on NACLIP (docs/methods.md#resclip-rcs; SFR excluded).
 # ResCLIP evaluates VOC21/VOC20 on the whole image (non-square grid); clipfuse slides 224 windows
-# there unless a graph of the processing size is exported (a stated deviation, README).
+# there unless a graph of the processing size is exported (a stated deviation, docs/methods.md#resclip-rcs).
 METHODS["rcs"] = MethodSpec(
     name="rcs",
     summary=("NACLIP + ResCLIP RCS (no SFR): tau*((1-lam) softmax(kk^T+G) + lam * mean attention of "

@@ -1,4 +1,5 @@
-"""The sliding-window inference protocol of the dense-CLIP methods, in numpy (methods.md §2-§4).
+"""The sliding-window inference protocol of the dense-CLIP methods, in numpy
+(docs/methods.md#the-sliding-window-protocol).
 
 image -> short-side resize (long side capped) -> window grid -> ALL windows in one batched backend
 call (chunked to the backend's max batch) -> per-window bilinear upsampling to the window ->
@@ -178,7 +179,8 @@ def processing_size(height: int, width: int, short_side: int,
 
 
 def window_starts(length: int, window: int, stride: int) -> List[int]:
-    """Starts of the windows along one axis (methods.md §3 'Window grid'; mmseg slide_inference).
+    """Starts of the windows along one axis (docs/methods.md#the-sliding-window-protocol, step 2;
+    mmseg slide_inference).
 
     n = max(L - win + stride - 1, 0) // stride + 1; the last window is shifted back inside the
     image. When L < window there is one window at 0 (the image is padded, see `extract_windows`).

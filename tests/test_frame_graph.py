@@ -151,8 +151,8 @@ def test_segmenter_refuses_other_sizes_and_overrides(graphs):
         Segmenter.open(frm, prob_thd=0.2)
 
 
-def test_readme_example_runs_without_clipfuse(graphs, tmp_path):
-    """The README's frame-graph example is complete: it segments the test photo with onnxruntime
+def test_docs_example_runs_without_clipfuse(graphs, tmp_path):
+    """The frame-graph example of docs/deployment.md is complete: it segments the test photo with onnxruntime
     alone (clipfuse, torch and onnx made unimportable) and writes the same labels as the runtime."""
     import re
     import subprocess
@@ -162,8 +162,8 @@ def test_readme_example_runs_without_clipfuse(graphs, tmp_path):
     from hidden_modules import hide_modules
     from PIL import Image
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    code = re.search(r"<!-- frame-graph-example -->\s*```python\n(.*?)```", readme, re.S).group(1)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    code = re.search(r"<!-- frame-graph-example -->\s*```python\n(.*?)```", doc, re.S).group(1)
     _, frm = graphs("naclip")
     photo = Path(__file__).parent / "data" / "street.jpg"
     script = tmp_path / "example.py"

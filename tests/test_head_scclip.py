@@ -1,4 +1,4 @@
-"""SC-CLIP (heads-sc-clip-rcs.md section 1): the static head against the reference written from
+"""SC-CLIP (docs/methods.md#sc-clip): the static head against the reference written from
 the spec (export/reference.py: torch.quantile, torch.where, Python index lists, one window at a
 time), on the perturbed tiny ViT with smooth images; plus the static replacements on their own.
 
@@ -155,7 +155,8 @@ def test_frame_graph_equals_windowed_runtime(tmp_path, perturbed_tiny, scclip_bu
 
 
 def test_eval_protocol_per_dataset_is_the_spec_table():
-    """heads-sc-clip-rcs.md section 3 (SC columns): what `eval` applies through MethodSpec.protocol_for."""
+    """docs/methods.md#the-sliding-window-protocol (sc-clip row): what `eval` applies through
+    MethodSpec.protocol_for."""
     from clipfuse.runtime.methods import get_method
 
     m = get_method("sc-clip")

@@ -194,8 +194,9 @@ def test_bundled_triton_serves_a_frame_graph_as_is(bundled_server, frame_artifac
 
 @pytest.mark.skipif(shutil.which("ldd") is None, reason="needs ldd")
 def test_python_stub_links_this_interpreters_libpython(tmp_path):
-    """The libpython trap (deploy.md): with the environment clipfuse gives tritonserver, the
-    Python-backend stub resolves libpython3.X from the running interpreter's LIBDIR."""
+    """The libpython trap (docs/serving.md#serving-one-machine): with the environment clipfuse
+    gives tritonserver, the Python-backend stub resolves libpython3.X from the running
+    interpreter's LIBDIR."""
     import os
     import subprocess
     import sysconfig

@@ -1,4 +1,4 @@
-"""CLIP-DINOiser (methods.md section 3): MaskCLIP features pooled by a learned patch correlation.
+"""CLIP-DINOiser (docs/methods.md#clip-dinoiser): MaskCLIP features pooled by a learned patch correlation.
 
     G     = ln_2 output of block L-3 (patch tokens)           [B, D, h, w]
     P     = l2n(obj_proj(G));  A = P^T P;  A[A < 0.2] = 0       [B, N, N]

@@ -1,4 +1,4 @@
-"""ResCLIP's RCS on NACLIP (heads-sc-clip-rcs.md section 2; SFR excluded).
+"""ResCLIP's RCS on NACLIP (docs/methods.md#resclip-rcs; SFR excluded).
 
     A_c = mean of the attention probabilities of blocks 5..8 (per head, CLS row/column kept),
           tapped from those blocks inside the same graph (VisionTrunk.attention_blocks)

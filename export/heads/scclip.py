@@ -1,6 +1,6 @@
-"""SC-CLIP's last block as a static graph (heads-sc-clip-rcs.md section 1).
+"""SC-CLIP's last block as a static graph (docs/methods.md#sc-clip).
 
-The public code's data-dependent steps are replaced as section 1.3 prescribes (exact, ties
+The public code's data-dependent steps are replaced by static equivalents (exact, ties
 included): the LOF quantile threshold is TopK(k_out+1) + linear interpolation, the NonZero /
 index lists are a boolean mask on the flat patch index, and the outlier fix is a depthwise 3x3
 neighbour mean (all-ones kernel, zero centre, zero padding). All per window, so windows batch.
@@ -62,7 +62,7 @@ class Fp32Statistics(nn.Module):
         self.register_buffer("nbr_kernel_dw", kernel.expand(width, 1, 3, 3).contiguous(), persistent=False)
         self.register_buffer("self_pairs", torch.eye(n, dtype=torch.bool), persistent=False)
 
-    # --- section 1.3 ------------------------------------------------------------------------------
+    # --- LOF outliers, static form (docs/methods.md#sc-clip) --------------------------------------
     def outlier_mask(self, p: torch.Tensor) -> torch.Tensor:
         """LOF outliers of patches p [B, N, D] as a float mask [B, N] (1 = outlier)."""
         n = p.shape[1]

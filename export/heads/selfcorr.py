@@ -1,4 +1,4 @@
-"""The self-correlation family of last blocks (methods.md sections 1, 2, 4).
+"""The self-correlation family of last blocks (docs/methods.md: MaskCLIP, SCLIP, ClearCLIP, NACLIP).
 
 One parametric block covers MaskCLIP (identity), SCLIP (qq+kk), ClearCLIP (qq) and NACLIP
 (kk + Gaussian neighbourhood bias), with the residual and the FFN switchable:

@@ -17,7 +17,7 @@ def prepare(workdir: Path) -> tuple:
     """(tritonserver binary, backend directory, environment) ready to run.
 
     Like PyTriton: the backends folder is copied next to a stub built for this Python version,
-    the running interpreter's libpython comes first on the loader path (deploy.md) and its bin
+    the running interpreter's libpython comes first on the loader path (docs/serving.md#serving-one-machine) and its bin
     folder first on PATH, so the stub's embedded Python finds this environment's packages (its
     numpy<2, the Python backend 2.51 reads numpy 2 arrays as empty tensors).
     """

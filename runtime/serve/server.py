@@ -12,7 +12,7 @@ Traps handled here rather than left to users:
 - PyTriton binds every endpoint to 0.0.0.0 by default; ServeOptions.host defaults to 127.0.0.1.
 - Triton's Python-backend stub links the libpython3.X it finds on the loader path; where that is
   another build of 3.X than the running interpreter, model loading dies with
-  "'_thread.RLock' object has no attribute '_recursion_count'" (deploy.md). The running
+  "'_thread.RLock' object has no attribute '_recursion_count'" (docs/serving.md#serving-one-machine). The running
   interpreter's LIBDIR goes first on LD_LIBRARY_PATH before the server starts.
 - SIGTERM (docker stop, Kubernetes) becomes PyTriton's orderly stop: Triton stops taking new
   requests and waits up to exit_timeout_s for the ones in flight.
