@@ -293,17 +293,12 @@ class TensorRTRunner(Runner):
             self.backend = TensorRTBackend(engine, manifest, cuda_graph=cuda_graph)
         except ClipfuseError as exc:
             raise Unavailable(str(exc)) from None
-        self._staged: Dict[str, np.ndarray] = {}
 
     def prepare(self, images: np.ndarray) -> None:
-        # One full run stages the input in the engine's device buffer, sets the shape and (with
-        # cuda_graph) captures the graph; `call` then re-launches on the resident buffers only.
-        images = np.ascontiguousarray(images, dtype=np.uint8)
-        self.backend.run({"image": images})
-        self._staged = {"image": images}
+        self.backend.stage({"image": np.ascontiguousarray(images, dtype=np.uint8)})
 
     def call(self) -> None:
-        self.backend.launch(self._staged)
+        self.backend.launch()
 
     def sync(self) -> None:
         self.backend.synchronize()

@@ -40,6 +40,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .backends.base import backend_help
+
     parser.add_argument("model", nargs="?", help="exported model: .onnx or .engine with its .json beside")
     parser.add_argument("--dataset", help="voc21, voc20, context60, context59, coco-object, "
                                           "coco-stuff164k, cityscapes or ade20k")
@@ -47,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="score only the first N validation images (sorted ids; default: all)")
     parser.add_argument("--backend", default="auto",
-                        help="runtime backend: auto (tensorrt for .engine, else ort-cpu), ort-cpu, "
-                             "ort-cuda, ort-trt, tensorrt, torch (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("--out", default=None,
                         help="folder for results.json and report.md "
                              "(default: eval-results/MODEL-DATASET)")

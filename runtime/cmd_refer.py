@@ -36,6 +36,8 @@ en_core_web_lg, the public code's model), else a built-in heuristic (--parser he
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .backends.base import backend_help
+
     parser.add_argument("image", help="the photo (JPEG, PNG, ...)")
     parser.add_argument("text", help='the referring expression, e.g. "the dog on the left"')
     parser.add_argument("-g", "--graphs", required=True,
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parser", choices=["auto", "spacy", "heuristic"], default="auto",
                         help="noun-phrase parser (default: %(default)s = spaCy if installed)")
     parser.add_argument("--backend", default="auto",
-                        help="auto, ort-cpu, ort-cuda, ort-trt, tensorrt (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("-o", "--out", required=True, help="output folder (created)")
 
 

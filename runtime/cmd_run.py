@@ -43,6 +43,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .backends.base import backend_help
+
     parser.add_argument("model", help="exported graph (.onnx) or built engine (.engine); its .json must sit beside it")
     parser.add_argument("inputs", nargs="+", help="image file(s), folder(s) (searched recursively) or glob pattern(s)")
     parser.add_argument("-o", "--out", required=True, help="output folder (created)")
@@ -55,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", default=None, choices=["imagenet80", "single"],
                         help="--vocab dynamic graphs: prompt templates (default: the manifest's)")
     parser.add_argument("--backend", default="auto",
-                        help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
-                             "tensorrt, openvino, torch (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="openvino: compute precision (default auto: bf16 where the CPU has it and the "
                              "head keeps its labels, else fp32); recorded in each NAME.json")

@@ -38,6 +38,8 @@ client:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .backends.base import backend_help
+
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
                         help="exported .onnx or built .engine (its .json beside it), optionally NAME=PATH")
     net = parser.add_argument_group("network")
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--drain-timeout", type=non_negative_int, default=30,
                        help="seconds to finish in-flight requests on SIGTERM (default: %(default)s)")
     parser.add_argument("--backend", default="auto",
-                        help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, tensorrt")
+                        help=backend_help())
     parser.add_argument("--threads", type=positive_int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="refuse larger images with a Triton error (default: 4096 x 4096)")

@@ -12,7 +12,7 @@ import pytest
 from clipfuse.export.spec import ImageExportSpec
 from clipfuse.runtime.manifest import read_manifest
 from clipfuse.runtime.methods import METHODS
-from clipfuse.runtime.segmenter import protocol_from_manifest
+from clipfuse.runtime.protocol import protocol_from_manifest
 
 FIXTURES = Path(__file__).parent / "data" / "manifests"
 NAMES = sorted(p.stem for p in FIXTURES.glob("*.json"))
