@@ -43,6 +43,8 @@ def add_head_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=_dest(flag), action="store_true", help=meta["help"])
             continue
         kwargs = {k: meta[k] for k in ("type", "choices", "metavar") if meta[k] is not None}
+        if "metavar" not in kwargs and "choices" not in kwargs:
+            kwargs["metavar"] = flag.lstrip("-").replace("-", "_").upper()    # not the prefixed dest
         parser.add_argument(flag, dest=_dest(flag), default=None, help=meta["help"], **kwargs)
 
 

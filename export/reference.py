@@ -2,9 +2,13 @@
 
 They run the UNMODIFIED open_clip model the way each method's public code does: the positional
 table is swapped on a copy of the tower, forward hooks capture the tokens entering the last block
-(and CLIP-DINOiser's block L-3 ln_2 output), and the modified last block is computed with the
-methods' own style of code (sequence-first bmm attention, scale applied after the product, einsum
-pooling). The fused module and the ONNX graphs are tested against these.
+(and what a family reads besides), and the modified last block is computed with the methods' own
+style of code (sequence-first bmm attention, scale applied after the product, einsum pooling).
+The fused module and the ONNX graphs are tested against these.
+
+`ReferenceModel` holds what every family's reference shares (the observed tower, the
+self-correlation last block, cosine scores, the synonym max); each family's own part is
+`scores(ref, images)` in export/heads/NAME_reference.py, named by its HeadFamily.
 """
 from __future__ import annotations
 
