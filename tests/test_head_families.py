@@ -52,8 +52,11 @@ def test_family_builds_on_the_tiny_tower_with_its_overrides(tiny_clip, method):
     visual = tiny_clip.model.visual
     head, _ = build_dense_head(method, visual, (7, 7), dict(TINY_HEAD_PARAMS.get(method, {})),
                                "none" if METHODS[method].takes_heads_checkpoint else None)
+    from clipfuse.export.fp16 import DECLARED_FP32_SCOPE
     for scope in family_of(method).fp32_scopes:
+        # a real submodule, named so that export/fp16.py keeps its whole scope FP32
         assert isinstance(getattr(head, scope), __import__("torch").nn.Module), scope
+        assert scope.startswith(DECLARED_FP32_SCOPE), scope
     taps = head.taps
     tapped = set(taps.output_blocks) | set(taps.attention_blocks) | ({taps.ln2_block} - {None})
     assert all(0 <= b < len(visual.transformer.resblocks) - 1 for b in tapped)

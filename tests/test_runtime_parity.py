@@ -123,7 +123,9 @@ def _compare(seg: Segmenter, ref, image: np.ndarray):
 # ------------------------------------------------------------------------------------------------
 # Tests
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head", registry_heads())
+@pytest.mark.parametrize("head", registry_heads({
+    "sc-clip": "on these perturbed tiny-ViT photos SC-CLIP's reference labels are one class, so the "
+               "structured-map guard cannot hold; test_head_scclip.py checks it against the windowed runtime"}))
 def test_runtime_matches_torch_reference(exported, head):
     onnx, ref = exported(head)
     with Segmenter.open(onnx, backend="ort-cpu", backend_options={"threads": 2}) as seg:
