@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cliargs import non_negative_int, port, positive_int
+from ..cliargs import non_negative_int, port, positive_int
 
 ORDER = 130  # place in `clipfuse --help`
 HELP = "serve graphs/engines over HTTP and gRPC with NVIDIA Triton (dynamic batching)"
@@ -38,7 +38,7 @@ client:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .backends.base import backend_help
+    from ..backends.base import backend_help
 
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
                         help="exported .onnx or built .engine (its .json beside it), optionally NAME=PATH")
@@ -69,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve.core import DEFAULT_MAX_PIXELS
-    from .serve.server import ClipfuseTriton, ServeOptions
+    from ..serve.core import DEFAULT_MAX_PIXELS
+    from ..serve.server import ClipfuseTriton, ServeOptions
 
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
