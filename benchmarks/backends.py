@@ -44,16 +44,18 @@ class BenchContext:
     notes: List[str] = field(default_factory=list)
 
     def fp16_onnx(self) -> Path:
-        """The FP16 graph (clipfuse.export.fp16), converted once and reused."""
+        """The FP16 graph, through the build's one path (export.build.fp16_graph: FP32 islands,
+        contract, graph checks) with its manifest beside it; converted once and reused."""
         if self._fp16 is None and self._fp16_error is None:
             try:
-                from clipfuse.export.fp16 import convert_file
+                from clipfuse.export.build import fp16_graph
+                from clipfuse.runtime.manifest import manifest_path_for, write_manifest
             except ImportError as exc:
                 self._fp16_error = f"FP16 converter not importable: {exc}"
             else:
-                dst = self.onnx_path.with_name(self.onnx_path.stem + ".fp16.onnx")
                 try:
-                    convert_file(self.onnx_path, dst)
+                    dst, manifest = fp16_graph(self.onnx_path, self.manifest, log=self.notes.append)
+                    write_manifest(manifest_path_for(dst), manifest)
                     self._fp16 = dst
                 except Exception as exc:  # record, do not abort the whole benchmark
                     self._fp16_error = f"FP16 conversion failed: {type(exc).__name__}: {exc}"
@@ -293,17 +295,12 @@ class TensorRTRunner(Runner):
             self.backend = TensorRTBackend(engine, manifest, cuda_graph=cuda_graph)
         except ClipfuseError as exc:
             raise Unavailable(str(exc)) from None
-        self._staged: Dict[str, np.ndarray] = {}
 
     def prepare(self, images: np.ndarray) -> None:
-        # One full run stages the input in the engine's device buffer, sets the shape and (with
-        # cuda_graph) captures the graph; `call` then re-launches on the resident buffers only.
-        images = np.ascontiguousarray(images, dtype=np.uint8)
-        self.backend.run({"image": images})
-        self._staged = {"image": images}
+        self.backend.stage({"image": np.ascontiguousarray(images, dtype=np.uint8)})
 
     def call(self) -> None:
-        self.backend.launch(self._staged)
+        self.backend.launch()
 
     def sync(self) -> None:
         self.backend.synchronize()

@@ -105,7 +105,8 @@ def stage_medians(samples: List[Dict[str, float]]) -> Dict[str, float]:
 def _e2e_call(runner: Runner, onnx_path: Path, manifest: dict, image_path: Path, batch: int) -> Callable[[], object]:
     """image file -> decode -> protocol (resize, windows of `batch` per call, average) -> labels."""
     from clipfuse.runtime.backends.base import Backend
-    from clipfuse.runtime.segmenter import Segmenter, protocol_from_manifest
+    from clipfuse.runtime.protocol import protocol_from_manifest
+    from clipfuse.runtime.segmenter import Segmenter
 
     class _Adapter(Backend):
         name = runner.name

@@ -129,8 +129,7 @@ def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[Loa
     grid = (spec.size // patch, spec.size // patch)
     dense_head, weights_info = build_dense_head(spec.method, visual, grid, _dense_head_params(spec, vocabulary),
                                                 spec.heads_checkpoint, seed=clip.seed)
-    trunk = VisionTrunk(visual, (spec.size, spec.size), method.pos_rule, guide_block=dense_head.guide_block,
-                        tap_blocks=dense_head.tap_blocks, attention_blocks=dense_head.attention_blocks)
+    trunk = VisionTrunk(visual, (spec.size, spec.size), method.pos_rule, taps=dense_head.taps)
 
     names = flat_names(vocabulary)
     _log(f"encoding {len(names)} class names x {len(template_list)} templates", quiet)

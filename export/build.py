@@ -131,13 +131,32 @@ def _resolve_target(options: BuildOptions) -> Tuple[Optional[str], Optional[str]
     return flavour, version, targets, gpu.name if gpu else None
 
 
+def fp16_graph(src: Path, manifest: dict, log: Callable[[str], None] = _stderr) -> Tuple[Path, dict]:
+    """The one path from an FP32 graph to its FP16 graph: SRC.fp16.onnx with FP32 islands
+    (export/fp16.py), the source's contract in its metadata, the graph checks; returns the path
+    and its manifest (precision fp16, hashes, conversion report), which the caller writes."""
+    import onnx
+
+    from .fp16 import convert_file
+
+    dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
+    log(f"writing FP16 graph {dst} ...")
+    report = convert_file(src, dst)
+    write_contract(dst, manifest)  # the FP16 graph describes itself like its source
+    check_graph(onnx.load(str(dst)), dst.name, log)
+    fp16_manifest = copy.deepcopy(manifest)
+    fp16_manifest.update(precision="fp16", onnx_file=dst.name, onnx_sha256=sha256_file(dst),
+                         source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
+                         fp16=report.to_dict())
+    log(f"FP16 graph: {dst} ({report.fp32_nodes}/{report.nodes} nodes kept FP32, {report.casts_inserted} casts)")
+    return dst, fp16_manifest
+
+
 def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = BuildOptions(),
           log: Callable[[str], None] = _stderr) -> BuildResult:
     """Build (or plan, with options.dry_run) the engine of the exported FP32 graph `onnx_path`,
     whose manifest the caller has read (and verified)."""
     import onnx
-
-    from .fp16 import convert_file
 
     src = Path(onnx_path)
     if src.name.endswith(".fp16.onnx"):
@@ -155,16 +174,7 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
     build_onnx, build_manifest = src, manifest
     result_fp16 = None
     if options.precision == "fp16":
-        dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
-        log(f"writing FP16 graph {dst} ...")
-        report = convert_file(src, dst)
-        write_contract(dst, manifest)  # the FP16 graph describes itself like its source
-        check_graph(onnx.load(str(dst)), dst.name, log)
-        fp16_manifest = copy.deepcopy(manifest)
-        fp16_manifest.update(precision="fp16", onnx_file=dst.name, onnx_sha256=sha256_file(dst),
-                             source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
-                             fp16=report.to_dict())
-        log(f"FP16 graph: {dst} ({report.fp32_nodes}/{report.nodes} nodes kept FP32, {report.casts_inserted} casts)")
+        dst, fp16_manifest = fp16_graph(src, manifest, log)
         result_fp16 = dst
         if weak:
             log(f"TensorRT {version} < 10: weak-typed FP16 build from the FP32 graph")

@@ -34,8 +34,8 @@ from torch import nn
 from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.manifest import io_spec, manifest_path_for
 from clipfuse.runtime.methods import Protocol
-from clipfuse.runtime.protocol import (_geometry, cv_linear_coefficients, cv_row_coefficients,
-                                       processing_size, window_boxes, window_starts)
+from clipfuse.runtime.protocol import (cv_linear_coefficients, cv_row_coefficients, processing_size,
+                                       window_boxes, window_geometry, window_starts)
 
 from .artifacts import graph_with_manifest
 from .fused import FusedSegmenter
@@ -97,10 +97,10 @@ class FrameSegmenter(nn.Module):
         self.ny = len(window_starts(self.size[0], self.window, protocol.stride))
         self.nx = len(window_starts(self.size[1], self.window, protocol.stride))
         self.grid = grid
-        rows, cols, _ = _geometry(frame[0], frame[1], self.size[0], self.size[1], self.window,
-                                  protocol.stride, grid[0], grid[1])
-        prow, pcol, _ = _geometry(0, 0, self.size[0], self.size[1], self.window, protocol.stride,
-                                  grid[0], grid[1], to_output=False)
+        rows, cols, _ = window_geometry(frame[0], frame[1], self.size[0], self.size[1], self.window,
+                                        protocol.stride, grid[0], grid[1])
+        prow, pcol, _ = window_geometry(0, 0, self.size[0], self.size[1], self.window, protocol.stride,
+                                        grid[0], grid[1], to_output=False)
         for name, m in (("rows", rows), ("cols", cols), ("prow", prow), ("pcol", pcol)):
             self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)),
                                  persistent=False)
@@ -189,10 +189,10 @@ def export_frame_graph(build, window_manifest: dict, frame: Tuple[int, int], onn
                        opset: int, log=lambda msg: None, overrides: Optional[dict] = None) -> Path:
     """Write `onnx_path` + manifest for the fused module of `build` (export.api.FusedBuild).
 
-    `overrides`: protocol fields (segmenter.OVERRIDABLE) baked into the graph instead of the head's
+    `overrides`: protocol fields (protocol.OVERRIDABLE) baked into the graph instead of the head's
     defaults, e.g. SCLIP's VOC rules {logit_scale: 65, prob_thd: 0.1, area_thd: 0.1}.
     """
-    from clipfuse.runtime.segmenter import protocol_from_manifest
+    from clipfuse.runtime.protocol import protocol_from_manifest
     protocol = protocol_from_manifest(window_manifest, **(overrides or {}))
     window_manifest = dict(window_manifest, protocol=dict(window_manifest["protocol"], **{
         k: v for k, v in (overrides or {}).items() if v is not None}))

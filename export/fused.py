@@ -22,8 +22,7 @@ class FusedSegmenter(nn.Module):
         self.classifier = classifier
 
     def forward(self, image: torch.Tensor, class_embeddings: Optional[torch.Tensor] = None) -> torch.Tensor:
-        tokens, guide = self.trunk(image)
-        feats, extras = self.head.features(tokens, guide)
+        feats, extras = self.head.features(self.trunk(image))
         scores = self.head.name_scores(self.classifier(feats, class_embeddings))
         if class_embeddings is None:
             scores = self.classifier.reduce_synonyms(scores)

@@ -74,7 +74,7 @@ class ImageExportSpec:
         (the manifest also records derived constants, e.g. CLIP-DINOiser's thresholds).
         """
         method = get_method(manifest["head"]["name"])
-        params = {k: v for k, v in manifest["head"]["params"].items() if k in method.head_params}
+        params = {k: v for k, v in manifest["head"]["params"].items() if k in method.default_head_params()}
         return cls(
             method=method.name,
             model=manifest["model"],

@@ -5,7 +5,8 @@ the graph so every backend and every caller sees the same contract.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,6 +16,25 @@ from .posembed import interpolate_pos_embed
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class TrunkTaps:
+    """What a head reads from the trunk besides the tokens entering the last block."""
+
+    ln2_block: Optional[int] = None              # ln_2 of this block's mid-point (CLIP-DINOiser's guide)
+    output_blocks: Tuple[int, ...] = ()          # these blocks' outputs [B, 1+N, D] (SC-CLIP)
+    attention_blocks: Tuple[int, ...] = ()       # mean of these blocks' attention probabilities (RCS)
+
+
+@dataclass
+class TrunkOutput:
+    """The trunk's answer to a TrunkTaps request."""
+
+    tokens: torch.Tensor                                              # entering the last block [B, 1+N, D]
+    ln2: Optional[torch.Tensor] = None                                # TrunkTaps.ln2_block
+    outputs: Dict[int, torch.Tensor] = field(default_factory=dict)    # TrunkTaps.output_blocks
+    mean_attention: Optional[torch.Tensor] = None                     # [B, heads, T, T]
 
 
 def run_block(block: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -42,8 +62,7 @@ class VisionTrunk(nn.Module):
 
     def __init__(self, visual: nn.Module, size: Tuple[int, int], pos_rule: str,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 guide_block: Optional[int] = None, tap_blocks: Sequence[int] = (),
-                 attention_blocks: Sequence[int] = ()) -> None:
+                 taps: TrunkTaps = TrunkTaps()) -> None:
         super().__init__()
         patch = visual.conv1.kernel_size[0]
         self.grid = (size[0] // patch, size[1] // patch)
@@ -56,16 +75,11 @@ class VisionTrunk(nn.Module):
         # Folding /255 into mean and std keeps it to one Sub and one Div in the graph.
         self.register_buffer("pixel_mean", torch.tensor(mean).mul(255.0).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(std).mul(255.0).view(1, 3, 1, 1))
-        self.guide_block = guide_block
-        self.tap_blocks = tuple(tap_blocks)
-        # Blocks whose attention probabilities the head reads (RCS); their mean is the guide.
-        self.attention_blocks = tuple(attention_blocks)
-        if sum(map(bool, (guide_block is not None, self.tap_blocks, self.attention_blocks))) > 1:
-            raise ValueError("a head reads one of: a guide block's ln_2 output, tapped block outputs, "
-                             "or attention probabilities")
-        if any(not 0 <= b < len(self.blocks) for b in self.attention_blocks):
-            raise ValueError(f"attention blocks {self.attention_blocks} outside the trunk's blocks "
-                             f"0..{len(self.blocks) - 1}")
+        self.taps = taps
+        tapped = set(taps.output_blocks) | set(taps.attention_blocks) | (
+            set() if taps.ln2_block is None else {taps.ln2_block})
+        if any(not 0 <= b < len(self.blocks) for b in tapped):
+            raise ValueError(f"tapped blocks {sorted(tapped)} outside the trunk's blocks 0..{len(self.blocks) - 1}")
 
     def embed(self, image: torch.Tensor) -> torch.Tensor:
         # Cast first: TensorRT accepts a UInt8 network input only when it feeds a Cast directly
@@ -77,26 +91,23 @@ class VisionTrunk(nn.Module):
         x = torch.cat([cls.to(x.dtype), x], dim=1) + self.positional_embedding
         return self.ln_pre(x)
 
-    def forward(self, image: torch.Tensor):
-        """Tokens entering the last block [B, 1+N, D], and what the head reads besides: block
-        `guide_block`'s ln_2 tokens, {block index: block output} for `tap_blocks` (SC-CLIP), or the
-        mean attention probabilities of `attention_blocks` (RCS)."""
+    def forward(self, image: torch.Tensor) -> TrunkOutput:
+        """Tokens entering the last block [B, 1+N, D] and what `taps` asks for besides."""
+        taps = self.taps
         x = self.embed(image)
-        guide = None
-        taps = {}
-        tapped = []
+        out = TrunkOutput(tokens=x)
+        probs = []
         for idx, block in enumerate(self.blocks):
-            if idx in self.attention_blocks:
-                x, probs = run_block_with_attention(block, x)
-                tapped.append(probs)
+            if idx in taps.attention_blocks:
+                x, block_probs = run_block_with_attention(block, x)
+                probs.append(block_probs)
                 continue
-            x, block_guide = run_block(block, x)
-            if idx == self.guide_block:
-                guide = block_guide
-            if idx in self.tap_blocks:
-                taps[idx] = x
-        if self.tap_blocks:
-            return x, taps
-        if tapped:
-            guide = torch.stack(tapped).mean(dim=0)
-        return x, guide
+            x, block_ln2 = run_block(block, x)
+            if idx == taps.ln2_block:
+                out.ln2 = block_ln2
+            if idx in taps.output_blocks:
+                out.outputs[idx] = x
+        out.tokens = x
+        if probs:
+            out.mean_attention = torch.stack(probs).mean(dim=0)
+        return out

@@ -76,3 +76,14 @@ opset = int_range(17, 30)                      # LayerNormalization needs 17; 30
 pixels = int_range(1, 16384)                   # short side, long-side cap, stride
 port = int_range(0, 65535)                     # 0: let the OS pick (tests)
 logit_scale = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking
+
+
+def block_indices(text: str) -> tuple:
+    """Comma-separated 0-based block indices, e.g. "5,6,7,8"."""
+    try:
+        blocks = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+    if not blocks or min(blocks) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative block indices, got {text!r}")
+    return blocks

@@ -1,6 +1,6 @@
 """Comparators for `clipfuse compare`: two sets of named outputs in, one verdict per output out.
 
-Kept apart from the runners (any runtime backend produces the outputs; see cmd_compare), as in
+Kept apart from the runners (any runtime backend produces the outputs; see commands/compare.py), as in
 Polygraphy, whose Comparator this follows. Polygraphy's own CompareFunc.simple checks abs/rel
 error only; segmentation also needs argmax agreement over the class axis and an explicit NaN/Inf
 verdict, and the runtime must stay numpy-only, hence these few lines.

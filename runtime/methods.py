@@ -12,15 +12,18 @@
 The window is the one source of truth for the size: `default_size` IS `protocol.window`, and a
 graph exported at another size gets `protocol_at(size)` (window = size) in its manifest.
 
-Adding a self-correlation head (a new attention form aside) is one entry here; a new head family
-also needs its DenseHead in export/heads/ (registered in `export.heads.FAMILIES`) and its
-reference in export/reference.py. Numbers are those of the methods' public code (docs/methods.md#sources).
+Each head family's parameters are a frozen dataclass here (torch-free: `clipfuse heads` prints them,
+`clipfuse export` generates its flags from their `cli` metadata, eval compares them); a method's
+preset is an instance. Adding a self-correlation head (a new attention form aside) is one entry in
+METHODS; a new head family adds its parameter dataclass here and its module in export/heads/
+(docs/architecture.md). Numbers are those of the methods' public code (docs/methods.md#sources).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Dict, FrozenSet, Optional
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
+from .cliargs import block_indices, non_negative_float, on_off
 from .errors import ClipfuseError
 
 
@@ -55,6 +58,100 @@ SC_CLIP = "sc-clip"
 RCS = "rcs"
 
 
+def param(default: Any, flag: Optional[str] = None, help: str = "", *, type: Optional[Callable[[str], Any]] = None,
+          choices: Optional[tuple] = None, metavar: Optional[str] = None, sets: Any = None,
+          convert: Optional[Callable[[Any], Any]] = None) -> Any:
+    """A head parameter; with `flag`, `clipfuse export` gets that flag to override it
+    (export/head_args.py). `sets`: a store-true flag setting this value; `convert`: applied to
+    the parsed value (e.g. 0 -> None)."""
+    meta = {} if flag is None else {"cli": dict(flag=flag, help=help, type=type, choices=choices, metavar=metavar,
+                                                sets=sets, convert=convert)}
+    return field(default=default, metadata=meta)
+
+
+class HeadParams:
+    """Base of the families' parameter dataclasses: typed fields, read-only mapping access too
+    (`params["lam"]`, `"background_rule" in params`) for code that treats a preset as data."""
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __contains__(self, name: object) -> bool:
+        return any(f.name == name for f in fields(self))
+
+    def keys(self) -> Tuple[str, ...]:
+        return tuple(f.name for f in fields(self))
+
+
+ATTENTION_FORMS = ("qk", "qq", "kk", "qq+kk", "identity")
+_SIGMA_HELP = "self-correlation heads, rcs: Gaussian spatial bias sigma (0 = none)"
+
+
+@dataclass(frozen=True)
+class SelfCorrelationParams(HeadParams):
+    """MaskCLIP, SCLIP, ClearCLIP, NACLIP: attention form, Gaussian sigma, residual and FFN."""
+
+    attn: str = param("qq+kk", "--attn", "self-correlation heads: override the attention form",
+                      choices=ATTENTION_FORMS)
+    gaussian_sigma: Optional[float] = param(None, "--gaussian-sigma", _SIGMA_HELP, type=non_negative_float,
+                                            convert=lambda v: v or None)
+    residual: bool = param(True, "--residual", "self-correlation heads: keep the last block's residual",
+                           type=on_off, metavar="on|off")
+    ffn: bool = param(True, "--ffn", "self-correlation heads: keep the last block's FFN", type=on_off,
+                      metavar="on|off")
+
+
+@dataclass(frozen=True)
+class ClipDinoiserParams(HeadParams):
+    background_rule: bool = param(True, "--no-background-rule",
+                                  "clip-dinoiser: do not apply the background rule in the graph", sets=False)
+
+
+@dataclass(frozen=True)
+class ScClipParams(HeadParams):
+    """Block indices are those of a 12-block ViT-B/16 (the public code's constants)."""
+
+    pre_adjust_block: int = 8
+    post_adjust_block: int = 3
+    multi_start: int = 3
+    multi_stop: int = 10
+    res_cls: float = 0.3
+    beta: float = 0.4
+    lof_k: int = 30
+    lof_quantile: float = 0.95
+    attn_sharpen: float = 3.0
+
+
+@dataclass(frozen=True)
+class RcsParams(HeadParams):
+    lam: float = param(0.3, "--rcs-lambda",
+                       "rcs: weight of the mean attention of blocks 5..8 (baked into the graph); ResCLIP's per "
+                       "dataset: VOC21/Context60/ADE20k 0.3, COCO-Object/Context59/COCO-Stuff 0.4, VOC20 0.6, "
+                       "Cityscapes 0.2 (default 0.3)", type=non_negative_float, metavar="LAM")
+    tau: float = 2.0
+    gaussian_sigma: Optional[float] = param(5.0, "--gaussian-sigma", _SIGMA_HELP, type=non_negative_float,
+                                            convert=lambda v: v or None)
+    attention_blocks: Tuple[int, ...] = param((5, 6, 7, 8), "--rcs-blocks",
+                                              "rcs: 0-based blocks whose attention probabilities are averaged "
+                                              "(ResCLIP, ViT-B/16: 5,6,7,8; other depths are not specified by "
+                                              "ResCLIP)", type=block_indices, metavar="I,J,..")
+
+
+def param_flag(params: Any, name: str) -> Optional[str]:
+    """The `clipfuse export` flag of parameter `name` of a parameter dataclass, if it has one."""
+    for f in fields(params):
+        if f.name == name and "cli" in f.metadata and f.metadata["cli"]["sets"] is None:
+            return f.metadata["cli"]["flag"]
+    return None
+
+
+def params_dict(params: Any) -> Dict[str, Any]:
+    """A parameter dataclass as a fresh dict (shallow: tuples stay tuples)."""
+    return {f.name: getattr(params, f.name) for f in fields(params)}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -63,9 +160,8 @@ class MethodSpec:
     # protocol.window is also the default export size (see `default_size`).
     protocol: Protocol
     head_family: str
-    # The DenseHead's default parameters (docs/methods.md): for self-correlation heads the attention
-    # form, Gaussian sigma, residual and FFN; for CLIP-DINOiser whether the background rule is on.
-    head_params: Dict[str, object]
+    # The DenseHead's default parameters (docs/methods.md), an instance of its family's dataclass above.
+    head_params: Any
     # How the method's code resizes the positional table (export/posembed.py): "size" or "scale".
     pos_rule: str
     # Whether the method has trained weights of its own (`--heads`, manifest heads_checkpoint).
@@ -90,11 +186,11 @@ class MethodSpec:
 
     @property
     def has_background_rule(self) -> bool:
-        return "background_rule" in self.head_params
+        return "background_rule" in self.default_head_params()
 
     def default_head_params(self) -> dict:
         """A fresh copy of the DenseHead's default parameters."""
-        return dict(self.head_params)
+        return params_dict(self.head_params)
 
     def protocol_for(self, dataset: Optional[str] = None) -> Protocol:
         if dataset is None or dataset not in self.dataset_protocol:
@@ -120,8 +216,8 @@ def _per_dataset(*values: float, avg: float) -> Dict[str, float]:
     return dict(zip(PAPER_COLUMNS, values), avg=avg)
 
 
-def _selfcorr(attn: str, residual: bool, ffn: bool, gaussian_sigma: Optional[float] = None) -> dict:
-    return dict(attn=attn, gaussian_sigma=gaussian_sigma, residual=residual, ffn=ffn)
+def _selfcorr(attn: str, residual: bool, ffn: bool, gaussian_sigma: Optional[float] = None) -> SelfCorrelationParams:
+    return SelfCorrelationParams(attn=attn, gaussian_sigma=gaussian_sigma, residual=residual, ffn=ffn)
 
 
 METHODS: Dict[str, MethodSpec] = {
@@ -161,7 +257,7 @@ METHODS: Dict[str, MethodSpec] = {
         protocol=Protocol(short_side=448, long_side_max=2048, window=448, stride=224,
                           score_type="probability", logit_scale=1.0),
         head_family=CLIP_DINOISER,
-        head_params={"background_rule": True},
+        head_params=ClipDinoiserParams(background_rule=True),
         pos_rule="size",
         takes_heads_checkpoint=True,
         background_rule_datasets=frozenset({"voc21", "coco-object"}),
@@ -205,8 +301,8 @@ METHODS["sc-clip"] = MethodSpec(
     protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                       logit_scale=40.0, prob_thd=0.0),
     head_family=SC_CLIP,
-    head_params=dict(pre_adjust_block=8, post_adjust_block=3, multi_start=3, multi_stop=10, res_cls=0.3,
-                     beta=0.4, lof_k=30, lof_quantile=0.95, attn_sharpen=3.0),
+    head_params=ScClipParams(pre_adjust_block=8, post_adjust_block=3, multi_start=3, multi_stop=10, res_cls=0.3,
+                             beta=0.4, lof_k=30, lof_quantile=0.95, attn_sharpen=3.0),
     pos_rule="scale",
     class_names="sclip",
     dataset_protocol={
@@ -231,7 +327,7 @@ METHODS["rcs"] = MethodSpec(
     protocol=Protocol(short_side=336, long_side_max=2048, window=224, stride=112, score_type="cosine",
                       logit_scale=40.0, prob_thd=0.0),
     head_family=RCS,
-    head_params={"lam": 0.3, "tau": 2.0, "gaussian_sigma": 5.0, "attention_blocks": (5, 6, 7, 8)},
+    head_params=RcsParams(lam=0.3, tau=2.0, gaussian_sigma=5.0, attention_blocks=(5, 6, 7, 8)),
     pos_rule="scale",
     class_names="sclip",
     dataset_protocol={

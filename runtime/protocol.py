@@ -20,9 +20,9 @@ reference it is tested against (tests/test_protocol_fast.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
@@ -365,9 +365,11 @@ def _axis_matrix(starts: Tuple[int, ...], proc: int, window: int, grid: int,
 
 
 @lru_cache(maxsize=64)
-def _geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
-              gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices."""
+def window_geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
+                    gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices: window scores
+    [ny*gy, nx*gx] -> averaged, resized scores [H, W] is rows @ S @ cols.T (public: the frame graph
+    bakes the same matrices, export/frame_graph.py)."""
     ys = tuple(window_starts(proc_h, window, stride))
     xs = tuple(window_starts(proc_w, window, stride))
     rows = _axis_matrix(ys, proc_h, window, gy, out_h if to_output else None)
@@ -510,7 +512,7 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     cosine = protocol.score_type == "cosine"
     if not cosine and protocol.score_type != "probability":
         raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
-    rows, cols, rband = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    rows, cols, rband = window_geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
     cband = _col_bands(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
     grid = _coarse_grid(scores.astype(np.float32, copy=False), ny, nx)
     labels = np.empty((height, width), dtype=np.int32)
@@ -539,14 +541,14 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
 
 @lru_cache(maxsize=64)
 def _col_bands(*key) -> np.ndarray:
-    return _bands(_geometry(*key)[1])
+    return _bands(window_geometry(*key)[1])
 
 
 def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,
                           stride: int) -> np.ndarray:
     """[B, K, gy, gx] -> [K, h, w] averaged scores at the processing size (= average_window_scores)."""
     b, k, gy, gx = scores.shape
-    rows, cols, _ = _geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
+    rows, cols, _ = window_geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
     ny, nx = rows.shape[1] // gy, cols.shape[1] // gx
     t = _row_major(scores, rows, cols, ny, nx)                          # [ny*gy, w*K]
     avg = (rows @ t).reshape(proc_size[0], proc_size[1], k)
@@ -609,12 +611,21 @@ def plan_windows(image: np.ndarray, protocol: Protocol, window: int,
     return WindowPlan((height, width), size, boxes, crops, window)
 
 
+T = TypeVar("T")
+
+
+def in_chunks(call: Callable[[np.ndarray], T], batch: np.ndarray, max_batch: Optional[int] = None) -> List[T]:
+    """`call` on consecutive slices of `batch` (axis 0) of at most `max_batch` rows (None or 0:
+    one call); the results in order. The one chunking rule of every backend caller."""
+    chunk = len(batch) if not max_batch else max(1, int(max_batch))
+    return [call(batch[i:i + chunk]) for i in range(0, len(batch), chunk)]
+
+
 def infer_in_chunks(infer: Callable[[np.ndarray], np.ndarray], crops: np.ndarray,
                     max_batch: Optional[int] = None) -> Tuple[np.ndarray, int]:
     """(scores of all `crops` [B, K, g, g] float32, number of backend calls), at most `max_batch`
     windows per call (None: one call)."""
-    chunk = len(crops) if not max_batch else max(1, int(max_batch))
-    parts = [np.asarray(infer(crops[i:i + chunk]), dtype=np.float32) for i in range(0, len(crops), chunk)]
+    parts = in_chunks(lambda part: np.asarray(infer(part), dtype=np.float32), crops, max_batch)
     return np.concatenate(parts, axis=0), len(parts)
 
 
@@ -652,3 +663,27 @@ def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], p
     scores, _ = infer_in_chunks(infer, plan.crops, max_batch)
     _tick(timings, "model", t0)
     return finish_windows(scores, plan, protocol, return_scores, return_confidence, timings)
+
+
+# The protocol fields a caller may override at run time (CLI flags, frame graphs' baked values).
+OVERRIDABLE = ("short_side", "stride", "long_side_max", "logit_scale", "prob_thd", "area_thd")
+
+
+def protocol_from_manifest(manifest: dict, **overrides) -> Protocol:
+    """The manifest's protocol with the non-None `overrides` applied and validated."""
+    if "protocol" not in manifest:
+        raise ClipfuseError("manifest has no protocol section; re-export the model")
+    protocol = Protocol.from_dict(manifest["protocol"])
+    unknown = sorted(set(overrides) - set(OVERRIDABLE))
+    if unknown:
+        raise ClipfuseError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    protocol = replace(protocol, **changes)
+    if protocol.short_side <= 0 or protocol.stride <= 0:
+        raise ClipfuseError("short side and window stride must be positive")
+    if protocol.stride > protocol.window:
+        raise ClipfuseError(f"window stride {protocol.stride} > window {protocol.window} would leave "
+                            "pixels uncovered")
+    if protocol.prob_thd < 0 or protocol.prob_thd > 1:
+        raise ClipfuseError(f"prob_thd must be in [0, 1], got {protocol.prob_thd}")
+    return protocol

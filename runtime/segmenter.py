@@ -12,7 +12,7 @@ The protocol defaults come from the manifest; keyword overrides replace single f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -22,10 +22,9 @@ from .artifact import open_artifact
 from .backends.base import Backend, open_backend
 from .errors import ClipfuseError
 from .methods import Protocol
-from .protocol import ProtocolOutput, run_protocol
+from .protocol import OVERRIDABLE, ProtocolOutput, protocol_from_manifest, run_protocol  # noqa: F401 (re-exported)
 
 # Fields of Protocol a user may override at run time (window is fixed by the graph's input size).
-OVERRIDABLE = ("short_side", "stride", "long_side_max", "logit_scale", "prob_thd", "area_thd")
 
 
 @dataclass
@@ -209,23 +208,3 @@ def class_rows(row_class: np.ndarray, num_classes: int) -> np.ndarray:
         raise ClipfuseError("every class needs at least one name")
     width = max(len(r) for r in rows)
     return np.array([list(r) + [r[0]] * (width - len(r)) for r in rows], dtype=np.int64)
-
-
-def protocol_from_manifest(manifest: dict, **overrides) -> Protocol:
-    """The manifest's protocol with the non-None `overrides` applied and validated."""
-    if "protocol" not in manifest:
-        raise ClipfuseError("manifest has no protocol section; re-export the model")
-    protocol = Protocol.from_dict(manifest["protocol"])
-    unknown = sorted(set(overrides) - set(OVERRIDABLE))
-    if unknown:
-        raise ClipfuseError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    protocol = replace(protocol, **changes)
-    if protocol.short_side <= 0 or protocol.stride <= 0:
-        raise ClipfuseError("short side and window stride must be positive")
-    if protocol.stride > protocol.window:
-        raise ClipfuseError(f"window stride {protocol.stride} > window {protocol.window} would leave "
-                            "pixels uncovered")
-    if protocol.prob_thd < 0 or protocol.prob_thd > 1:
-        raise ClipfuseError(f"prob_thd must be in [0, 1], got {protocol.prob_thd}")
-    return protocol

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import pytest
 
@@ -10,12 +11,40 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 TINY = "ViT-T-16-test"
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass"]]
-# Head parameters a method needs on the 3-block tiny ViT (its defaults name ViT-B/16 blocks).
-# The tiny test ViT has 3 blocks: heads that read given blocks of a 12-block ViT-B/16 read these.
-TINY_HEAD_PARAMS = {
-    "sc-clip": dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2),
-    "rcs": dict(attention_blocks=(0, 1)),          # ViT-B/16: 5..8
-}
+
+
+class _TinyHeadParams(Mapping):
+    """method -> the head parameters it needs on the 3-block tiny ViT (its presets name ViT-B/16
+    blocks): each family's `tiny_overrides` (clipfuse.export.heads), for every method of the
+    registry; read on first use so torch-free tests never import torch."""
+
+    def _data(self) -> dict:
+        from clipfuse.export.heads import family_of
+        from clipfuse.runtime.methods import METHODS
+        return {m: dict(family_of(m).tiny_overrides) for m in METHODS if family_of(m).tiny_overrides}
+
+    def __getitem__(self, key):
+        return self._data()[key]
+
+    def __iter__(self):
+        return iter(self._data())
+
+    def __len__(self) -> int:
+        return len(self._data())
+
+
+TINY_HEAD_PARAMS = _TinyHeadParams()
+
+
+def registry_heads(not_here: "dict | None" = None) -> list:
+    """Every method of clipfuse.runtime.methods.METHODS as pytest parameters, so a head added to
+    the registry is covered by default; `not_here` maps a head to the reason a test leaves it to
+    another (a skip that says where it is covered)."""
+    from clipfuse.runtime.methods import METHODS
+    not_here = not_here or {}
+    unknown = set(not_here) - set(METHODS)
+    assert not unknown, f"not in the registry: {unknown}"
+    return [pytest.param(h, marks=pytest.mark.skip(reason=not_here[h])) if h in not_here else h for h in METHODS]
 PLAIN_VOCAB = [["background"], ["cat"], ["dog"], ["grass"]]
 
 

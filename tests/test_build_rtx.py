@@ -26,7 +26,9 @@ from clipfuse.runtime.fileio import sha256_file  # noqa: E402
 from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
 from conftest import TINY_HEAD_PARAMS  # noqa: E402
 
-HEADS = ("maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "sc-clip", "rcs")
+from clipfuse.runtime.methods import METHODS  # noqa: E402
+
+HEADS = tuple(METHODS)
 VOCAB = [["background"], ["cat", "kitty"], ["grass"]]
 # one target keeps CI builds short; the default (all RTX targets) is checked once below
 ONE_TARGET = ("86",)

@@ -45,16 +45,9 @@ def _imported_modules(path):
             yield node.value  # a module named by string (importlib.import_module, a registry)
 
 
-# The one known exception: `--backend torch` IS the exporter's eager model (a parity check that
-# needs the export extra); it imports clipfuse.export lazily, when that backend is opened.
-UPWARD_IMPORT_ALLOWED = {"runtime/backends/torch_ref.py"}
-
-
 def test_runtime_imports_no_dependent_package():
     # runtime <- export <- benchmarks: no runtime module imports export/benchmarks, not even by name
     for path in (ROOT / "runtime").rglob("*.py"):
-        if str(path.relative_to(ROOT)) in UPWARD_IMPORT_ALLOWED:
-            continue
         for module in _imported_modules(path):
             assert not module.startswith(("clipfuse.export", "clipfuse.benchmarks")), \
                 f"{path.relative_to(ROOT)} imports {module}"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from clipfuse.runtime import cmd_eval
+from clipfuse.runtime.commands import eval as cmd_eval
 from clipfuse.runtime.cli import build_parser, main
 from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.eval import datasets as ds

@@ -12,10 +12,11 @@ import torch
 from clipfuse.export.api import ImageExportSpec, build_fused, export_image_graph
 from clipfuse.export.reference import ReferenceModel
 
-from conftest import TINY, VOCAB
+from conftest import TINY, TINY_HEAD_PARAMS, VOCAB, registry_heads
 from parity_inputs import match_reference, smooth_images
 
-HEADS = ["maskclip", "sclip", "clearclip", "naclip", "clip-dinoiser"]
+from clipfuse.runtime.methods import METHODS
+
 TOL = 1e-4
 
 
@@ -32,10 +33,11 @@ def _check_scores_informative(scores: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("size", [224, 448])
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", registry_heads())
 def test_tiny_fused_and_onnx_match_reference(tmp_path, perturbed_tiny, head, size):
     """Biases and LayerNorm gains perturbed (random init would hide a dropped bias)."""
-    spec = perturbed_tiny.spec(head, classes=VOCAB, size=size, templates="single")
+    spec = perturbed_tiny.spec(head, classes=VOCAB, size=size, templates="single",
+                               head_params=TINY_HEAD_PARAMS.get(head, {}))
     build = build_fused(spec, clip=perturbed_tiny.clip)
     onnx_path = export_image_graph(spec, tmp_path / head, clip=perturbed_tiny.clip)
     expected, got = match_reference(build, onnx_path, _images(2, size, seed=size), TOL)
@@ -68,7 +70,7 @@ def test_vitb16_every_head_onnx_matches_reference(tmp_path, vitb16_clip, size):
 
     images = _images(1, size, seed=7)
     worst = {}
-    for head in HEADS:
+    for head in METHODS:
         build = build_fused(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=VOCAB, size=size,
                                             templates="single"), clip=vitb16_clip)
         expected = ReferenceModel.from_build(build)(images)

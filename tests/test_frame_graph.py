@@ -10,7 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import TINY_HEAD_PARAMS
+from conftest import TINY_HEAD_PARAMS, registry_heads
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("open_clip")
@@ -21,8 +21,8 @@ from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 from test_runtime_parity import synthetic_photo  # noqa: E402
 
-HEADS = ["maskclip", "sclip", "clip-dinoiser", "clearclip", "naclip", "rcs"]
-# the tiny ViT has 3 blocks: RCS taps blocks 0,1 there (ViT-B/16: 5..8)
+from clipfuse.runtime.methods import METHODS  # noqa: E402
+
 VOCAB = [["background"], ["cat", "kitty"], ["dog"], ["grass", "lawn"], ["sky"]]
 VOC_RULES = {"logit_scale": 65.0, "prob_thd": 0.1, "area_thd": 0.1}
 LABELS_MIN, CONF_ATOL = 0.999, 1e-4
@@ -73,10 +73,10 @@ def _compare(win, frm, image, rules=None, embeddings=None):
     return agree, conf, score, ra.labels
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", registry_heads())
 def test_frame_graph_equals_runtime_every_head(graphs, head):
     win, frm = graphs(head)
-    agree, conf, score, labels = _compare(win, frm, synthetic_photo(480, 640, seed=HEADS.index(head)))
+    agree, conf, score, labels = _compare(win, frm, synthetic_photo(480, 640, seed=list(METHODS).index(head)))
     assert len(np.unique(labels)) >= 2          # the comparison can fail: a structured label map
     assert agree >= LABELS_MIN, f"{head}: labels agree on {agree:.4%}"
     assert conf <= CONF_ATOL and score <= CONF_ATOL, (conf, score)

@@ -228,8 +228,8 @@ def test_runtime_imports_and_runs_without_torch(model, images, tmp_path):
     folder, _ = images
     script = HIDE_TORCH + textwrap.dedent(f"""
         import clipfuse.runtime, clipfuse.runtime.segmenter, clipfuse.runtime.protocol
-        import clipfuse.runtime.imageio, clipfuse.runtime.outputs, clipfuse.runtime.cmd_run
-        import clipfuse.runtime.backends.onnxruntime, clipfuse.runtime.backends.torch_ref
+        import clipfuse.runtime.imageio, clipfuse.runtime.outputs, clipfuse.runtime.commands.run
+        import clipfuse.runtime.backends.onnxruntime, clipfuse.export.torch_backend
         from clipfuse.runtime.errors import ClipfuseError
         from clipfuse.runtime.segmenter import Segmenter
         try:

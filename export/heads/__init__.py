@@ -1,61 +1,51 @@
-"""Dense heads by family. What each method is (preset, positional rule, protocol) lives in
-clipfuse.runtime.methods (torch-free); this package only turns a MethodSpec into a DenseHead.
+"""Dense heads by family, one plugin module per family (see base.py for what a module defines).
 
-A new family: write its DenseHead here and add a builder to FAMILIES.
+What each method is (preset, positional rule, protocol) lives in clipfuse.runtime.methods
+(torch-free); this package turns a MethodSpec into a DenseHead through its family's module.
+
+A new family: one module here defining `FAMILY = HeadFamily(...)`, found at import (no list to
+edit); its independent reference beside it as `NAME_reference.py`.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+import importlib
+import pkgutil
+from dataclasses import fields
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.methods import CLIP_DINOISER, RCS, SC_CLIP, SELF_CORRELATION, MethodSpec, get_method
+from clipfuse.runtime.methods import METHODS, MethodSpec, get_method
 
-from .base import DenseHead
-from .dinoiser import ClipDinoiserHead, load_dinoiser_heads
-from .rcs import RcsHead
-from .scclip import ScClipHead
-from .selfcorr import ATTENTION_FORMS, SelfCorrelationHead
+from .base import DenseHead, HeadFamily
 
-# (visual, grid, merged params, heads checkpoint, seed) -> (DenseHead, weights description)
-HeadBuilder = Callable[[nn.Module, Tuple[int, int], dict, Optional[str], int], Tuple[DenseHead, dict]]
+# Modules of this package that are not families: the shared base and the references (which the
+# exporter never imports; export/reference.py loads them by name).
+_NOT_FAMILIES = ("base",)
 
 
-def _build_selfcorr(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
-                    seed: int) -> Tuple[DenseHead, dict]:
-    if params["attn"] not in ATTENTION_FORMS:
-        raise ClipfuseError(f"attention form {params['attn']!r} not in {', '.join(ATTENTION_FORMS)}")
-    return SelfCorrelationHead(visual, grid, **params), {}
+def _discover() -> Dict[str, HeadFamily]:
+    found: Dict[str, HeadFamily] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name in _NOT_FAMILIES or info.name.endswith("_reference"):
+            continue
+        family = getattr(importlib.import_module(f"{__name__}.{info.name}"), "FAMILY", None)
+        if isinstance(family, HeadFamily):
+            if family.name in found:
+                raise RuntimeError(f"two head families named {family.name!r}")
+            found[family.name] = family
+    return found
 
 
-def _build_dinoiser(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
-                    seed: int) -> Tuple[DenseHead, dict]:
-    conv_heads, source = load_dinoiser_heads(heads_checkpoint, visual.conv1.out_channels, seed)
-    return ClipDinoiserHead(visual, grid, conv_heads, **params), {"heads_checkpoint": source}
+FAMILIES: Dict[str, HeadFamily] = _discover()
+_missing = sorted({m.head_family for m in METHODS.values()} - set(FAMILIES))
+if _missing:
+    raise RuntimeError(f"methods name head families without a module in clipfuse.export.heads: {_missing}")
 
 
-def _build_rcs(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
-               seed: int) -> Tuple[DenseHead, dict]:
-    try:
-        return RcsHead(visual, grid, **params), {}
-    except ValueError as exc:
-        raise ClipfuseError(str(exc)) from None
-
-
-FAMILIES: Dict[str, HeadBuilder] = {SELF_CORRELATION: _build_selfcorr, CLIP_DINOISER: _build_dinoiser}
-FAMILIES[RCS] = _build_rcs
-
-
-def _build_scclip(visual: nn.Module, grid: Tuple[int, int], params: dict, heads_checkpoint: Optional[str],
-                  seed: int) -> Tuple[DenseHead, dict]:
-    try:
-        return ScClipHead(visual, grid, **params), {}
-    except ValueError as exc:
-        raise ClipfuseError(f"sc-clip: {exc}") from None
-
-
-FAMILIES[SC_CLIP] = _build_scclip
+def family_of(method: str) -> HeadFamily:
+    return FAMILIES[get_method(method).head_family]
 
 
 def merged_head_params(method: MethodSpec, params: Optional[dict] = None) -> dict:
@@ -69,6 +59,13 @@ def merged_head_params(method: MethodSpec, params: Optional[dict] = None) -> dic
     return merged
 
 
+def typed_params(family: HeadFamily, params: Mapping[str, Any]) -> Any:
+    """`params` (a preset, overrides applied, or a manifest's head.params) as the family's dataclass;
+    keys that are not parameters (a manifest's derived constants) are left out."""
+    names = {f.name for f in fields(family.params)}
+    return family.params(**{k: v for k, v in params.items() if k in names})
+
+
 def build_dense_head(method: str, visual: nn.Module, grid: Tuple[int, int], params: Optional[dict] = None,
                      heads_checkpoint: Optional[str] = None, seed: int = 0) -> Tuple[DenseHead, dict]:
     """Instantiate `method`'s DenseHead on `visual`'s weights; `params` override the method's preset.
@@ -76,4 +73,5 @@ def build_dense_head(method: str, visual: nn.Module, grid: Tuple[int, int], para
     Returns the head and a dict describing its weights source (for the manifest).
     """
     spec = get_method(method)
-    return FAMILIES[spec.head_family](visual, grid, merged_head_params(spec, params), heads_checkpoint, seed)
+    family = FAMILIES[spec.head_family]
+    return family.build(visual, grid, typed_params(family, merged_head_params(spec, params)), heads_checkpoint, seed)

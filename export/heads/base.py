@@ -1,27 +1,43 @@
-"""What every dense head shares: the last block's weights and the patch projection."""
+"""What every dense head shares, and what makes a head family a plugin.
+
+A head family is ONE module in this package that defines `FAMILY = HeadFamily(...)`:
+  - `params`: the frozen dataclass of the head's parameters (torch-free, in
+    clipfuse.runtime.methods beside the presets: `clipfuse export` generates its flags from the
+    fields' metadata without importing torch, export/head_args.py);
+  - `build(visual, grid, params, heads_checkpoint, seed) -> (DenseHead, weights description)`;
+  - the trunk taps its head reads (`DenseHead.taps`, one typed `TrunkTaps` request; the trunk
+    answers with one `TrunkOutput`);
+  - `flops(shape, n, params, as_exported)`: the dense products of the replaced last block and the
+    head's extra modules (benchmarks/flops.py adds trunk, projection and classifier);
+  - `reference`: the module of its independent PyTorch reference (it shares no code with the fused
+    path; tests/test_head_families.py checks its imports);
+  - `fp32_scopes`: submodule names whose whole scope the FP16 conversion keeps FP32 (export/fp16.py);
+  - `tiny_overrides`: the parameters it needs on the 3-block test ViT (its presets name ViT-B/16 blocks).
+The package discovers the modules (export/heads/__init__.py); a method naming the family in
+clipfuse.runtime.methods.METHODS is all the rest.
+"""
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..trunk import TrunkOutput, TrunkTaps
+
+__all__ = ["DenseHead", "HeadFamily", "TrunkOutput", "TrunkTaps", "block_flops"]
+
 
 class DenseHead(nn.Module):
-    """Replaces the last ViT block; maps the tokens entering it to features F [B, E, h, w].
+    """Replaces the last ViT block; maps the trunk's output to features F [B, E, h, w].
 
     Subclasses implement `features`. `name_scores`/`finalize` let a head change how cosine
     similarities become the graph's scores (CLIP-DINOiser turns them into probabilities).
     """
 
     score_type = "cosine"
-    # Index of the block whose ln_2 output the head reads (None: none needed).
-    guide_block: Optional[int] = None
-    # Blocks whose outputs the head reads besides the last block's input (SC-CLIP); the trunk
-    # then passes them as `guide` = {block index: tokens [B, 1+N, D]}.
-    tap_blocks: Tuple[int, ...] = ()
-    # Blocks whose mean attention probabilities [B, heads, T, T] the head reads as its guide (RCS).
-    attention_blocks: Tuple[int, ...] = ()
+    taps = TrunkTaps()
 
     def __init__(self, visual: nn.Module, grid: Tuple[int, int]) -> None:
         super().__init__()
@@ -36,7 +52,7 @@ class DenseHead(nn.Module):
         b, _, e = feats.shape
         return feats.transpose(1, 2).reshape(b, e, *self.grid)
 
-    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def features(self, trunk: TrunkOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def name_scores(self, cosine: torch.Tensor) -> torch.Tensor:
@@ -47,3 +63,31 @@ class DenseHead(nn.Module):
 
     def params(self) -> dict:
         return {}
+
+
+# --- FLOPs -----------------------------------------------------------------------------------------
+def block_flops(t: int, d: int, m: int, logit_products: int, value_only: bool, ffn: bool) -> Dict[str, int]:
+    """One transformer block's dense products on T tokens (one multiply-add = 2 FLOPs);
+    `value_only`: V projection only, no attention; `logit_products`: T x T logit products."""
+    out = {"qkv": 2 * t * d * (d if value_only else 3 * d),
+           "attention": 0 if value_only else 2 * t * t * d * (logit_products + 1),
+           "out_proj": 2 * t * d * d}
+    out["mlp"] = 2 * 2 * t * d * m if ffn else 0
+    return out
+
+
+# (visual, grid, typed params, heads checkpoint, seed) -> (DenseHead, weights description)
+HeadBuilder = Callable[[nn.Module, Tuple[int, int], Any, Optional[str], int], Tuple[DenseHead, dict]]
+# (shape with width/mlp_width/embed_dim, patches N, typed params, as_exported) -> {component: FLOPs}
+FlopCounter = Callable[[Any, int, Any, bool], Dict[str, int]]
+
+
+@dataclass(frozen=True)
+class HeadFamily:
+    name: str                      # the MethodSpec.head_family value
+    params: type                   # frozen dataclass of the head's parameters
+    build: HeadBuilder
+    flops: FlopCounter
+    reference: str                 # module of the independent reference (see export/reference.py)
+    fp32_scopes: Tuple[str, ...] = ()
+    tiny_overrides: Dict[str, Any] = field(default_factory=dict)

@@ -17,14 +17,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import CLIP_DINOISER, ClipDinoiserParams
 
-from .base import DenseHead
-from .selfcorr import SelfCorrelationHead
+from .base import DenseHead, HeadFamily, TrunkOutput, TrunkTaps
+from .selfcorr import SelfCorrelationHead, last_block_flops
 
 CORRELATION_THRESHOLD = 0.2
 POOL_EPS = 1e-6
 LOGIT_SCALE = 100.0
 CONFIDENCE = 0.99
+CORRELATION_CHANNELS = 256
+
 
 
 class DinoiserConvHeads(nn.Module):
@@ -79,10 +82,12 @@ class ClipDinoiserHead(DenseHead):
         self.maskclip = SelfCorrelationHead(visual, grid, attn="identity", residual=True, ffn=True)
         self.heads = conv_heads
         self.guide_block = len(visual.transformer.resblocks) - 3
+        self.taps = TrunkTaps(ln2_block=self.guide_block)
         self.background_rule = background_rule
 
-    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        feats, _ = self.maskclip.features(x, None)                      # [B, E, h, w]
+    def features(self, trunk: TrunkOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        guide = trunk.ln2
+        feats, _ = self.maskclip.features(TrunkOutput(tokens=trunk.tokens))  # [B, E, h, w]
         b, e = feats.shape[:2]
         g = guide[:, 1:].transpose(1, 2).reshape(b, -1, *self.grid)    # [B, D, h, w]
         p = l2n(self.heads.obj_proj(g), dim=1).flatten(2)              # [B, 256, N]
@@ -108,3 +113,25 @@ class ClipDinoiserHead(DenseHead):
         return {"correlation_threshold": CORRELATION_THRESHOLD, "logit_scale": LOGIT_SCALE,
                 "confidence": CONFIDENCE, "guide_block": self.guide_block,
                 "background_rule": self.background_rule}
+
+
+def build(visual: nn.Module, grid: Tuple[int, int], params: ClipDinoiserParams, heads_checkpoint: Optional[str],
+          seed: int) -> Tuple[DenseHead, dict]:
+    conv_heads, source = load_dinoiser_heads(heads_checkpoint, visual.conv1.out_channels, seed)
+    return ClipDinoiserHead(visual, grid, conv_heads, background_rule=params.background_rule), \
+        {"heads_checkpoint": source}
+
+
+def flops(shape, n: int, params: ClipDinoiserParams, as_exported: bool) -> Dict[str, int]:
+    """MaskCLIP's value path, then obj_proj 3x3 conv 2 N (9 D) C, correlation 2 N^2 C, pooling
+    2 E N^2, background 1x1 conv 2 N D (C = 256 correlation channels)."""
+    c, d = CORRELATION_CHANNELS, shape.width
+    out = last_block_flops(shape, n, "identity", True, as_exported)
+    out["dinoiser_heads"] = 2 * n * 9 * d * c + 2 * n * d
+    out["correlation"] = 2 * n * n * c
+    out["pooling"] = 2 * shape.embed_dim * n * n
+    return out
+
+
+FAMILY = HeadFamily(name=CLIP_DINOISER, params=ClipDinoiserParams, build=build, flops=flops,
+                    reference="clipfuse.export.heads.dinoiser_reference")

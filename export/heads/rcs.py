@@ -8,14 +8,18 @@
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import RCS, RcsParams
+
 from ..attention import head_scale, merge_heads, qkv, scaled_softmax
-from .base import DenseHead
-from .selfcorr import gaussian_bias
+from .base import DenseHead, HeadFamily, TrunkOutput, TrunkTaps
+from .selfcorr import gaussian_bias, last_block_flops
 
 
 class RcsHead(DenseHead):
@@ -27,13 +31,15 @@ class RcsHead(DenseHead):
         # None or 0 (--gaussian-sigma 0): no neighbourhood bias, as for the self-correlation heads
         self.gaussian_sigma = float(gaussian_sigma) if gaussian_sigma else None
         self.attention_blocks = tuple(int(b) for b in attention_blocks)
+        self.taps = TrunkTaps(attention_blocks=self.attention_blocks)
         last = len(visual.transformer.resblocks) - 1
         if not self.attention_blocks or any(not 0 <= b < last for b in self.attention_blocks):
             raise ValueError(f"RCS attention blocks {self.attention_blocks} must lie in 0..{last - 1}")
         bias = gaussian_bias(grid, self.gaussian_sigma) if self.gaussian_sigma else None
         self.register_buffer("spatial_bias", bias, persistent=False)
 
-    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def features(self, trunk: TrunkOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        x, guide = trunk.tokens, trunk.mean_attention
         block = self.block
         attn = block.attn
         _, k, v = qkv(attn, block.ln_1(x))
@@ -45,3 +51,23 @@ class RcsHead(DenseHead):
     def params(self) -> dict:
         return {"lam": self.lam, "tau": self.tau, "gaussian_sigma": self.gaussian_sigma,
                 "attention_blocks": list(self.attention_blocks)}
+
+
+def build(visual: nn.Module, grid: Tuple[int, int], params: RcsParams, heads_checkpoint: Optional[str],
+          seed: int) -> Tuple[DenseHead, dict]:
+    try:
+        return RcsHead(visual, grid, **asdict(params)), {}
+    except ValueError as exc:
+        raise ClipfuseError(str(exc)) from None
+
+
+def flops(shape, n: int, params: RcsParams, as_exported: bool) -> Dict[str, int]:
+    """NACLIP's last block: the mean of the tapped attention maps and the tau/lambda mix are
+    element-wise. Its cost is not in FLOPs: the tapped blocks materialise their H x T x T
+    probabilities, which stops TensorRT's fused MHA kernel there (measure with `clipfuse bench`)."""
+    return last_block_flops(shape, n, "kk", False, as_exported)
+
+
+FAMILY = HeadFamily(name=RCS, params=RcsParams, build=build, flops=flops,
+                    reference="clipfuse.export.heads.rcs_reference",
+                    tiny_overrides={"attention_blocks": (0, 1)})     # ViT-B/16: 5..8

@@ -9,6 +9,7 @@ Block indices are parameters so the same head runs on shallow test towers.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -16,8 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import SC_CLIP, ScClipParams
+
 from ..attention import head_scale, merge_heads, qkv
-from .base import DenseHead
+from .base import DenseHead, HeadFamily, TrunkOutput, TrunkTaps
+
 
 
 def outlier_count(n: int, quantile: float) -> Tuple[int, float]:
@@ -130,8 +135,8 @@ class ScClipHead(DenseHead):
         self.multi_start, self.multi_stop = multi_start, multi_stop
         self.res_cls, self.beta, self.lof_k = res_cls, beta, lof_k
         self.lof_quantile, self.attn_sharpen = lof_quantile, attn_sharpen
-        self.tap_blocks = tuple(sorted({pre_adjust_block, post_adjust_block,
-                                        *range(multi_start, multi_stop)}))
+        self.taps = TrunkTaps(output_blocks=tuple(sorted({pre_adjust_block, post_adjust_block,
+                                                          *range(multi_start, multi_stop)})))
         self.fp32_statistics = Fp32Statistics(grid, visual.conv1.out_channels, beta, lof_k, lof_quantile,
                                               attn_sharpen)
 
@@ -142,9 +147,8 @@ class ScClipHead(DenseHead):
         kk = torch.softmax(torch.matmul(k * head_scale(attn), k.transpose(-2, -1)), dim=-1)
         return attn.out_proj(merge_heads(torch.matmul(0.5 * prior + 0.5 * kk, v)))
 
-    def features(self, x: torch.Tensor, guide: Optional[Dict[int, torch.Tensor]]
-                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        taps = guide
+    def features(self, trunk: TrunkOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        x, taps = trunk.tokens, trunk.outputs
         ln1 = self.block.ln_1
         _, xs, w8, w3, prior = self.fp32_statistics(x[:, 1:], taps[self.pre_adjust_block][:, 1:],
                                                     taps[self.post_adjust_block][:, 1:])
@@ -165,3 +169,28 @@ class ScClipHead(DenseHead):
                 "multi_start": self.multi_start, "multi_stop": self.multi_stop, "res_cls": self.res_cls,
                 "beta": self.beta, "lof_k": self.lof_k, "lof_quantile": self.lof_quantile,
                 "attn_sharpen": self.attn_sharpen}
+
+
+def build(visual: nn.Module, grid: Tuple[int, int], params: ScClipParams, heads_checkpoint: Optional[str],
+          seed: int) -> Tuple[DenseHead, dict]:
+    try:
+        return ScClipHead(visual, grid, **asdict(params)), {}
+    except ValueError as exc:
+        raise ClipfuseError(f"sc-clip: {exc}") from None
+
+
+def flops(shape, n: int, params: ScClipParams, as_exported: bool) -> Dict[str, int]:
+    """The last block's attention runs twice on the N patch tokens (main and multi-level pass; k, v
+    needed, the graph's packed in_proj also computes q), each 2 N D (2D|3D) + 2 * 2 N^2 D + 2 N D^2,
+    no MLP; similarity work 2 N^2 D each for the LOF Gram matrix, S8, S3, W8 X and W3 X (twice)
+    = 12 N^2 D; two depthwise 3x3 neighbour sums (features and inlier counts) 2 * 2 * 9 N (D + 1)."""
+    d = shape.width
+    one_pass = 2 * n * d * (3 * d if as_exported else 2 * d) + 2 * 2 * n * n * d + 2 * n * d * d
+    return {"last_block": 2 * one_pass,
+            "similarities": 12 * n * n * d + 2 * 2 * 9 * n * (d + 1)}    # + the inlier-count conv
+
+
+FAMILY = HeadFamily(name=SC_CLIP, params=ScClipParams, build=build, flops=flops,
+                    reference="clipfuse.export.heads.scclip_reference", fp32_scopes=("fp32_statistics",),
+                    # the 3-block test ViT; ViT-B/16: 8, 3, 3..9
+                    tiny_overrides=dict(pre_adjust_block=1, post_adjust_block=0, multi_start=0, multi_stop=2))

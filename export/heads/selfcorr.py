@@ -7,15 +7,20 @@ One parametric block covers MaskCLIP (identity), SCLIP (qq+kk), ClearCLIP (qq) a
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..attention import head_scale, merge_heads, qkv, scaled_softmax
-from .base import DenseHead
+from clipfuse.runtime.errors import ClipfuseError
+from clipfuse.runtime.methods import ATTENTION_FORMS, SELF_CORRELATION, SelfCorrelationParams
 
-ATTENTION_FORMS = ("qk", "qq", "kk", "qq+kk", "identity")
+from ..attention import head_scale, merge_heads, qkv, scaled_softmax
+from .base import DenseHead, HeadFamily, TrunkOutput, block_flops
+
+# The attention forms -> number of T x T logit products (FLOPs).
+LOGIT_PRODUCTS = {"identity": 0, "qk": 1, "qq": 1, "kk": 1, "qq+kk": 2}
 
 
 def gaussian_bias(grid: Tuple[int, int], sigma: float) -> torch.Tensor:
@@ -57,7 +62,8 @@ class SelfCorrelationHead(DenseHead):
             mixed = torch.matmul(scaled_softmax(left, right, scale, self.spatial_bias), v)
         return attn.out_proj(merge_heads(mixed))
 
-    def features(self, x: torch.Tensor, guide: Optional[torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    def features(self, trunk: TrunkOutput) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        x = trunk.tokens
         block = self.block
         a = block.ls_1(self.correlate(block.ln_1(x)))
         z = x + a if self.residual else a
@@ -68,3 +74,28 @@ class SelfCorrelationHead(DenseHead):
     def params(self) -> dict:
         return {"attn": self.attn_form, "gaussian_sigma": self.gaussian_sigma,
                 "residual": self.residual, "ffn": self.ffn}
+
+
+def build(visual: nn.Module, grid: Tuple[int, int], params: SelfCorrelationParams, heads_checkpoint: Optional[str],
+          seed: int) -> Tuple[DenseHead, dict]:
+    if params.attn not in ATTENTION_FORMS:
+        raise ClipfuseError(f"attention form {params.attn!r} not in {', '.join(ATTENTION_FORMS)}")
+    return SelfCorrelationHead(visual, grid, **asdict(params)), {}
+
+
+def last_block_flops(shape, n: int, form: str, ffn: bool, as_exported: bool) -> Dict[str, int]:
+    """The last block with attention `form` on T = N + 1 tokens (the graph's packed in_proj also
+    computes Q and K for the identity form: counted when `as_exported`)."""
+    value_only = form == "identity"
+    last = block_flops(n + 1, shape.width, shape.mlp_width, LOGIT_PRODUCTS[form], value_only and not as_exported, ffn)
+    if value_only and as_exported:
+        last["attention"] = 0
+    return {"last_block": sum(last.values())}
+
+
+def flops(shape, n: int, params: SelfCorrelationParams, as_exported: bool) -> Dict[str, int]:
+    return last_block_flops(shape, n, params.attn, bool(params.ffn), as_exported)
+
+
+FAMILY = HeadFamily(name=SELF_CORRELATION, params=SelfCorrelationParams, build=build, flops=flops,
+                    reference="clipfuse.export.heads.selfcorr_reference")

@@ -3,6 +3,22 @@
 A backend runs ONE exported graph: named numpy inputs in, named numpy outputs out, with the
 shapes/dtypes of the manifest. All pre/post-processing (resize, windows, averaging, thresholds)
 lives in clipfuse.runtime.protocol and is shared by every backend.
+
+The runner interface (shaped like Polygraphy's runners), what run/compare/serve/eval/bench call:
+  open        `open_backend(artifact, manifest, name, **options)`: the artifact is opened and
+              checked by clipfuse.runtime.artifact before a backend sees it; the constructor loads
+              (session, engine, compiled model) and raises ClipfuseError with one line if it cannot.
+  infer       `run(feeds) -> outputs` (host numpy in and out; `run_in_chunks` caps the batch at
+              `max_batch`, protocol.in_chunks being the one chunking rule);
+  timing      `stage(feeds)` puts inputs where the backend computes (host array, device buffer,
+              bound OrtValue), `launch()` runs one call on what is staged without copies back,
+              `synchronize()` waits for it: the benchmarks' "model" scope. The defaults stage on
+              the host and launch `run`; a device backend (TensorRT, ONNX Runtime CUDA with
+              IOBinding and CUDA graphs) overrides the three;
+  describe    `name`, `precision` (what actually computes, recorded in outputs), `max_batch`;
+  close       `close()` (also a context manager).
+A backend of another package registers by entry point (group `clipfuse.backends`, "NAME =
+module:Class", the class sets `suffixes`): the PyTorch reference does so from clipfuse.export.
 """
 from __future__ import annotations
 
@@ -19,6 +35,8 @@ class Backend:
     """Base class. Subclasses set `name` and implement `run`."""
 
     name: str = "?"
+    # Artifact suffixes it opens (an entry-point backend declares them here).
+    suffixes: tuple = (".onnx",)
     # Largest batch one call accepts (engine profile max); None = no limit.
     max_batch: Optional[int] = None
 
@@ -31,6 +49,17 @@ class Backend:
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
+
+    # timing: stage once, launch many times, synchronize (defaults: on the host, through `run`)
+    def stage(self, feeds: Dict[str, np.ndarray]) -> None:
+        self._staged = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
+
+    def launch(self) -> None:
+        self._launched = self.run(self._staged)
+
+    def synchronize(self) -> Dict[str, np.ndarray]:
+        """Wait for the launched call; its outputs (host backends: already there)."""
+        return self._launched
 
     def close(self) -> None:
         pass
@@ -49,20 +78,34 @@ _REGISTRY: Dict[str, tuple] = {
     "ort-trt": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
     "tensorrt": ("clipfuse.runtime.backends.tensorrt", "TensorRTBackend", (".engine",)),
     "openvino": ("clipfuse.runtime.backends.openvino", "OpenVINOBackend", (".onnx",)),
-    "torch": ("clipfuse.runtime.backends.torch_ref", "TorchReferenceBackend", (".onnx", ".engine")),
 }
+# Backends other packages contribute (the PyTorch reference lives in clipfuse.export): entry points
+# "NAME = module:Class" whose class sets `suffixes`; read once, when a backend is first looked up.
+ENTRY_POINT_GROUP = "clipfuse.backends"
+_entry_points_read = False
+
+
+def _registry() -> Dict[str, tuple]:
+    global _entry_points_read
+    if not _entry_points_read:
+        _entry_points_read = True
+        from importlib.metadata import entry_points
+        try:
+            found = entry_points(group=ENTRY_POINT_GROUP)
+        except TypeError:          # Python 3.9: entry_points() is a dict of groups
+            found = entry_points().get(ENTRY_POINT_GROUP, [])
+        for ep in found:
+            module, _, cls = ep.value.partition(":")
+            _REGISTRY.setdefault(ep.name, (module, cls, None))
+    return _REGISTRY
 
 
 def run_in_chunks(backend, feeds: Dict[str, np.ndarray], batched: str) -> Dict[str, np.ndarray]:
     """Run `feeds` with the `batched` input cut to `backend.max_batch` (an engine's profile; None:
-    one call) and every output concatenated along axis 0. The other inputs go whole to each call."""
-    total = len(feeds[batched])
-    step = backend.max_batch or total
-    parts = []
-    for start in range(0, total, step):
-        part = dict(feeds)
-        part[batched] = feeds[batched][start:start + step]
-        parts.append(backend.run(part))
+    one call; protocol.in_chunks) and every output concatenated along axis 0. The other inputs go
+    whole to each call."""
+    from ..protocol import in_chunks
+    parts = in_chunks(lambda part: backend.run({**feeds, batched: part}), feeds[batched], backend.max_batch)
     return {name: np.concatenate([p[name] for p in parts], axis=0) for name in parts[0]}
 
 
@@ -71,11 +114,17 @@ def register_backend(name: str, module: str, cls: str, suffixes: tuple) -> None:
 
 
 def available_backends() -> List[str]:
-    return list(_REGISTRY)
+    return list(_registry())
+
+
+def backend_help() -> str:
+    """The --backend help every command shows, from the registry."""
+    return (f"auto (tensorrt for .engine, ort-cpu for .onnx), {', '.join(available_backends())} "
+            "(default: %(default)s)")
 
 
 def _load_class(name: str) -> Callable[..., Backend]:
-    module_name, cls_name, _ = _REGISTRY[name]
+    module_name, cls_name, _ = _registry()[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -88,9 +137,13 @@ def open_backend(artifact: "str | Path", manifest: dict, backend: str = "auto", 
     artifact = Path(artifact)
     if backend == "auto":
         backend = "tensorrt" if artifact.suffix == ".engine" else "ort-cpu"
-    if backend not in _REGISTRY:
-        raise ClipfuseError(f"unknown backend {backend!r}; choose one of: {', '.join(_REGISTRY)}")
+    if backend not in _registry():
+        raise ClipfuseError(f"unknown backend {backend!r}; choose one of: {', '.join(_registry())}")
     suffixes = _REGISTRY[backend][2]
+    cls = None
+    if suffixes is None:            # an entry-point backend says what it opens on its class
+        cls = _load_class(backend)
+        suffixes = cls.suffixes
     if artifact.suffix not in suffixes:
         raise ClipfuseError(f"backend {backend!r} opens {'/'.join(suffixes)} files, not {artifact.name}")
-    return _load_class(backend)(artifact, manifest, backend=backend, **options)
+    return (cls or _load_class(backend))(artifact, manifest, backend=backend, **options)

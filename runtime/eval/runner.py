@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import ClipfuseError
-from ..methods import METHODS
+from ..methods import METHODS, param_flag
 from .datasets import DatasetSpec, EvalDataset, classes_file, first_names, open_dataset
 from .metrics import mean_iou
 from .report import EvalRecord, write_report
@@ -53,7 +53,9 @@ def head_params_warning(head: Optional[str], dataset: str, manifest: dict) -> Op
         return None
     found = ", ".join(f"{k}={baked[k]}" for k in off)
     want = ", ".join(f"{k}={v}" for k, v in off.items())
-    hint = f" (clipfuse export --head rcs --rcs-lambda {off['lam']})" if head == "rcs" and "lam" in off else ""
+    flags = [(param_flag(method.head_params, k), v) for k, v in off.items()]
+    hint = (f" (clipfuse export --head {head} " + " ".join(f"{flag} {v}" for flag, v in flags) + ")"
+            if all(flag for flag, _ in flags) else "")
     return f"this graph has {found} baked in; the published {dataset} evaluation uses {want}: re-export{hint}"
 
 

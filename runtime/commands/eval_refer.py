@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cliargs import fraction, positive_int
+from ..cliargs import fraction, positive_int
 
 ORDER = 120  # place in `clipfuse --help`
 HELP = "evaluate referring segmentation (oIoU, mIoU) on RefCOCO/RefCOCO+/RefCOCOg from a local copy"
@@ -61,11 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import ClipfuseError
-    from .fileio import write_text_atomic
-    from .refer.dataset import ReferDataset
-    from .refer.evaluate import evaluate_refer
-    from .refer.pipeline import ReferSegmenter
+    from ..errors import ClipfuseError
+    from ..fileio import write_text_atomic
+    from ..refer.dataset import ReferDataset
+    from ..refer.evaluate import evaluate_refer
+    from ..refer.pipeline import ReferSegmenter
 
     data = ReferDataset(args.data, args.dataset, args.split_by, args.split, args.images)
     masks_dir = Path(args.masks_dir) if args.masks_dir else None

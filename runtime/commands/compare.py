@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from .cliargs import positive_int
+from ..cliargs import positive_int
 
 ORDER = 70  # place in `clipfuse --help`
 HELP = "compare two of {PyTorch reference, ONNX FP32, ONNX FP16, TensorRT engine} on real images"
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_side(text: str) -> Tuple[Path, str]:
-    from .errors import ClipfuseError
+    from ..errors import ClipfuseError
 
     path, _, backend = text.rpartition("@") if "@" in text else (text, "", "auto")
     path = Path(path)
@@ -62,7 +62,7 @@ def parse_side(text: str) -> Tuple[Path, str]:
 
 
 def _per_output(values: List[str], flag: str) -> Tuple[Optional[float], Dict[str, float]]:
-    from .errors import ClipfuseError
+    from ..errors import ClipfuseError
 
     default, named = None, {}
     for v in values:
@@ -79,7 +79,7 @@ def _per_output(values: List[str], flag: str) -> Tuple[Optional[float], Dict[str
 
 
 def collect_images(patterns: List[str], limit: int) -> List[Path]:
-    from .errors import ClipfuseError
+    from ..errors import ClipfuseError
 
     found: List[Path] = []
     for pattern in patterns:
@@ -110,10 +110,10 @@ def window_feeds(manifest: dict, images: List[Path]) -> List[Dict[str, "object"]
     """One feed dict per image: all its protocol windows (uint8 [n, S, S, 3])."""
     import numpy as np
 
-    from .errors import ClipfuseError
-    from .imageio import read_image
-    from .protocol import extract_windows, processing_size, resize_image, window_boxes
-    from .segmenter import protocol_from_manifest
+    from ..errors import ClipfuseError
+    from ..imageio import read_image
+    from ..protocol import extract_windows, processing_size, resize_image, window_boxes
+    from ..segmenter import protocol_from_manifest
 
     if manifest.get("kind") != "image" or [i["name"] for i in manifest.get("inputs", [])][:1] != ["image"]:
         raise ClipfuseError(f"compare runs image graphs (clipfuse export); this is a {manifest.get('kind')!r} artifact")
@@ -138,17 +138,17 @@ def window_feeds(manifest: dict, images: List[Path]) -> List[Dict[str, "object"]
 
 def run_side(backend, feeds) -> Dict[str, "object"]:
     """All outputs of one backend over all feeds, in chunks of its max batch."""
-    from .backends.base import run_in_chunks
-    from .compare import merge
+    from ..backends.base import run_in_chunks
+    from ..compare import merge
 
     return merge([run_in_chunks(backend, feed, "image") for feed in feeds])
 
 
 def run(args: argparse.Namespace) -> int:
-    from .backends import open_backend
-    from .compare import Tolerance, compare_outputs, format_table
-    from .errors import ClipfuseError
-    from .artifact import open_artifact
+    from ..backends import open_backend
+    from ..compare import Tolerance, compare_outputs, format_table
+    from ..errors import ClipfuseError
+    from ..artifact import open_artifact
 
     sides = [parse_side(args.a), parse_side(args.b)]
     manifests = [open_artifact(path).manifest for path, _ in sides]

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .doctor import collect, format_report
+    from ..doctor import collect, format_report
 
     report = collect()
     print(json.dumps(report, indent=2) if args.json else format_report(report))

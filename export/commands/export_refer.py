@@ -5,7 +5,7 @@ import argparse
 
 from clipfuse.runtime.cliargs import fraction, non_negative_int, opset, positive_int
 
-from .refer_export import PRECISIONS
+from ..refer_export import PRECISIONS
 
 ORDER = 100  # place in `clipfuse --help`
 HELP = "export the Global-Local CLIP referring-segmentation graphs (global + local) with manifests"
@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .refer_export import export_refer
+    from ..refer_export import export_refer
 
     qg = None if args.quick_gelu is None else args.quick_gelu == "on"
     export_refer(args.output, model=args.model, pretrained=args.pretrained, normalization=args.norm,

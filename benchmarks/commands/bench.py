@@ -160,13 +160,13 @@ def run(args: argparse.Namespace) -> int:
 
     stem = Path(args.out[:-5] if args.out.endswith(".json") else args.out)
     if args.render_only:
-        from .report import read_json
-        from .session import render
+        from ..report import read_json
+        from ..session import render
         render(read_json(Path(f"{stem}.json")), stem, not args.no_plots)
         return 0
     if args.warmup < 0 or args.iters < 1 or args.min_iters < 1:
         raise ClipfuseError("--warmup must be >= 0, --iters and --min-iters >= 1")
-    from .backends import parse_backends
+    from ..backends import parse_backends
     heads = _heads(args.head)
     sizes, batches = _int_list(args.size), _int_list(args.batch)
     backends = parse_backends(args.backends)
@@ -178,8 +178,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch  # heavy imports only once the arguments are known to be good
 
-    from .session import run_bench
-    from .suite import BenchConfig
+    from ..session import run_bench
+    from ..suite import BenchConfig
 
     device = args.torch_device
     if device == "auto":

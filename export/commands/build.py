@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.errors import ClipfuseError
     from clipfuse.runtime.manifest import manifest_path_for
 
-    from .build import BuildOptions, build
-    from .trt_build import BatchProfile
+    from ..build import BuildOptions, build
+    from ..trt_build import BatchProfile
 
     src = Path(args.onnx)
     if src.suffix != ".onnx" or not src.is_file():

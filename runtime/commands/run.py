@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Tuple
 
-from .cliargs import fraction, int_range, logit_scale, pixels
+from ..cliargs import fraction, int_range, logit_scale, pixels
 
 # Option ranges: beyond them a value is a typo or an attack on memory, not a setting.
 SIDE = pixels
@@ -43,6 +43,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..backends.base import backend_help
+
     parser.add_argument("model", help="exported graph (.onnx) or built engine (.engine); its .json must sit beside it")
     parser.add_argument("inputs", nargs="+", help="image file(s), folder(s) (searched recursively) or glob pattern(s)")
     parser.add_argument("-o", "--out", required=True, help="output folder (created)")
@@ -55,8 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--templates", default=None, choices=["imagenet80", "single"],
                         help="--vocab dynamic graphs: prompt templates (default: the manifest's)")
     parser.add_argument("--backend", default="auto",
-                        help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, "
-                             "tensorrt, openvino, torch (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                         help="openvino: compute precision (default auto: bf16 where the CPU has it and the "
                              "head keeps its labels, else fp32); recorded in each NAME.json")
@@ -96,7 +97,7 @@ def output_stem(relative: Path) -> Path:
 
 
 def _is_own_output(path: Path) -> bool:
-    from .outputs import OUTPUT_SUFFIXES
+    from ..outputs import OUTPUT_SUFFIXES
     return path.name.lower().endswith(OUTPUT_SUFFIXES)
 
 
@@ -106,8 +107,8 @@ def collect_inputs(patterns: List[str]) -> List[Tuple[Path, Path]]:
     Folders and globs skip clipfuse's own outputs (*.labels.png, *.overlay.png), so `run DIR -o DIR`
     twice does not segment the label maps; a file named explicitly is always taken.
     """
-    from .errors import ClipfuseError
-    from .imageio import is_image_path
+    from ..errors import ClipfuseError
+    from ..imageio import is_image_path
 
     found: List[Tuple[Path, Path]] = []
     for pattern in patterns:
@@ -143,9 +144,9 @@ def check_output_plan(images: List[Tuple[Path, Path]], out_dir: Path, overlay: b
     one of the input images, or a folder."""
     import json
 
-    from .errors import ClipfuseError
-    from .manifest import FORMAT
-    from .outputs import output_paths
+    from ..errors import ClipfuseError
+    from ..manifest import FORMAT
+    from ..outputs import output_paths
 
     root = out_dir.resolve()
     inputs = {src.resolve() for src, _ in images}
@@ -168,13 +169,13 @@ def check_output_plan(images: List[Tuple[Path, Path]], out_dir: Path, overlay: b
 
 
 def _suffixes() -> List[str]:
-    from .imageio import IMAGE_SUFFIXES
+    from ..imageio import IMAGE_SUFFIXES
     return list(IMAGE_SUFFIXES)
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import ClipfuseError
-    from .fileio import writable_dir
+    from ..errors import ClipfuseError
+    from ..fileio import writable_dir
 
     images = collect_inputs(args.inputs)
     options = {"threads": args.threads} if args.threads else {}
@@ -191,9 +192,9 @@ def run(args: argparse.Namespace) -> int:
 def _segment_all(args: argparse.Namespace, images: list, out_dir: Path, options: dict) -> int:
     from tqdm import tqdm
 
-    from .batch import feed_vocabulary, segment_files
-    from .errors import ClipfuseError
-    from .segmenter import Segmenter
+    from ..batch import feed_vocabulary, segment_files
+    from ..errors import ClipfuseError
+    from ..segmenter import Segmenter
 
     seg = Segmenter.open(args.model, backend=args.backend, batch=args.batch, backend_options=options,
                          verify=not args.no_verify, short_side=args.short_side,

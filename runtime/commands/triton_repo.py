@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cliargs import non_negative_int, positive_int
+from ..cliargs import non_negative_int, positive_int
 
 ORDER = 140  # place in `clipfuse --help`
 HELP = "write a Triton model repository (graph/engine model + Python protocol model) for Triton"
@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .errors import ClipfuseError
-    from .serve.core import DEFAULT_MAX_PIXELS
-    from .serve.repository import RepoOptions, write_repository
+    from ..errors import ClipfuseError
+    from ..serve.core import DEFAULT_MAX_PIXELS
+    from ..serve.repository import RepoOptions, write_repository
 
     if min(args.instances, args.protocol_instances, args.max_batch_size) < 1 or \
             (args.window_batch is not None and args.window_batch < 1):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cliargs import fraction
+from ..cliargs import fraction
 
 ORDER = 110  # place in `clipfuse --help`
 HELP = "referring segmentation: pick the mask proposal that matches a sentence (Global-Local CLIP)"
@@ -36,6 +36,8 @@ en_core_web_lg, the public code's model), else a built-in heuristic (--parser he
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..backends.base import backend_help
+
     parser.add_argument("image", help="the photo (JPEG, PNG, ...)")
     parser.add_argument("text", help='the referring expression, e.g. "the dog on the left"')
     parser.add_argument("-g", "--graphs", required=True,
@@ -54,12 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parser", choices=["auto", "spacy", "heuristic"], default="auto",
                         help="noun-phrase parser (default: %(default)s = spaCy if installed)")
     parser.add_argument("--backend", default="auto",
-                        help="auto, ort-cpu, ort-cuda, ort-trt, tensorrt (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("-o", "--out", required=True, help="output folder (created)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from .refer.single import refer_image
+    from ..refer.single import refer_image
 
     outcome = refer_image(args.graphs, args.image, args.text, args.out, masks=args.masks, dense=args.dense,
                           text_graph=args.text_graph, backend=args.backend, parser=args.parser, fill=args.fill,

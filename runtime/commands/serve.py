@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cliargs import non_negative_int, port, positive_int
+from ..cliargs import non_negative_int, port, positive_int
 
 ORDER = 130  # place in `clipfuse --help`
 HELP = "serve graphs/engines over HTTP and gRPC with NVIDIA Triton (dynamic batching)"
@@ -38,6 +38,8 @@ client:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..backends.base import backend_help
+
     parser.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
                         help="exported .onnx or built .engine (its .json beside it), optionally NAME=PATH")
     net = parser.add_argument_group("network")
@@ -58,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sched.add_argument("--drain-timeout", type=non_negative_int, default=30,
                        help="seconds to finish in-flight requests on SIGTERM (default: %(default)s)")
     parser.add_argument("--backend", default="auto",
-                        help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, tensorrt")
+                        help=backend_help())
     parser.add_argument("--threads", type=positive_int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
     parser.add_argument("--max-pixels", type=positive_int, default=None,
                         help="refuse larger images with a Triton error (default: 4096 x 4096)")
@@ -67,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve.core import DEFAULT_MAX_PIXELS
-    from .serve.server import ClipfuseTriton, ServeOptions
+    from ..serve.core import DEFAULT_MAX_PIXELS
+    from ..serve.server import ClipfuseTriton, ServeOptions
 
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,

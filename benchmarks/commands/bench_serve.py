@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve_load import LoadConfig, run_load_test, write_report
+    from ..serve_load import LoadConfig, run_load_test, write_report
 
     config = LoadConfig(artifact=args.artifact, clients=args.clients, requests=args.requests,
                         size=tuple(args.size), protocol=args.protocol, instances=args.instances,

@@ -1,8 +1,12 @@
-"""PyTorch reference backend: the exporter's eager model, rebuilt from the manifest.
+"""PyTorch reference backend (`--backend torch`): the exporter's eager model, rebuilt from the manifest.
 
 For parity checks and benchmarks only (needs the `export` extra: torch + open_clip). It opens the
 same manifest as the ONNX/engine artifact but never reads the graph: the model is rebuilt from the
 recorded weights/seed/head, so it is an independent check of the exported graph.
+
+It lives in the export package (it IS the exporter's reference) and registers with the runtime's
+backend registry through the `clipfuse.backends` entry-point group (pyproject.toml), so the runtime
+never imports clipfuse.export. Torch is imported when the backend is opened, not here.
 """
 from __future__ import annotations
 
@@ -11,18 +15,19 @@ from typing import Dict
 
 import numpy as np
 
-from ..errors import ClipfuseError
-from .base import Backend
+from clipfuse.runtime.backends.base import Backend
+from clipfuse.runtime.errors import ClipfuseError
 
 
 class TorchReferenceBackend(Backend):
     name = "torch"
+    suffixes = (".onnx", ".engine")    # the manifest beside either names the weights
 
     def __init__(self, artifact: Path, manifest: dict, backend: str = "torch", **options) -> None:
         super().__init__(artifact, manifest, **options)
         try:
             import torch  # noqa: F401
-            from clipfuse.export.reference import ReferenceModel
+            from .reference import ReferenceModel
         except ImportError as exc:
             raise ClipfuseError(f"backend 'torch' needs the export extra (pip install 'clipfuse[export]'): "
                                 f"{exc}") from None

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Callable, Dict
 
-from .cliargs import positive_int
+from ..cliargs import positive_int
 
 ORDER = 90  # place in `clipfuse --help`
 HELP = "measure mIoU of an exported model on VOC/Context/COCO/Cityscapes/ADE20K"
@@ -40,6 +40,8 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..backends.base import backend_help
+
     parser.add_argument("model", nargs="?", help="exported model: .onnx or .engine with its .json beside")
     parser.add_argument("--dataset", help="voc21, voc20, context60, context59, coco-object, "
                                           "coco-stuff164k, cityscapes or ade20k")
@@ -47,8 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="score only the first N validation images (sorted ids; default: all)")
     parser.add_argument("--backend", default="auto",
-                        help="runtime backend: auto (tensorrt for .engine, else ort-cpu), ort-cpu, "
-                             "ort-cuda, ort-trt, tensorrt, torch (default: %(default)s)")
+                        help=backend_help())
     parser.add_argument("--out", default=None,
                         help="folder for results.json and report.md "
                              "(default: eval-results/MODEL-DATASET)")
@@ -67,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_segmenter(model: Path, backend: str, overrides: Dict[str, object]):
     try:
-        from .segmenter import Segmenter
+        from ..segmenter import Segmenter
     except ImportError as exc:
-        from .errors import ClipfuseError
+        from ..errors import ClipfuseError
         raise ClipfuseError(f"the runtime segmenter is not usable here: {exc}") from None
     return Segmenter.open(model, backend=backend, **overrides)
 
@@ -81,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
 def evaluate_command(args: argparse.Namespace, segmenter_factory: Callable[[Path, str, Dict[str, object]], object]
                      = open_segmenter) -> int:
     """Validate the arguments, run runtime.eval.runner.evaluate_model, print the summary."""
-    from .errors import ClipfuseError
-    from .eval import datasets as ds
-    from .eval.report import fmt, paper_miou
-    from .eval.runner import RESULTS_NAME, evaluate_model
+    from ..errors import ClipfuseError
+    from ..eval import datasets as ds
+    from ..eval.report import fmt, paper_miou
+    from ..eval.runner import RESULTS_NAME, evaluate_model
 
     if args.print_classes_file:
         print(ds.classes_file(args.print_classes_file, args.head))

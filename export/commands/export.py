@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from clipfuse.runtime.cliargs import (fraction, int_range, logit_scale, non_negative_float, non_negative_int, on_off,
-                                      opset, pixels)
+from clipfuse.runtime.cliargs import fraction, int_range, logit_scale, non_negative_int, on_off, opset, pixels
 
 ORDER = 20  # place in `clipfuse --help`
 HELP = "export a dense head + cosine classifier as ONE fused ONNX graph with its manifest"
@@ -55,23 +54,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="activation of the weights: on = QuickGELU (OpenAI), off = GELU (LAION, DataComp). "
                              "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
                              "required for open_clip-format files, which do not record it")
-    parser.add_argument("--attn", choices=["qk", "qq", "kk", "qq+kk", "identity"], default=None,
-                        help="self-correlation heads: override the attention form")
-    parser.add_argument("--rcs-lambda", type=non_negative_float, default=None, metavar="LAM",
-                        help="rcs: weight of the mean attention of blocks 5..8 (baked into the graph); "
-                             "ResCLIP's per dataset: VOC21/Context60/ADE20k 0.3, COCO-Object/Context59/"
-                             "COCO-Stuff 0.4, VOC20 0.6, Cityscapes 0.2 (default 0.3)")
-    parser.add_argument("--rcs-blocks", type=_block_list, default=None, metavar="I,J,..",
-                        help="rcs: 0-based blocks whose attention probabilities are averaged (ResCLIP, "
-                             "ViT-B/16: 5,6,7,8; other depths are not specified by ResCLIP)")
-    parser.add_argument("--gaussian-sigma", type=non_negative_float, default=None,
-                        help="self-correlation heads: Gaussian spatial bias sigma (0 = none)")
-    parser.add_argument("--residual", type=on_off, default=None, metavar="on|off",
-                        help="self-correlation heads: keep the last block's residual")
-    parser.add_argument("--ffn", type=on_off, default=None, metavar="on|off",
-                        help="self-correlation heads: keep the last block's FFN")
-    parser.add_argument("--no-background-rule", action="store_true",
-                        help="clip-dinoiser: do not apply the background rule in the graph")
     parser.add_argument("--allow-duplicate-names", action="store_true",
                         help="accept one name in two classes (SCLIP's COCO-Object file lists 'bed' as a "
                              "background synonym too); the first class wins ties, as in SCLIP")
@@ -86,40 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              ("--stride", "window stride (pixels)", pixels)):
         parser.add_argument(flag, type=kind, default=None, help=f"frame graphs: {what} baked into the graph "
                                                "(default: the head's, as `clipfuse run`)")
+    from clipfuse.export.head_args import add_head_arguments
+    add_head_arguments(parser)           # --attn, --gaussian-sigma, ...: from the parameter dataclasses
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
     parser.add_argument("-o", "--output", required=True,
                         help="output path without suffix: writes OUTPUT.onnx and OUTPUT.json")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-
-
-def _block_list(text: str) -> tuple:
-    try:
-        blocks = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
-    if not blocks or min(blocks) < 0:
-        raise argparse.ArgumentTypeError(f"expected non-negative block indices, got {text!r}")
-    return blocks
-
-
-def head_overrides(args: argparse.Namespace) -> dict:
-    params = {}
-    if args.attn is not None:
-        params["attn"] = args.attn
-    if args.gaussian_sigma is not None:
-        params["gaussian_sigma"] = args.gaussian_sigma or None
-    if args.residual is not None:
-        params["residual"] = args.residual
-    if args.ffn is not None:
-        params["ffn"] = args.ffn
-    if args.no_background_rule:
-        params["background_rule"] = False
-    if args.rcs_lambda is not None:
-        params["lam"] = args.rcs_lambda
-    if args.rcs_blocks is not None:
-        params["attention_blocks"] = args.rcs_blocks
-    return params
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import ImageExportSpec, export_image_graph
+    from clipfuse.export.head_args import head_overrides
     frame = None
     if args.frame is not None:
         from clipfuse.export.frame_graph import parse_frame
