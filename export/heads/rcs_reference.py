@@ -26,7 +26,7 @@ def scores(ref, images: torch.Tensor) -> torch.Tensor:
 
 
 def rcs_features(ref, x: torch.Tensor, attn_inputs: List[torch.Tensor]) -> torch.Tensor:
-    """ResCLIP's RCS pass (heads-sc-clip-rcs.md 2.3/2.4) in its sequence-first bmm style."""
+    """ResCLIP's RCS pass (docs/methods.md#resclip-rcs) in its sequence-first bmm style."""
     blocks = ref.visual.transformer.resblocks
     batch_first = getattr(ref.visual.transformer, "batch_first", True)
 

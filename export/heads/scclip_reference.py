@@ -1,4 +1,4 @@
-"""Reference of SC-CLIP, as its public code computes it (heads-sc-clip-rcs.md 1.2/1.3): one window
+"""Reference of SC-CLIP, as its public code computes it (docs/methods.md#sc-clip): one window
 at a time, every block output seen by hooks, LOF with difference norms, torch.quantile and index
 lists, the outlier fix by a Python loop over neighbours. Shares no code with the fused head."""
 from __future__ import annotations
