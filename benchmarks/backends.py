@@ -322,19 +322,26 @@ class TensorRTRunner(Runner):
 
 
 def _build_engine(ctx: BenchContext) -> Path:
-    """`clipfuse build` (FP16 graph + strongly typed engine) into the work folder, once."""
+    """`clipfuse build` (FP16 graph + strongly typed engine) into the work folder, once, with the
+    installed flavour whose engines run on this GPU (never an engine that would then be skipped)."""
     found = sorted(ctx.workdir.glob(f"{ctx.onnx_path.stem}*.engine"))
     if found:
         return found[0]
     from clipfuse.export.build import BuildOptions, build
     from clipfuse.export.trt_build import BatchProfile
-    from clipfuse.runtime.doctor import gpu_info
+    from clipfuse.runtime import trt_support
     from clipfuse.runtime.artifact import open_artifact
-    if gpu_info() is None:
+    sm = trt_support.device_sm()
+    if sm is None:
         raise Unavailable("no CUDA GPU visible")
     try:
+        flavour = trt_support.choose_for_device(None, sm)
+    except ClipfuseError as exc:
+        raise Unavailable(str(exc)) from None
+    try:
         result = build(ctx.onnx_path, open_artifact(ctx.onnx_path).manifest,
-                       BuildOptions(precision="fp16", batch=BatchProfile(1, ctx.max_batch, ctx.max_batch)),
+                       BuildOptions(precision="fp16", trt=flavour, batch=BatchProfile(1, ctx.max_batch, ctx.max_batch),
+                                    targets=(sm,) if flavour == "rtx" else ()),
                        log=lambda msg: None)
     except ClipfuseError as exc:
         raise Unavailable(f"engine build failed: {exc}") from None
