@@ -38,7 +38,8 @@ skipped with the reason, failing ones as failed):
   torch-ref-fp16, torch-fused-fp16       CUDA FP16 autocast (GPU only)
   torch-compile, torch-compile-fp16      torch.compile of the fused module (failures recorded)
   ort-cpu-fp32, ort-cpu-fp16             ONNX Runtime CPU, FP32 graph / FP16 graph (export/fp16.py)
-  ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP with IOBinding (onnxruntime-gpu)
+  ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP, device-resident IOBinding (onnxruntime-gpu)
+  ort-cuda-fp16-graph                    the same, replayed as a CUDA graph
   ort-trt-fp32, ort-trt-fp16             ONNX Runtime TensorRT EP (engine cache in the work folder)
   tensorrt-fp16, tensorrt-fp16-graph     TensorRT engine built with `clipfuse build` (+ CUDA graph)
   openvino-fp32, openvino-bf16           OpenVINO CPU at an explicit precision (openvino extra); bf16 is
