@@ -14,7 +14,6 @@ benchmark report, never asserted in timed tests.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import sys
@@ -107,14 +106,16 @@ def measure(frame_graph: Path, backend: str, image: Path, batch: int, warmup: in
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from clipfuse.runtime.cliargs import float_range, int_range
+    from clipfuse.runtime.cli import Parser   # usage errors are one line
+    parser = Parser(prog="python -m clipfuse.benchmarks.frame_e2e", description=__doc__.splitlines()[0])
     parser.add_argument("graph", help="frame graph (.onnx from clipfuse export --frame) or its engine")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--image", required=True, help="a JPEG of the frame graph's size")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--max-seconds", type=float, default=30.0)
+    parser.add_argument("--batch", type=int_range(1, 1024), default=8)
+    parser.add_argument("--warmup", type=int_range(0, 1000), default=3)
+    parser.add_argument("--iters", type=int_range(1, 100000), default=20)
+    parser.add_argument("--max-seconds", type=float_range(0.0, 3600.0, low_open=True), default=30.0)
     parser.add_argument("--cuda-graph", action="store_true", help="backend option cuda_graph=True")
     parser.add_argument("-o", "--output", required=True, help="JSON file")
     args = parser.parse_args(argv)

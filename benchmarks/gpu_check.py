@@ -307,16 +307,23 @@ def _cell(text: str) -> str:
     return text.replace("|", "/").replace("\n", " ")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    from clipfuse.runtime.cliargs import float_range
+    from clipfuse.runtime.cli import Parser   # usage errors are one line
+    parser = Parser(prog="python -m clipfuse.benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="folder for gpu-check.json/.md and the work files")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model, random weights (default: %(default)s)")
     default_tests = Path(__file__).resolve().parents[1] / "tests"
     parser.add_argument("--tests", default=str(default_tests) if default_tests.is_dir() else None,
                         help="the checkout's tests/ folder for the GPU-marked tests (default: beside this package)")
-    parser.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default: %(default)s)")
+    parser.add_argument("--budget", type=float_range(30.0, 3600.0), default=480.0,
+                        help="seconds for everything, 30-3600 (default: %(default)s)")
     parser.add_argument("--photo", default=str(PHOTO), help="test photo (default: tests/data/street.jpg)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     photo = Path(args.photo)
     if not photo.is_file():
         print(f"gpu_check: error: test photo not found: {photo} (pass --photo)", file=sys.stderr)
