@@ -215,6 +215,12 @@ def check(out: Path, model: str = "ViT-B-16", tests: Optional[Path] = None, budg
             c.run("compare torch", _cli("compare", str(onnx), f"{onnx}@torch", "--images", str(photo)), "compare")
         else:
             c.run(f"compare {name}", _cli("compare", str(onnx), f"{onnx}@{name}", "--images", str(photo)), "compare")
+            if name == "ort-cuda":   # the FP16 graph (what the benchmark's -fp16 backends run)
+                fp16 = onnx.with_name(f"{HEAD}.fp16.onnx")
+                if not fp16.is_file():
+                    c.run("write FP16 graph", _cli("build", str(onnx), "--dry-run"), "build")
+                c.run("compare ort-cuda fp16", _cli("compare", str(onnx), f"{fp16}@ort-cuda", "--images", str(photo),
+                                                    "--atol", "2e-2"), "compare")
         bench_names += BENCH_NAMES["tensorrt" if name.startswith("tensorrt:") else name]
     # 6. model benchmark, b1/8/32, every backend in one interleaved run
     names = ["torch-ref"] + [n for n in dict.fromkeys(bench_names) if n != "torch-ref"]
