@@ -107,7 +107,7 @@ def measure(frame_graph: Path, backend: str, image: Path, batch: int, warmup: in
 
 def main(argv: Optional[List[str]] = None) -> int:
     from clipfuse.runtime.cliargs import float_range, int_range
-    from clipfuse.runtime.cli import Parser   # usage errors are one line
+    from clipfuse.runtime.cliargs import ScriptParser as Parser   # usage errors are one line
     parser = Parser(prog="python -m clipfuse.benchmarks.frame_e2e", description=__doc__.splitlines()[0])
     parser.add_argument("graph", help="frame graph (.onnx from clipfuse export --frame) or its engine")
     parser.add_argument("--backend", default="auto")

@@ -107,8 +107,13 @@ def machine() -> Dict:
             "logical_cpus": os.cpu_count()}
 
 
+# `clipfuse ARGS` in a child process of this interpreter (the console script may belong to another
+# Python on a bare machine with PYTHONPATH installs); a subprocess, not an import of the CLI
+_CLIPFUSE = "import sys; from clipfuse.runtime import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
 def _cli(*args: str) -> List[str]:
-    return [sys.executable, "-m", "clipfuse.runtime.cli", *args]
+    return [sys.executable, "-c", _CLIPFUSE, *args]
 
 
 def gpu_backends() -> Dict[str, Dict]:
@@ -315,7 +320,7 @@ def _cell(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from clipfuse.runtime.cliargs import float_range
-    from clipfuse.runtime.cli import Parser   # usage errors are one line
+    from clipfuse.runtime.cliargs import ScriptParser as Parser   # usage errors are one line
     parser = Parser(prog="python -m clipfuse.benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("-o", "--output", required=True, help="folder for gpu-check.json/.md and the work files")
     parser.add_argument("--model", default="ViT-B-16", help="open_clip model, random weights (default: %(default)s)")

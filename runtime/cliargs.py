@@ -76,3 +76,11 @@ opset = int_range(17, 30)                      # LayerNormalization needs 17; 30
 pixels = int_range(1, 16384)                   # short side, long-side cap, stride
 port = int_range(0, 65535)                     # 0: let the OS pick (tests)
 logit_scale = float_range(0.0, 1000.0, low_open=True)  # <= 0 inverts or flattens the ranking
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """ArgumentParser for the `python -m clipfuse...` scripts: usage errors are one line (exit 2),
+    as in the `clipfuse` command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
