@@ -7,7 +7,7 @@ end-to-end scope and the output check use.
 
 Names: torch-ref (the PyTorch reference of clipfuse.export.reference, the baseline every speed-up
 is relative to), torch-fused (clipfuse's fused module), -fp16 (CUDA autocast), torch-compile,
-ort-cpu-fp32/-fp16, ort-cuda-fp32/-fp16 (IOBinding), ort-trt-fp32/-fp16 (TensorRT EP),
+ort-cpu-fp32/-fp16, ort-cuda-fp32/-fp16 (IOBinding) and -fp16-graph (+ CUDA graph), ort-trt-fp32/-fp16 (TensorRT EP),
 tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph),
 openvino-fp32/-bf16 (clipfuse's OpenVINO backend on the CPU, input bound once as a shared tensor).
 """
@@ -242,22 +242,20 @@ class OrtRunner(Runner):
         self._feeds = {"image": np.ascontiguousarray(images)}
         if self.device == "cpu":
             return
-        import onnxruntime as ort
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input("image", ort.OrtValue.ortvalue_from_numpy(self._feeds["image"], "cuda", 0))
-        for name in self.backend.output_names:
-            binding.bind_output(name, "cuda", 0)
-        self._binding = binding
+        # GPU providers: the input copied once into the backend's resident device buffer; a
+        # timed call is one run on it (a CUDA-graph replay with cuda_graph)
+        self.backend.stage(self._feeds)
+        self._binding = True
 
     def call(self) -> None:
         if self._binding is None:
             self.session.run(self.backend.output_names, self._feeds)
         else:
-            self.session.run_with_iobinding(self._binding)
+            self.backend.launch()
 
     def sync(self) -> None:
         if self._binding is not None:
-            self._binding.synchronize_outputs()
+            self.backend.synchronize()
 
     def infer(self, images: np.ndarray) -> np.ndarray:
         return self.backend.run({"image": images})["scores"]
@@ -269,6 +267,7 @@ class OrtRunner(Runner):
 
 def _make_ort(provider: str, precision: str, **options):
     device = "CPU" if provider == "ort-cpu" else ("CUDA EP" if provider == "ort-cuda" else "TensorRT EP")
+    graph = "-graph" if options.get("cuda_graph") else ""
 
     def make(ctx: BenchContext):
         path = ctx.fp16_onnx() if precision == "fp16" and provider != "ort-trt" else ctx.onnx_path
@@ -276,7 +275,8 @@ def _make_ort(provider: str, precision: str, **options):
         if provider == "ort-trt":
             opts.update(fp16=precision == "fp16", batch_profile=[1, ctx.max_batch, ctx.max_batch],
                         trt_cache_dir=str(ctx.workdir / f"{path.stem}.{precision}.ort-trt-cache"))
-        return OrtRunner(f"{provider}-{precision}", f"ONNX Runtime {device} {precision.upper()}", path, ctx,
+        return OrtRunner(f"{provider}-{precision}{graph}",
+                         f"ONNX Runtime {device} {precision.upper()}" + (" + CUDA graph" if graph else ""), path, ctx,
                          provider, precision, **opts)
     return make
 
@@ -319,19 +319,26 @@ class TensorRTRunner(Runner):
 
 
 def _build_engine(ctx: BenchContext) -> Path:
-    """`clipfuse build` (FP16 graph + strongly typed engine) into the work folder, once."""
+    """`clipfuse build` (FP16 graph + strongly typed engine) into the work folder, once, with the
+    installed flavour whose engines run on this GPU (never an engine that would then be skipped)."""
     found = sorted(ctx.workdir.glob(f"{ctx.onnx_path.stem}*.engine"))
     if found:
         return found[0]
     from clipfuse.export.build import BuildOptions, build
     from clipfuse.export.trt_build import BatchProfile
-    from clipfuse.runtime.doctor import gpu_info
+    from clipfuse.runtime import trt_support
     from clipfuse.runtime.artifact import open_artifact
-    if gpu_info() is None:
+    sm = trt_support.device_sm()
+    if sm is None:
         raise Unavailable("no CUDA GPU visible")
     try:
+        flavour = trt_support.choose_for_device(None, sm)
+    except ClipfuseError as exc:
+        raise Unavailable(str(exc)) from None
+    try:
         result = build(ctx.onnx_path, open_artifact(ctx.onnx_path).manifest,
-                       BuildOptions(precision="fp16", batch=BatchProfile(1, ctx.max_batch, ctx.max_batch)),
+                       BuildOptions(precision="fp16", trt=flavour, batch=BatchProfile(1, ctx.max_batch, ctx.max_batch),
+                                    targets=(sm,) if flavour == "rtx" else ()),
                        log=lambda msg: None)
     except ClipfuseError as exc:
         raise Unavailable(f"engine build failed: {exc}") from None
@@ -403,6 +410,7 @@ FACTORIES: Dict[str, Callable[[BenchContext], Runner]] = {
     "ort-cpu-fp16": _make_ort("ort-cpu", "fp16"),
     "ort-cuda-fp32": _make_ort("ort-cuda", "fp32"),
     "ort-cuda-fp16": _make_ort("ort-cuda", "fp16"),
+    "ort-cuda-fp16-graph": _make_ort("ort-cuda", "fp16", cuda_graph=True),
     "ort-trt-fp32": _make_ort("ort-trt", "fp32"),
     "ort-trt-fp16": _make_ort("ort-trt", "fp16"),
     "tensorrt-fp16": _make_tensorrt(False),
@@ -414,7 +422,7 @@ FACTORIES: Dict[str, Callable[[BenchContext], Runner]] = {
 # What `--backends cpu` / `gpu` / `all` mean.
 CPU_SET = ("torch-ref", "torch-fused", "ort-cpu-fp32", "ort-cpu-fp16")
 GPU_SET = ("torch-ref", "torch-fused", "torch-ref-fp16", "torch-fused-fp16", "torch-compile",
-           "torch-compile-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-trt-fp16", "tensorrt-fp16",
+           "torch-compile-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp16-graph", "ort-trt-fp16", "tensorrt-fp16",
            "tensorrt-fp16-graph")
 OPENVINO_SET = ("openvino-fp32", "openvino-bf16")
 BACKEND_SETS = {"cpu": CPU_SET, "gpu": GPU_SET, "openvino": OPENVINO_SET, "all": tuple(FACTORIES)}

@@ -251,6 +251,22 @@ def render_markdown(doc: dict) -> str:
             lines.append(f"| {rec['size']} | {rec['head']} | {labels.get(rec['backend'], rec['backend'])} | "
                          f"{rec['batch']} | " + " | ".join(_ms(st.get(n)) for n in names) + f" | {ratio} |")
         lines.append("")
+    frames = [r for r in doc["results"] if r.get("status") == "ok" and r.get("frame_graph")]
+    if frames:
+        lines += ["## Frame graphs end to end (the host only decodes and writes; targets: e2e >= 50 % of "
+                  "model-only throughput, host share <= 10 %)", ""]
+        lines.append("| size | head | backend | frames per call | model-only frames/s | e2e frames/s | "
+                     "e2e / model | host share | decode ms | model ms | write ms | targets |")
+        lines.append("|" + "---|" * 12)
+        for rec in frames:
+            fg = rec["frame_graph"]
+            st = fg.get("stages_p50_s", {})
+            met = "met" if all(fg.get("targets", {}).values()) else "NOT met"
+            lines.append(f"| {rec['size']} | {rec['head']} | {rec['backend']} | {rec['batch']} | "
+                         f"{fg['model_frames_per_s']:.1f} | {fg['e2e_frames_per_s']:.1f} | "
+                         f"{100 * fg['e2e_over_model']:.0f} % | {100 * fg['host_share']:.0f} % | "
+                         f"{_ms(st.get('decode'))} | {_ms(st.get('model'))} | {_ms(st.get('write'))} | {met} |")
+        lines.append("")
     not_run = {}
     for rec in doc["results"]:
         if rec.get("status") != "ok":

@@ -45,6 +45,9 @@ class BenchConfig:
     image: Optional[str] = None           # e2e input; None: a synthetic 640x480 JPEG
     workdir: Optional[str] = None         # where graphs go; None: a temp folder, removed after
     measure_peak: bool = True
+    # e2e scope: also time a frame graph of the image's size (the host only decodes) on the GPU
+    # backends ("gpu"), on every backend that runs .onnx/.engine frame graphs ("all"), or not ("off")
+    frame_graphs: str = "gpu"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -308,6 +311,9 @@ def _bench_graph(cfg: BenchConfig, head: str, size: int, clip, shape: VitShape, 
             runner.close()
         runners.clear()
         gc.collect()
+    if cfg.scope == "e2e":
+        from .frame_e2e import bench_frame_graphs
+        bench_frame_graphs(cfg, head, size, clip, workdir, image_path, flops["total"], emit, _say)
 
 
 def _free_graphs(workdir: Path, head: str, size: int) -> None:

@@ -44,6 +44,8 @@ class BuildOptions:
     # plan for another TensorRT release (dry runs only)
     target_version: Optional[str] = None
     dry_run: bool = False
+    # write an engine that cannot run on this machine's GPU (it is for other machines)
+    allow_foreign_gpu: bool = False
 
 
 @dataclass
@@ -90,18 +92,22 @@ def _validate(options: BuildOptions) -> None:
 
 
 def _resolve_target(options: BuildOptions) -> Tuple[Optional[str], Optional[str], Tuple[str, ...], Optional[str]]:
-    """(flavour, version, targets, gpu name): what the engine is for."""
+    """(flavour, version, targets, gpu name): what the engine is for.
+
+    On a machine with a GPU the engine must run on that GPU (trt_support.RUNS_ON), unless
+    options.allow_foreign_gpu: an engine nobody here can run is refused with what to do instead."""
     from clipfuse.runtime.doctor import gpu_info
 
     targets = tuple(normalise_sm(t) for t in options.targets)
     auto = options.trt in (None, "auto")
+    sm = None if options.dry_run else trt_support.device_sm()
     if options.dry_run and auto and options.target_version:
         # planning for a named release: TensorRT-RTX is 1.x, enterprise TensorRT 8.6 and later
         flavour = "rtx" if trt_build.trt_major(options.target_version) < 8 else "tensorrt"
     elif options.dry_run:
         flavour = options.trt if not auto else (trt_support.available() or [None])[0]
     else:
-        flavour = trt_support.choose(options.trt)
+        flavour = trt_support.choose_for_device(options.trt, sm, options.allow_foreign_gpu)
         trt_support.import_trt(flavour)  # the one-line "not usable here, install X" before any work
     version = options.target_version or (trt_support.probe(flavour) if flavour else None)
     gpu = None
@@ -113,17 +119,25 @@ def _resolve_target(options: BuildOptions) -> Tuple[Optional[str], Optional[str]
             known = trt_support.rtx_targets(trt_support.import_trt("rtx"))
             unknown = [t for t in targets if t not in known]
             if unknown:
+                hint = "; ".join(f"{trt_support.gpu_label(t)} needs enterprise TensorRT (--trt tensorrt on that GPU) "
+                                 "or --backend ort-cuda" for t in unknown if trt_support.runs_on("tensorrt", t))
                 raise ClipfuseError(f"TensorRT for RTX {version} cannot target SM {', '.join(unknown)} "
-                                    f"(it knows {', '.join(known)})")
+                                    f"(it knows {', '.join(known)})" + (f": {hint}" if hint else ""))
+        if sm is not None and targets and sm not in targets and trt_support.runs_on("rtx", sm) \
+                and not options.allow_foreign_gpu:
+            raise ClipfuseError(f"the engine would target SM {', '.join(targets)} but not this GPU ({trt_support.gpu_label(sm)}): "
+                                f"add --target-sm {sm}, or pass --allow-foreign-gpu to build for other GPUs only")
         return flavour, version, targets, None
     if len(targets) > 1:
         raise ClipfuseError("enterprise TensorRT builds for one GPU: pass one --target-sm")
     if not targets or not options.dry_run:
-        gpu = gpu_info()
-        if gpu is not None:
-            if targets and targets[0] != gpu.sm and not options.dry_run:
+        gpu = gpu_info() if sm is not None or options.dry_run else None
+        if sm is not None:
+            if targets and targets[0] != sm:
                 raise ClipfuseError(f"--target-sm {targets[0]}: TensorRT builds for the GPU it runs on "
-                                    f"(SM {gpu.sm}); plan other devices with --dry-run")
+                                    f"(SM {sm}); plan other devices with --dry-run")
+            targets = (sm,)
+        elif gpu is not None:
             targets = (gpu.sm,)
         elif not options.dry_run:
             raise ClipfuseError("no CUDA GPU visible: enterprise TensorRT builds on the GPU the engine runs on; "

@@ -87,3 +87,11 @@ def block_indices(text: str) -> tuple:
     if not blocks or min(blocks) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative block indices, got {text!r}")
     return blocks
+
+
+class ScriptParser(argparse.ArgumentParser):
+    """ArgumentParser for the `python -m clipfuse...` scripts: usage errors are one line (exit 2),
+    as in the `clipfuse` command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 # one home for the TensorRT/CUDA helpers; import_cudart stays importable from here
+from . import trt_support
 from .trt_support import cuda_check, import_cudart  # noqa: F401
 
 
@@ -156,9 +157,18 @@ def collect() -> Dict[str, Any]:
     if versions["tensorrt_rtx"] and gpu is None:
         notes.append("TensorRT for RTX builds engines here without a GPU (ahead of time, for SM "
                      f"{', '.join(report['rtx_targets'])}); they run (JIT) on one of those GPUs")
-    elif versions["tensorrt_rtx"] and gpu is not None and gpu.sm not in report["rtx_targets"]:
-        notes.append(f"this GPU (SM {gpu.sm}) is not a TensorRT for RTX target "
-                     f"({', '.join(report['rtx_targets'])}): RTX engines will not run here")
+    report["support_matrix"] = trt_support.support_matrix()
+    report["engines_for_this_gpu"] = None
+    if gpu is not None:
+        serving = trt_support.serving_flavours(gpu.sm)
+        report["engines_for_this_gpu"] = {"sm": gpu.sm, "flavours": serving,
+                                          "installed": [k for k in serving if versions[trt_support.flavour(k).module]]}
+        for key in trt_support.AUTO_ORDER:
+            if versions[trt_support.flavour(key).module] and key not in serving:
+                notes.append(trt_support.cannot_run_reason(key, gpu.sm))
+        if serving and not report["engines_for_this_gpu"]["installed"]:
+            notes.append(f"engines for this GPU come from {' or '.join(trt_support.flavour(k).label for k in serving)}, "
+                         f"which is not installed here: {trt_support.fix_line(gpu.sm)}")
     report["notes"] = notes
     return report
 
@@ -184,8 +194,8 @@ def capabilities(versions: Dict[str, Optional[str]], providers: List[str],
         "run_ort_cpu": "CPUExecutionProvider" in providers,
         "run_ort_cuda": "CUDAExecutionProvider" in providers and gpu is not None,
         "run_ort_trt": "TensorrtExecutionProvider" in providers and gpu is not None,
-        "run_engines_tensorrt": have["tensorrt"] and cuda,
-        "run_engines_rtx": have.get("tensorrt_rtx", False) and cuda and gpu.sm in (rtx_targets or []),
+        "run_engines_tensorrt": have["tensorrt"] and cuda and trt_support.runs_on("tensorrt", gpu.sm),
+        "run_engines_rtx": have.get("tensorrt_rtx", False) and cuda and trt_support.runs_on("rtx", gpu.sm),
     }
 
 
@@ -197,8 +207,8 @@ _CAN_TEXT = {
     "run_ort_cpu": "run on ONNX Runtime CPU (--backend ort-cpu) needs onnxruntime",
     "run_ort_cuda": "run on ONNX Runtime CUDA (ort-cuda)         needs onnxruntime-gpu + a GPU",
     "run_ort_trt": "run on ONNX Runtime TensorRT EP (ort-trt)   needs onnxruntime-gpu + TensorRT",
-    "run_engines_tensorrt": "run TensorRT engines (--backend tensorrt)   needs tensorrt + cuda-python + a GPU",
-    "run_engines_rtx": "run TensorRT-RTX engines (--backend tensorrt) needs tensorrt-rtx + cuda-python + an RTX-target GPU",
+    "run_engines_tensorrt": "run TensorRT engines (--backend tensorrt)   needs tensorrt + cuda-python + a GPU it serves",
+    "run_engines_rtx": "run TensorRT-RTX engines (--backend tensorrt) needs tensorrt-rtx + cuda-python + an RTX GPU (SM 75-89, 120, 121; not Hopper, not Jetson)",
 }
 
 
@@ -224,6 +234,11 @@ def format_report(report: Dict[str, Any]) -> str:
     lines.append("what clipfuse can do here:")
     for key, ok in report["can"].items():
         lines.append(f"  [{'yes' if ok else ' no'}] {_CAN_TEXT[key]}")
+    here = report.get("engines_for_this_gpu")
+    if here:
+        flavours = ", ".join(trt_support.flavour(k).label + ("" if k in here["installed"] else " (not installed)")
+                             for k in here["flavours"]) or "none"
+        lines.append(f"engines for this GPU ({trt_support.gpu_label(here['sm'])}): {flavours}")
     lines += format_openvino(report.get("openvino"))
     for note in report["notes"]:
         lines.append(f"note: {note}")

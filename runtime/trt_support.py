@@ -223,3 +223,126 @@ def rtx_targets(trt) -> List[str]:
 
 # Turing (7.5) is opt-in in TensorRT-RTX's support matrix: not a default target.
 RTX_DEFAULT_EXCLUDED = ("75",)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which flavour runs on which GPU: the one table doctor, build, the backends, bench and the tests read
+# ---------------------------------------------------------------------------------------------
+# SM -> the GPUs it is, for messages. Sources: NVIDIA's CUDA GPU compute-capability list and the
+# support matrices of TensorRT 10.x and TensorRT for RTX 1.x.
+GPU_FAMILIES: Dict[str, str] = {
+    "72": "Volta: Jetson Xavier",
+    "75": "Turing: T4, RTX 20",
+    "80": "Ampere: A100, A30",
+    "86": "Ampere: A10, A40, RTX 30, RTX A6000",
+    "87": "Ampere: Jetson Orin",
+    "89": "Ada: L4, L40, RTX 40",
+    "90": "Hopper: H100, H200, GH200",
+    "100": "Blackwell: B200, GB200",
+    "103": "Blackwell: B300, GB300",
+    "110": "Blackwell: Jetson Thor",
+    "120": "Blackwell: RTX 50, RTX PRO 6000",
+    "121": "Blackwell: DGX Spark",
+}
+
+# flavour -> SMs its engines deserialize and run on.
+# * TensorRT for RTX 1.7 targets the RTX architectures only. Measured on an H200 (SM 90): it builds
+#   (ahead of time, and with ComputeCapability.CURRENT) but refuses the engine at deserialize
+#   ("TensorRT-RTX does not support this compute capability"). Turing (75) is an opt-in target.
+#   Jetson Orin (87) and Thor (110) are not RTX targets either.
+# * Enterprise TensorRT 10.x/11.x covers the data-centre and Jetson GPUs (Volta/Xavier only up to
+#   TensorRT 8.6 = JetPack 5); it builds on the GPU that runs the engine.
+RUNS_ON: Dict[str, frozenset] = {
+    "rtx": frozenset({"75", "80", "86", "89", "120", "121"}),
+    "tensorrt": frozenset({"72", "75", "80", "86", "87", "89", "90", "100", "103", "110", "120", "121"}),
+}
+
+
+def gpu_label(sm: str) -> str:
+    """'SM 90 (Hopper: H100, H200, GH200)' for messages."""
+    family = GPU_FAMILIES.get(str(sm))
+    return f"SM {sm} ({family})" if family else f"SM {sm}"
+
+
+def runs_on(key: str, sm: str) -> bool:
+    """Whether engines of flavour `key` run on a GPU of compute capability `sm` ("90").
+
+    An SM this table does not know (a newer GPU) counts as served by enterprise TensorRT, whose
+    newer releases add GPUs, and as not served by TensorRT for RTX unless the installed release
+    lists it as a compute-capability target."""
+    sm = str(sm)
+    if key == "rtx":
+        if sm in RUNS_ON["rtx"]:
+            return True
+        if sm in GPU_FAMILIES:
+            return False
+        try:
+            return sm in rtx_targets(import_trt("rtx"))
+        except ClipfuseError:
+            return False
+    flavour(key)
+    return sm in RUNS_ON["tensorrt"] or sm not in GPU_FAMILIES
+
+
+def serving_flavours(sm: str) -> List[str]:
+    """The flavours (AUTO_ORDER) whose engines run on `sm`, installed or not."""
+    return [k for k in AUTO_ORDER if runs_on(k, sm)]
+
+
+def device_sm(device: int = 0) -> Optional[str]:
+    """The compute capability of CUDA device `device` as "90", or None without a visible GPU.
+
+    The one function every engine decision asks (tests simulate a GPU by replacing it)."""
+    from .doctor import gpu_info
+    info = gpu_info(device)
+    return info.sm if info is not None else None
+
+
+def fix_line(sm: str) -> str:
+    """What to do on a GPU whose engines must come from another flavour (the tail of every refusal)."""
+    if runs_on("tensorrt", sm):
+        return ("install TensorRT (NVIDIA's tensorrt wheels; JetPack on Jetson) and build here with "
+                "`clipfuse build --trt tensorrt`, or run the ONNX graph with `--backend ort-cuda` "
+                "(onnxruntime-gpu)")
+    return "run the ONNX graph with `--backend ort-cuda` (onnxruntime-gpu)"
+
+
+def cannot_run_reason(key: str, sm: str) -> Optional[str]:
+    """None when engines of flavour `key` run on `sm`; else one line: why not and what to do."""
+    if runs_on(key, sm):
+        return None
+    return f"{flavour(key).label} engines do not run on this GPU, {gpu_label(sm)}: {fix_line(sm)}"
+
+
+def choose_for_device(requested: Optional[str], sm: Optional[str], allow_foreign_gpu: bool = False) -> str:
+    """The flavour to build with on a machine whose GPU is `sm` (None: no GPU, ahead-of-time builds).
+
+    'auto' takes the first installed flavour whose engines run on this GPU; a flavour asked for
+    explicitly (or the only one installed) that cannot serve this GPU is refused with the fix,
+    unless `allow_foreign_gpu` (the engine is then for other machines)."""
+    if sm is None:
+        return choose(requested)
+    auto = requested in (None, "auto")
+    installed = available()
+    if auto:
+        serving = [k for k in installed if runs_on(k, sm)]
+        if serving:
+            return serving[0]
+        if allow_foreign_gpu and installed:
+            return installed[0]
+        if not installed:
+            return choose(requested)  # the "no TensorRT here" line
+        have = ", ".join(flavour(k).label for k in installed)
+        raise ClipfuseError(f"{have} cannot build engines that run on this GPU, {gpu_label(sm)}: {fix_line(sm)}; "
+                            "--allow-foreign-gpu builds for other GPUs anyway")
+    key = choose(requested)
+    reason = cannot_run_reason(key, sm)
+    if reason and not allow_foreign_gpu:
+        raise ClipfuseError(f"{reason}; --allow-foreign-gpu builds the {flavour(key).label} engine for other GPUs anyway")
+    return key
+
+
+def support_matrix() -> List[Dict[str, Any]]:
+    """Rows of the flavour x GPU table (doctor --json, docs)."""
+    return [{"sm": sm, "gpus": family, **{k: runs_on(k, sm) for k in AUTO_ORDER}}
+            for sm, family in GPU_FAMILIES.items()]

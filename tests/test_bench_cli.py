@@ -170,3 +170,30 @@ def test_append_adds_a_second_run_to_the_same_document(tmp_path):
     assert sorted((r["size"], r["backend"], r["run"]) for r in doc["results"]) == [
         (32, "torch-ref", 2), (64, "ort-cpu-fp32", 1), (64, "torch-ref", 1)]
     assert doc["device_peak"]["cpu_fp32"]["measurements"] == 2  # measured at start and end of run 2
+
+
+def test_e2e_scope_times_frame_graphs_with_model_only_throughput_and_host_share(tmp_path):
+    """`--frame-graphs all` adds ONNX Runtime CPU to the GPU backends that get a frame graph of the
+    image's size (the host only decodes); the record's ratios follow from its own timings."""
+    from PIL import Image
+    image = tmp_path / "frame.jpg"
+    Image.new("RGB", (320, 240), (90, 140, 60)).save(image)   # 2 x 2 windows of 224 (SCLIP's 336 short side)
+    out, doc = _bench(tmp_path, "--head", "sclip", "--size", "224", "--backends", "ort-cpu-fp32", "--scope", "e2e",
+                      "--image", str(image), "--batch", "2", "--frame-graphs", "all", "--no-peak", "--no-plots")
+    by_name = {r["backend"]: r for r in doc["results"]}
+    assert set(by_name) == {"ort-cpu-fp32", "ort-cpu-fp32+frame"}
+    rec = by_name["ort-cpu-fp32+frame"]
+    assert rec["status"] == "ok" and rec["scope"] == "e2e" and rec["batch"] == 2
+    fg = rec["frame_graph"]
+    assert fg["frame"] == [320, 240] and fg["backend"] == "ort-cpu"
+    assert fg["e2e_over_model"] == pytest.approx(fg["model_p50_s"] / fg["e2e_p50_s"], abs=1e-3)
+    assert fg["host_share"] == pytest.approx(max(0.0, 1 - fg["model_p50_s"] / fg["e2e_p50_s"]), abs=1e-3)
+    assert fg["targets"]["host_share<=0.10"] == (fg["host_share"] <= 0.10)
+    assert fg["model_frames_per_s"] == pytest.approx(2 / fg["model_p50_s"], rel=1e-2)
+    assert rec["latency"]["p50_s"] == pytest.approx(fg["e2e_p50_s"] / 2, rel=0.5)   # per frame
+    md = (out.parent / "tiny.md").read_text()
+    assert "## Frame graphs end to end" in md and "| ort-cpu-fp32+frame | 2 |" in md
+    # default: frame graphs only on GPU backends (none here)
+    _, doc = _bench(tmp_path / "d", "--head", "sclip", "--size", "224", "--backends", "ort-cpu-fp32", "--scope",
+                    "e2e", "--image", str(image), "--batch", "2", "--no-peak", "--no-plots")
+    assert [r["backend"] for r in doc["results"]] == ["ort-cpu-fp32"]

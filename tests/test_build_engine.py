@@ -106,8 +106,10 @@ def test_backend_refuses_engine_of_another_flavour_release_or_gpu(tmp_path):
     # an RTX engine runs on any of its targets, and nowhere else (Hopper is not an RTX target)
     rtx = {"engine": {"flavour": "rtx", "tensorrt_version": "1.7.1.116", "targets": ["80", "86", "89"]}}
     check_engine_target(rtx, "rtx", "1.7.0", "86", eng)
-    with pytest.raises(ClipfuseError, match="SM 80, 86, 89 .*SM 90"):
+    with pytest.raises(ClipfuseError, match=r"TensorRT for RTX engines do not run on this GPU, SM 90 \(Hopper"):
         check_engine_target(rtx, "rtx", "1.7.1", "90", eng)
+    with pytest.raises(ClipfuseError, match="SM 80, 86, 89 .*SM 120"):
+        check_engine_target(rtx, "rtx", "1.7.1", "120", eng)
     # manifests written before flavours existed are enterprise TensorRT with one "sm"
     check_engine_target({"engine": {"tensorrt_version": "10.3", "sm": "87"}}, "tensorrt", "10.3", "87", eng)
 
@@ -199,23 +201,34 @@ def test_build_with_enterprise_tensorrt_missing_says_so(exported, capsys):
 
 # --- TensorRT + GPU: build and load for real ----------------------------------------------------
 
-def _need_tensorrt_gpu():
+def _need_tensorrt_gpu() -> tuple:
+    """(flavour, sm): an installed TensorRT flavour whose engines run on this GPU, or a skip that
+    says why not and what serves this GPU (trt_support's flavour x GPU table)."""
     from clipfuse.runtime import trt_support
     if not trt_support.available():
         pytest.skip("neither tensorrt nor tensorrt_rtx imports: engine execution needs one and a CUDA GPU")
-    from clipfuse.runtime.doctor import gpu_info
-    if gpu_info() is None:
+    sm = trt_support.device_sm()
+    if sm is None:
         pytest.skip("no CUDA GPU visible (cuda-python / nvidia-smi): engine execution needs one")
+    try:
+        return trt_support.choose_for_device(None, sm), sm
+    except ClipfuseError as exc:
+        pytest.skip(str(exc))
+
+
+def _flavour_args(flavour: str, sm: str) -> list:
+    # RTX: this GPU's target only (a short build); enterprise TensorRT builds for this GPU anyway
+    return ["--trt", flavour] + (["--target-sm", sm] if flavour == "rtx" else [])
 
 
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("precision", ["fp16", "fp32"])
 def test_tensorrt_build_and_run_matches_onnx(exported, precision, capsys):
-    _need_tensorrt_gpu()
+    flavour, sm = _need_tensorrt_gpu()
     from clipfuse.runtime.backends import open_backend
 
     assert cli_main(["build", str(exported), "--precision", precision, "--batch", "1:2:4",
-                     "--workspace-gb", "1"]) == 0
+                     "--workspace-gb", "1", *_flavour_args(flavour, sm)]) == 0
     engines = sorted(exported.parent.glob(f"sclip.*-{precision}-b1_2_4-*.engine"))
     assert len(engines) == 1
     manifest = read_manifest(engines[0].with_suffix(".json"))
@@ -237,14 +250,13 @@ def test_tensorrt_build_and_run_matches_onnx(exported, precision, capsys):
 
 @pytest.mark.tensorrt
 def test_tensorrt_backend_refuses_foreign_engine(exported, tmp_path):
-    _need_tensorrt_gpu()
+    flavour, sm = _need_tensorrt_gpu()
     from clipfuse.runtime.backends import open_backend
 
     fake = tmp_path / "x.engine"
     fake.write_bytes(b"not an engine")
     manifest = json.loads(exported.with_suffix(".json").read_text())
-    from clipfuse.runtime import trt_support
-    manifest["engine"] = {"flavour": trt_support.available()[0], "tensorrt_version": "0.1", "targets": ["10"]}
+    manifest["engine"] = {"flavour": flavour, "tensorrt_version": "0.1", "targets": ["10"]}
     with pytest.raises(ClipfuseError, match="0.1, this machine has"):
         open_backend(fake, manifest, backend="tensorrt")
 
@@ -264,11 +276,9 @@ def test_cli_dry_run_for_tensorrt_8_6_uses_the_weak_typed_fallback(exported, cap
 @pytest.mark.tensorrt
 def test_compare_engine_vs_onnx_fp32(exported, capsys):
     """Item 7 of issue 11 on a GPU: `clipfuse compare` of the FP16 engine against the FP32 graph."""
-    _need_tensorrt_gpu()
-    from clipfuse.runtime.doctor import gpu_info
-
+    flavour, sm = _need_tensorrt_gpu()
     assert cli_main(["build", str(exported), "--precision", "fp16", "--batch", "1:4:8", "--workspace-gb", "1",
-                     "--target-sm", gpu_info().sm]) == 0
+                     *_flavour_args(flavour, sm)]) == 0
     engine = sorted(exported.parent.glob("sclip.*-fp16-b1_4_8-*.engine"))[-1]
     street = str(Path(__file__).parent / "data" / "street.jpg")
     assert cli_main(["compare", str(exported), str(engine), "--images", street, "--atol", "2e-2"]) == 0

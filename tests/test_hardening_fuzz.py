@@ -203,3 +203,22 @@ def test_every_commands_numbers_parse_to_finite_values_or_one_line(command, data
     parsed = getattr(args, option.lstrip("-").replace("-", "_"))
     assert isinstance(parsed, (int, float)) and math.isfinite(parsed)
     assert parsed >= 0, (option, value, parsed)
+
+
+@fuzz(60)
+@given(st.sampled_from(["--budget"]), VALUES)
+def test_gpu_check_options_parse_to_finite_values_or_one_line(option, value):
+    """The GPU acceptance script's numbers: in range, or one line and exit 2 (never a run)."""
+    import contextlib
+    import math
+
+    from clipfuse.benchmarks.gpu_check import build_parser as gpu_check_parser
+    capture = io.StringIO()
+    with contextlib.redirect_stderr(capture):
+        try:
+            args = gpu_check_parser().parse_args(["-o", "x", f"{option}={value}"])
+        except SystemExit as exc:
+            assert exc.code == 2
+            assert len(capture.getvalue().strip().splitlines()) == 1
+            return
+    assert math.isfinite(args.budget) and 30 <= args.budget <= 3600

@@ -29,7 +29,10 @@ scopes:
          engine buffer); one graph call per timed iteration
   e2e    per iteration: decode a JPEG (--image, default a synthetic 640x480 photo) -> the method's
          sliding-window protocol with --batch windows per call -> label map (Segmenter) -> PNG;
-         also reports the median time per stage (decode, resize, windows, model, protocol, write)
+         also reports the median time per stage (decode, resize, windows, model, protocol, write);
+         then a frame graph of the image's size (the whole protocol in the graph: the host only
+         decodes and writes) on every GPU backend (--frame-graphs), with its model-only
+         throughput, e2e / model-only and host share against the targets (>= 50 %, <= 10 %)
 
 backends (--backends takes names and/or the sets cpu, gpu, all; unavailable ones are recorded as
 skipped with the reason, failing ones as failed):
@@ -38,7 +41,8 @@ skipped with the reason, failing ones as failed):
   torch-ref-fp16, torch-fused-fp16       CUDA FP16 autocast (GPU only)
   torch-compile, torch-compile-fp16      torch.compile of the fused module (failures recorded)
   ort-cpu-fp32, ort-cpu-fp16             ONNX Runtime CPU, FP32 graph / FP16 graph (export/fp16.py)
-  ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP with IOBinding (onnxruntime-gpu)
+  ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP, device-resident IOBinding (onnxruntime-gpu)
+  ort-cuda-fp16-graph                    the same, replayed as a CUDA graph
   ort-trt-fp32, ort-trt-fp16             ONNX Runtime TensorRT EP (engine cache in the work folder)
   tensorrt-fp16, tensorrt-fp16-graph     TensorRT engine built with `clipfuse build` (+ CUDA graph)
   openvino-fp32, openvino-bf16           OpenVINO CPU at an explicit precision (openvino extra); bf16 is
@@ -97,6 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--classes-file", default=None, help="file with one class per line (synonyms comma-separated)")
     what.add_argument("--templates", choices=("single", "imagenet80"), default="single",
                       help="prompt templates for the class embeddings; no effect on speed (default: %(default)s)")
+    what.add_argument("--frame-graphs", choices=("gpu", "all", "off"), default="gpu",
+                      help="e2e scope: time a frame graph of the image's size on the GPU backends (gpu), also "
+                           "on ONNX Runtime CPU (all), or not (off) (default: %(default)s)")
     what.add_argument("--image", default=None, help="e2e scope: input image (default: synthetic 640x480 JPEG)")
     how = parser.add_argument_group("how to measure")
     how.add_argument("--warmup", type=non_negative_int, default=2,
@@ -192,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
                       max_seconds=args.max_seconds or None, min_iters=args.min_iters, threads=threads,
                       classes=classes, templates=args.templates, heads_ckpt=args.heads_ckpt, seed=args.seed,
                       quick_gelu=args.quick_gelu,
-                      torch_device=device, image=args.image, workdir=args.workdir)
+                      torch_device=device, image=args.image, workdir=args.workdir, frame_graphs=args.frame_graphs)
     doc = run_bench(cfg, stem, append=args.append, measure_peak=not args.no_peak, plots=not args.no_plots)
     ok = sum(r.get("status") == "ok" for r in doc["results"])
     print(f"clipfuse bench: {ok} measurements; wrote {stem}.json, {stem}.md", file=sys.stderr)

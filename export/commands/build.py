@@ -23,7 +23,14 @@ Two TensorRT flavours (--trt; default: whichever imports here, enterprise first)
             engine runs on (Jetson, server); timing cache beside the engine.
   rtx       TensorRT for RTX (pip install tensorrt-rtx-cu13): builds ahead of time WITHOUT a GPU for
             a list of compute capabilities (--target-sm 86 --target-sm 89; default: all it supports
-            except opt-in Turing); the engine is JIT-specialised on its first run.
+            except opt-in Turing); the engine is JIT-specialised on its first run. It runs on
+            RTX-architecture GPUs only (SM 75 opt-in, 80, 86, 89, 120, 121), not on Hopper
+            (H100/H200), data-centre Blackwell or Jetson: those need `--trt tensorrt`.
+
+On a machine with a GPU the engine must run on that GPU: --trt auto takes the installed flavour
+that serves it, and a build nobody here could run is refused with what to do instead (install
+TensorRT, or run the ONNX graph with --backend ort-cuda); --allow-foreign-gpu builds it anyway,
+for other machines. `clipfuse doctor` prints the flavour x GPU table.
 
 The engine is named after everything it is tied to, e.g.
   engines/NAME.trt10.3-sm87-fp16-b1_4_16-1a2b3c4d.engine        (+ .json manifest)
@@ -61,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "trtexec/polygraphy line (works without TensorRT or a GPU)")
     parser.add_argument("--target-trt", default=None, metavar="X.Y",
                         help="with --dry-run: TensorRT version of the target device (default: the installed one)")
+    parser.add_argument("--allow-foreign-gpu", action="store_true",
+                        help="write the engine even when it cannot run on this machine's GPU (it is for "
+                             "other GPUs); default: refuse, saying which flavour serves this GPU")
     parser.add_argument("--target-sm", action="append", default=None, metavar="NN",
                         help="GPU SM the engine is for, e.g. 87 for Orin; repeat for several TensorRT-RTX "
                              "targets (default: this GPU / all RTX targets)")
@@ -87,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision, batch=BatchProfile.parse(args.batch), classes=BatchProfile.parse(args.classes),
         trt=args.trt, workspace_bytes=int(args.workspace_gb * (1 << 30)), opt_level=args.opt_level,
         timing_cache=Path(args.timing_cache) if args.timing_cache else None,
-        targets=tuple(args.target_sm or ()), target_version=args.target_trt, dry_run=args.dry_run)
+        targets=tuple(args.target_sm or ()), target_version=args.target_trt, dry_run=args.dry_run,
+        allow_foreign_gpu=args.allow_foreign_gpu)
     # the same checks as every reader (hash, contract in the graph): never launder a mismatched pair
     result = build(src, open_artifact(src, what="graph").manifest, options)
 

@@ -74,8 +74,9 @@ class Backend:
 # name -> (module, class name, artifact suffixes it opens)
 _REGISTRY: Dict[str, tuple] = {
     "ort-cpu": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
-    "ort-cuda": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
-    "ort-trt": ("clipfuse.runtime.backends.onnxruntime", "OrtBackend", (".onnx",)),
+    # the GPU providers: device-resident I/O and CUDA graphs (onnxruntime-gpu)
+    "ort-cuda": ("clipfuse.runtime.backends.ort_cuda", "OrtCudaBackend", (".onnx",)),
+    "ort-trt": ("clipfuse.runtime.backends.ort_cuda", "OrtCudaBackend", (".onnx",)),
     "tensorrt": ("clipfuse.runtime.backends.tensorrt", "TensorRTBackend", (".engine",)),
     "openvino": ("clipfuse.runtime.backends.openvino", "OpenVINOBackend", (".onnx",)),
 }

@@ -37,6 +37,9 @@ def check_engine_target(manifest: dict, flavour: str, trt_version: str, sm: Opti
     if built_flavour != flavour:
         raise ClipfuseError(f"{artifact.name} was built by {trt_support.flavour(built_flavour).label}, this backend "
                             f"runs {trt_support.flavour(flavour).label}: rebuild with clipfuse build --trt {flavour}")
+    reason = trt_support.cannot_run_reason(built_flavour, sm) if sm is not None else None
+    if reason:
+        raise ClipfuseError(f"{artifact.name}: {reason}")
     if trt_support.short_version(built_trt) != trt_support.short_version(trt_version):
         label = trt_support.flavour(flavour).label
         raise ClipfuseError(f"{artifact.name} was built with {label} {built_trt}, this machine has {trt_version}: "
@@ -52,17 +55,21 @@ class TensorRTBackend(Backend):
     def __init__(self, artifact: Path, manifest: dict, **options) -> None:
         super().__init__(artifact, manifest, **options)
         self.flavour = engine_flavour(manifest)
+        device = int(options.get("device", 0))
+        sm = trt_support.device_sm(device)
+        if sm is None:
+            raise ClipfuseError("no CUDA GPU visible: TensorRT engines need one (run the ONNX graph with "
+                                "--backend ort-cpu or openvino here)")
+        # before importing anything: on a GPU this flavour does not serve, say what serves it
+        reason = trt_support.cannot_run_reason(self.flavour, sm)
+        if reason:
+            raise ClipfuseError(f"{self.artifact.name}: {reason}")
         trt = trt_support.import_trt(self.flavour)
-        from ..doctor import gpu_info
         try:
             self._cudart = trt_support.import_cudart()
         except ImportError:
             raise ClipfuseError("the tensorrt backend needs cuda-python (pip install cuda-python)") from None
-        device = int(options.get("device", 0))
-        gpu = gpu_info(device)
-        if gpu is None:
-            raise ClipfuseError("no CUDA GPU visible: TensorRT engines need one")
-        check_engine_target(manifest, self.flavour, trt.__version__, gpu.sm, self.artifact)
+        check_engine_target(manifest, self.flavour, trt.__version__, sm, self.artifact)
         self._trt = trt
         self._check(self._cudart.cudaSetDevice(device))
 
