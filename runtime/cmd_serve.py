@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cliargs import non_negative_int, port, positive_int
+from . import limits as L
+from .cliargs import port
 
 ORDER = 130  # place in `clipfuse --help`
 HELP = "serve graphs/engines over HTTP and gRPC with NVIDIA Triton (dynamic batching)"
@@ -47,22 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--grpc-port", type=port, default=8001, help="(default: %(default)s)")
     net.add_argument("--metrics-port", type=port, default=8002, help="(default: %(default)s)")
     sched = parser.add_argument_group("scheduling")
-    sched.add_argument("--instances", type=positive_int, default=1,
+    sched.add_argument("--instances", type=L.INSTANCES.option_type(), default=1,
                        help="model instances per artifact, each runs one batch at a time (default: %(default)s)")
-    sched.add_argument("--max-batch-size", type=positive_int, default=8,
+    sched.add_argument("--max-batch-size", type=L.MAX_BATCH_SIZE.option_type(), default=8,
                        help="images per Triton batch (default: %(default)s)")
-    sched.add_argument("--queue-delay-us", type=non_negative_int, default=2000,
+    sched.add_argument("--queue-delay-us", type=L.QUEUE_DELAY_US.option_type(0), default=2000,
                        help="how long Triton holds a request to fill a batch, microseconds (default: %(default)s)")
-    sched.add_argument("--window-batch", type=positive_int, default=None,
+    sched.add_argument("--window-batch", type=L.WINDOW_BATCH.option_type(), default=None,
                        help="windows per backend call (default: the engine's max batch; all for ONNX)")
-    sched.add_argument("--drain-timeout", type=non_negative_int, default=30,
+    sched.add_argument("--drain-timeout", type=L.DRAIN_TIMEOUT_S.option_type(0), default=30,
                        help="seconds to finish in-flight requests on SIGTERM (default: %(default)s)")
     parser.add_argument("--backend", default="auto",
                         help="auto (tensorrt for .engine, ort-cpu for .onnx), ort-cpu, ort-cuda, ort-trt, tensorrt")
-    parser.add_argument("--threads", type=positive_int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
-    parser.add_argument("--max-pixels", type=positive_int, default=None,
+    parser.add_argument("--threads", type=L.THREADS.option_type(), default=None, help="ort-cpu: intra-op threads (default: all cores)")
+    parser.add_argument("--max-pixels", type=L.SERVE_MAX_PIXELS_CAP.option_type(), default=None,
                         help="refuse larger images with a Triton error (default: 4096 x 4096)")
-    parser.add_argument("--log-verbose", type=non_negative_int, default=0, help="Triton's verbose log level (default: 0)")
+    parser.add_argument("--log-verbose", type=L.LOG_VERBOSE.option_type(0), default=0, help="Triton's verbose log level (default: 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the model files")
 
 

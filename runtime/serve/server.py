@@ -74,18 +74,36 @@ def python_libdir_first(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+# A model name is a folder name in Triton's repository and a URL path segment: plain characters,
+# starting with a letter or digit (no '.', '..', hidden or option-like names), bounded length.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_model_name(name: str, spec: str = "") -> str:
+    """`name` if it is a safe Triton model name, else one ClipfuseError line."""
+    from ..limits import MODEL_NAME_CHARS
+
+    if len(name) > MODEL_NAME_CHARS.value:
+        raise MODEL_NAME_CHARS.exceeded(len(name), f"model name of {spec or name!r}")
+    if not _NAME_RE.fullmatch(name):
+        raise ClipfuseError(f"model name {name!r} is not allowed: use letters, digits, '_', '-', '.' "
+                            "and start with a letter or digit")
+    return name
 
 
 def parse_artifacts(specs: Sequence[str]) -> List[Tuple[str, Path]]:
-    """`PATH` or `NAME=PATH` -> [(model name, path)]; the name defaults to the file's stem."""
+    """`PATH` or `NAME=PATH` -> [(model name, path)]; the name defaults to the file's stem.
+
+    An explicit NAME is checked as given (it becomes a folder: `..` would write outside the
+    repository); a stem is made safe (odd characters -> '_') and then checked the same way."""
     out: List[Tuple[str, Path]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
-            name, path = Path(spec).stem, spec
-        name = _NAME_OK.sub("_", name).strip("_")
-        if not name:
-            raise ClipfuseError(f"cannot derive a model name from {spec!r}; use NAME=PATH")
+            name, path = _NAME_OK.sub("_", Path(spec).stem).strip("_.-"), spec
+            if not name:
+                raise ClipfuseError(f"cannot derive a model name from {spec!r}; use NAME=PATH")
+        check_model_name(name, spec)
         if any(name == n for n, _ in out):
             raise ClipfuseError(f"two artifacts would be served as model {name!r}; name them with NAME=PATH")
         out.append((name, Path(path)))
