@@ -23,8 +23,11 @@ Concurrent requests with images of the same size are batched by Triton (up to --
 waiting at most --queue-delay-us); all their windows then go through the backend together, in
 calls of at most --window-batch windows (default: the engine's max batch; unlimited for ONNX).
 Health: GET /v2/health/ready and /v2/models/NAME/ready; Prometheus metrics on --metrics-port.
-Listens on 127.0.0.1 unless --host says otherwise. SIGTERM/SIGINT: stop taking requests, finish the
-ones in flight (up to --drain-timeout s), exit 0.
+Listens on 127.0.0.1 unless --host says otherwise. Requests are checked against the server's
+limits (--max-pixels, --max-batch-size) before Triton sees them; errors are one line.
+SIGTERM/SIGINT: new requests get 503 at once, the ones in flight finish (up to --drain-timeout s),
+then exit 0 (1 when requests had to be cut off). Exit 2 when the Triton server dies.
+Nothing is left behind: no process, /dev/shm segment or temporary folder.
 
 examples:
   clipfuse serve engines/sclip.onnx
@@ -68,9 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve.core import DEFAULT_MAX_PIXELS
-    from .serve.server import ClipfuseTriton, ServeOptions
+    import signal
 
+    from .serve.core import DEFAULT_MAX_PIXELS
+    from .serve.server import ClipfuseTriton, ServeOptions, _raise_keyboard_interrupt
+
+    # Until the server is ready, SIGTERM interrupts start-up like Ctrl-C: what was started
+    # (tritonserver, its stubs, shared memory, the workspace) is stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
                            max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
@@ -84,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"clipfuse serve: {names} ready on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics http://{args.host}:{args.metrics_port}/metrics",
           file=sys.stderr, flush=True)
-    server.serve_forever()
-    print("clipfuse serve: stopped", file=sys.stderr, flush=True)
-    return 0
+    code = server.serve_forever()
+    message = {0: "stopped", 1: f"stopped; requests still running after --drain-timeout {args.drain_timeout} s were cut off",
+               2: "error: the Triton server stopped unexpectedly"}[code]
+    print(f"clipfuse serve: {message}", file=sys.stderr, flush=True)
+    return code

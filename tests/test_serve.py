@@ -193,7 +193,7 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server, local):
         with pytest.raises(InferenceServerException, match="batch-size must be <= 8"):
             client.infer("tiny", [x])
         big = np.zeros((1300, 1200, 3), np.uint8)                      # oversized
-        with pytest.raises(InferenceServerException, match="more than this server accepts"):
+        with pytest.raises(InferenceServerException, match="above the limit of"):
             http_infer(o.http_port, big, client=client)
     finally:
         client.close()
