@@ -134,6 +134,8 @@ def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: in
     pycocotools rasterises slightly differently at the border; it is used when installed."""
     height, width = _mask_size([height, width], "polygon mask")
     polygons = _check_polygons(polygons, height, width)
+    if not polygons:   # pycocotools' merge of nothing fails; no polygon is an empty mask
+        return np.zeros((height, width), dtype=bool)
     try:
         from pycocotools import mask as coco_mask  # optional, exact COCO rasterisation
         rles = coco_mask.frPyObjects(polygons, height, width)

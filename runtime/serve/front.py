@@ -313,6 +313,35 @@ def _make_http_server(front: Front, host: str, port: int) -> ThreadingHTTPServer
 
 # --- gRPC ---------------------------------------------------------------------------------------
 
+def check_grpc_infer(raw: bytes, bounds: RequestBounds) -> None:
+    """A serialized ModelInferRequest against `bounds` (ClipfuseError, one line, when it breaks one)."""
+    from google.protobuf.message import DecodeError
+    from tritonclient.grpc import service_pb2
+
+    try:
+        request = service_pb2.ModelInferRequest.FromString(raw)
+    except (DecodeError, ValueError, RecursionError):
+        raise ClipfuseError("malformed ModelInferRequest") from None
+    if not 1 <= len(request.inputs) <= 16:
+        raise ClipfuseError("request needs 1 to 16 inputs")
+    raw_sizes = [len(c) for c in request.raw_input_contents]
+    if raw_sizes and len(raw_sizes) != len(request.inputs):
+        raise ClipfuseError("raw_input_contents must hold one entry per input")
+    for i, tensor in enumerate(request.inputs):
+        count = bounds.check_shape(tensor.name[:64], list(tensor.shape), tensor.datatype)
+        if raw_sizes:
+            if raw_sizes[i] != count * _SIZES[tensor.datatype]:
+                raise ClipfuseError(f"input {tensor.name[:64]!r}: {raw_sizes[i]} bytes for shape "
+                                    f"{list(tensor.shape)[:6]} x {tensor.datatype}")
+        else:
+            contents = tensor.contents
+            have = sum(len(getattr(contents, f)) for f in (
+                "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
+                "fp32_contents", "fp64_contents", "bytes_contents"))
+            if have != count:
+                raise ClipfuseError(f"input {tensor.name[:64]!r}: {have} values for shape {list(tensor.shape)[:6]}")
+
+
 def _make_grpc_server(front: Front, host: str, port: int):
     """A generic gRPC proxy: ModelInfer is decoded and checked like HTTP, every other unary method
     is forwarded as bytes; streaming inference is not offered."""
@@ -325,27 +354,6 @@ def _make_grpc_server(front: Front, host: str, port: int):
     service = "inference.GRPCInferenceService"
     max_message = JSON_HEADER_BYTES + front.bounds.max_elements
 
-    def check_infer(raw: bytes) -> None:
-        request = service_pb2.ModelInferRequest.FromString(raw)
-        if not 1 <= len(request.inputs) <= 16:
-            raise ClipfuseError("request needs 1 to 16 inputs")
-        raw_sizes = [len(c) for c in request.raw_input_contents]
-        if raw_sizes and len(raw_sizes) != len(request.inputs):
-            raise ClipfuseError("raw_input_contents must hold one entry per input")
-        for i, tensor in enumerate(request.inputs):
-            count = front.bounds.check_shape(tensor.name[:64], list(tensor.shape), tensor.datatype)
-            if raw_sizes:
-                if raw_sizes[i] != count * _SIZES[tensor.datatype]:
-                    raise ClipfuseError(f"input {tensor.name[:64]!r}: {raw_sizes[i]} bytes for shape "
-                                        f"{list(tensor.shape)} x {tensor.datatype}")
-            else:
-                contents = tensor.contents
-                have = sum(len(getattr(contents, f)) for f in (
-                    "bool_contents", "int_contents", "int64_contents", "uint_contents", "uint64_contents",
-                    "fp32_contents", "fp64_contents", "bytes_contents"))
-                if have != count:
-                    raise ClipfuseError(f"input {tensor.name[:64]!r}: {have} values for shape {list(tensor.shape)}")
-
     def handler_for(method: str):
         forward = channel.unary_unary(f"/{service}/{method}")
 
@@ -355,11 +363,9 @@ def _make_grpc_server(front: Front, host: str, port: int):
             try:
                 if method == "ModelInfer":
                     try:
-                        check_infer(raw)
+                        check_grpc_infer(raw, front.bounds)
                     except ClipfuseError as exc:
                         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                    except Exception:  # protobuf DecodeError
-                        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed ModelInferRequest")
                 try:
                     return forward(raw, timeout=front.timeout_s, metadata=context.invocation_metadata())
                 except grpc.RpcError as exc:
