@@ -418,8 +418,14 @@ def geometry_cache_bytes() -> int:
 
 
 def _geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
-              gy: int, gx: int, to_output: bool = True
-              ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+              gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices."""
+    return _geometry_tables(out_h, out_w, proc_h, proc_w, window, stride, gy, gx, to_output)[:3]
+
+
+def _geometry_tables(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
+                     gy: int, gx: int, to_output: bool = True
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2], col_band [W, 2]) composed matrices
     (float32; bands int). Their size is checked against GEOMETRY_BYTES before they are built."""
     key = (out_h, out_w, proc_h, proc_w, window, stride, gy, gx, to_output)
@@ -577,7 +583,7 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     cosine = protocol.score_type == "cosine"
     if not cosine and protocol.score_type != "probability":
         raise ClipfuseError(f"unknown score_type {protocol.score_type!r} in the manifest protocol")
-    rows, cols, rband, _ = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
+    rows, cols, rband = _geometry(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
     cband = _col_bands(height, width, proc_size[0], proc_size[1], window, protocol.stride, gy, gx)
     grid = _coarse_grid(scores.astype(np.float32, copy=False), ny, nx)
     labels = np.empty((height, width), dtype=np.int32)
@@ -605,14 +611,14 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
 
 
 def _col_bands(*key) -> np.ndarray:
-    return _geometry(*key)[3]
+    return _geometry_tables(*key)[3]
 
 
 def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,
                           stride: int) -> np.ndarray:
     """[B, K, gy, gx] -> [K, h, w] averaged scores at the processing size (= average_window_scores)."""
     b, k, gy, gx = scores.shape
-    rows, cols, _, _ = _geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
+    rows, cols, _ = _geometry(0, 0, proc_size[0], proc_size[1], window, stride, gy, gx, to_output=False)
     ny, nx = rows.shape[1] // gy, cols.shape[1] // gx
     t = _row_major(scores, rows, cols, ny, nx)                          # [ny*gy, w*K]
     avg = (rows @ t).reshape(proc_size[0], proc_size[1], k)
