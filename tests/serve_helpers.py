@@ -205,13 +205,13 @@ def _fail(message: str) -> None:
     pytest.fail(message)
 
 
-def rss_kb(pids) -> int:
-    """Sum of VmRSS (kB) of the live processes among `pids`."""
+def rss_kb(pids, field: str = "VmRSS") -> int:
+    """Sum of `field` (VmRSS, RssAnon, RssShmem; kB) of the live processes among `pids`."""
     total = 0
     for pid in pids:
         try:
             for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass
