@@ -156,10 +156,11 @@ def fp16_graph(src: Path, manifest: dict, log: Callable[[str], None] = _stderr) 
     dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
     log(f"writing FP16 graph {dst} ...")
     report = convert_file(src, dst)
-    write_contract(dst, manifest)  # the FP16 graph describes itself like its source
-    check_graph(onnx.load(str(dst)), dst.name, log)
     fp16_manifest = copy.deepcopy(manifest)
-    fp16_manifest.update(precision="fp16", onnx_file=dst.name, onnx_sha256=sha256_file(dst),
+    fp16_manifest["precision"] = "fp16"
+    write_contract(dst, fp16_manifest)  # the FP16 graph describes itself (precision is in the contract)
+    check_graph(onnx.load(str(dst)), dst.name, log)
+    fp16_manifest.update(onnx_file=dst.name, onnx_sha256=sha256_file(dst),
                          source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
                          fp16=report.to_dict())
     log(f"FP16 graph: {dst} ({report.fp32_nodes}/{report.nodes} nodes kept FP32, {report.casts_inserted} casts)")

@@ -40,9 +40,12 @@ from .manifest import manifest_path_for, read_manifest
 ARTIFACT_SUFFIXES = (".onnx", ".engine")
 CONTRACT_KEY = "clipfuse.contract"
 # Manifest fields that define what the model's outputs MEAN; absent fields are left out.
+# precision, inputs, outputs and grid are read by the backends and copied into outputs: an edited
+# value would feed a wrong tensor contract or report a precision the graph does not have.
 CONTRACT_FIELDS = ("kind", "format_version", "clipfuse_version", "model", "pretrained", "seed", "head",
                    "classes", "vocab", "templates", "embed_dim", "input_size", "normalization",
-                   "protocol", "tokenizer", "context_length", "refer")
+                   "protocol", "tokenizer", "context_length", "refer", "precision", "inputs", "outputs",
+                   "grid")
 
 
 def contract_of(manifest: Dict[str, Any]) -> Dict[str, Any]:

@@ -16,10 +16,11 @@ def feed_vocabulary(seg, text_model: Optional[str], classes: Optional[str], temp
     from .text import TextEncoder, class_embeddings
     from .vocab import parse_classes
 
+    # --classes "" is a mistake, not "the manifest's classes" (export refuses it too)
+    vocab = parse_classes(classes, allow_duplicates=None) if classes is not None else seg.classes
     if not text_model:
         raise ClipfuseError(f"{Path(seg.artifact).name} takes its vocabulary at run time: pass --text-model "
                             "(made by `clipfuse export-text` with the same --model/--pretrained)")
-    vocab = parse_classes(classes) if classes else seg.classes
     # the text graph is an .onnx too: openvino runs it as well (auto precision = fp32 for text)
     text_backend = "openvino" if backend == "openvino" else "auto"
     options = {"device": device} if device else {}

@@ -169,8 +169,8 @@ def _decode(path: Path, max_pixels: Optional[int], notes: List[str], exif_transp
                                  f"{img.size[0]}x{img.size[1]} (limit {max_pixels} pixels)")
                 else:
                     raise ClipfuseError(
-                        f"image {path} is {width}x{height} = {width * height / 1e6:.0f} Mpx, above "
-                        f"the limit of {max_pixels / 1e6:.0f} Mpx (raise --max-pixels or downscale it)")
+                        f"image {path} is {width}x{height} = {width * height} pixels, above "
+                        f"the limit of {max_pixels} pixels (raise --max-pixels or downscale it)")
             orientation = img.getexif().get(0x0112) if exif_transpose else None
             img.load()
             rgb = _to_rgb8(img)

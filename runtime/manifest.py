@@ -44,10 +44,13 @@ def read_manifest(path: "str | Path") -> Dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ClipfuseError(f"manifest not found: {path} (every artifact needs its .json beside it)")
+    from .limits import load_json_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClipfuseError(f"manifest {path} is not valid JSON: {exc}") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ClipfuseError(f"manifest {path} is not UTF-8 text") from None
+    data = load_json_text(text, f"manifest {path}")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ClipfuseError(f"{path} is not a clipfuse manifest (missing format={FORMAT!r})")
     if data.get("format_version") != FORMAT_VERSION:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import numpy as np
 
 from .errors import ClipfuseError
+from .limits import GEOMETRY_BYTES, GEOMETRY_CACHE_BYTES
 from .methods import Protocol
 
 # Rows of the full-size score map processed at once: bounds memory to K x ROWS x W floats.
@@ -361,20 +361,95 @@ def _axis_matrix(starts: Tuple[int, ...], proc: int, window: int, grid: int,
         place[s:s + window, i * grid:(i + 1) * grid] += up
         count[s:s + window] += 1.0
     avg = place[:proc] / count[:proc, None]
-    return avg if out is None else interpolation_matrix(proc, out, np.float64) @ avg
+    if out is None:
+        return avg
+    # The resize has two taps per output index: gather them instead of multiplying by a dense
+    # [out, proc] matrix (a 1 x 400000 strip made that 6 GB of float64 zeros).
+    i0, i1, w0, w1 = linear_taps(proc, out)
+    resized = avg[i0]
+    resized *= w0[:, None]
+    resized += avg[i1] * w1[:, None]
+    return resized
 
 
-@lru_cache(maxsize=64)
+class _BytesLRU:
+    """A thread-safe LRU cache bounded by the bytes of its values (the server sees many image
+    sizes, and one geometry of a long image is MBs: an entry count bounds nothing)."""
+
+    def __init__(self, limit: int) -> None:
+        import threading
+        from collections import OrderedDict
+
+        self.limit, self.bytes = limit, 0
+        self._items: "OrderedDict[tuple, Tuple[object, int]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple):
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0]
+
+    def put(self, key: tuple, value: object, nbytes: int) -> None:
+        with self._lock:
+            if key in self._items or nbytes > self.limit:
+                return
+            self._items[key] = (value, nbytes)
+            self.bytes += nbytes
+            while self.bytes > self.limit:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
+_GEOMETRIES = _BytesLRU(GEOMETRY_CACHE_BYTES.value)
+
+
+def geometry_cache_clear() -> None:
+    _GEOMETRIES.clear()
+
+
+def geometry_cache_bytes() -> int:
+    return _GEOMETRIES.bytes
+
+
 def window_geometry(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
                     gy: int, gx: int, to_output: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2]) float32 composed matrices: window scores
     [ny*gy, nx*gx] -> averaged, resized scores [H, W] is rows @ S @ cols.T (public: the frame graph
-    bakes the same matrices, export/frame_graph.py)."""
+    bakes the same matrices, export/frame_graph.py). Cached, bounded in bytes (_geometry_tables)."""
+    return _geometry_tables(out_h, out_w, proc_h, proc_w, window, stride, gy, gx, to_output)[:3]
+
+
+def _geometry_tables(out_h: int, out_w: int, proc_h: int, proc_w: int, window: int, stride: int,
+                     gy: int, gx: int, to_output: bool = True
+                     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [H, ny*gy], cols [W, nx*gx], row_band [H, 2], col_band [W, 2]) composed matrices
+    (float32; bands int). Their size is checked against GEOMETRY_BYTES before they are built."""
+    key = (out_h, out_w, proc_h, proc_w, window, stride, gy, gx, to_output)
+    hit = _GEOMETRIES.get(key)
+    if hit is not None:
+        return hit
     ys = tuple(window_starts(proc_h, window, stride))
     xs = tuple(window_starts(proc_w, window, stride))
+    n_rows, n_cols = (out_h, out_w) if to_output else (proc_h, proc_w)
+    # float64 while composing, float32 kept: 12 bytes per table entry at the peak
+    need = (n_rows * len(ys) * gy + n_cols * len(xs) * gx) * 12
+    GEOMETRY_BYTES.check(need, f"image {out_h} x {out_w} (too elongated for the window protocol; crop it)")
     rows = _axis_matrix(ys, proc_h, window, gy, out_h if to_output else None)
     cols = _axis_matrix(xs, proc_w, window, gx, out_w if to_output else None)
-    return rows.astype(np.float32), cols.astype(np.float32), _bands(rows)
+    cols32 = cols.astype(np.float32)
+    del cols
+    value = (rows.astype(np.float32), cols32, _bands(rows), _bands(cols32))
+    del rows
+    _GEOMETRIES.put(key, value, sum(int(v.nbytes) for v in value))
+    return value
 
 
 def _coarse_columns(scores: np.ndarray, ny: int, nx: int) -> np.ndarray:
@@ -539,9 +614,8 @@ def labels_from_window_scores(scores: np.ndarray, proc_size: Tuple[int, int], si
     return labels, (confidence if want_confidence else None)
 
 
-@lru_cache(maxsize=64)
 def _col_bands(*key) -> np.ndarray:
-    return _bands(window_geometry(*key)[1])
+    return _geometry_tables(*key)[3]
 
 
 def window_scores_average(scores: np.ndarray, proc_size: Tuple[int, int], window: int,

@@ -8,7 +8,7 @@ present, else ',' separates classes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from .errors import ClipfuseError
 
@@ -19,7 +19,7 @@ def _clean(names: Sequence[str]) -> List[str]:
     return [" ".join(n.split()) for n in names if n.strip()]
 
 
-def validate(vocab: Vocabulary, source: str = "vocabulary", allow_duplicates: bool = False) -> Vocabulary:
+def validate(vocab: Vocabulary, source: str = "vocabulary", allow_duplicates: Optional[bool] = False) -> Vocabulary:
     """Reject empty vocabularies and repeated names.
 
     `allow_duplicates` admits one name in two DIFFERENT classes, as SCLIP's published COCO-Object
@@ -35,16 +35,18 @@ def validate(vocab: Vocabulary, source: str = "vocabulary", allow_duplicates: bo
         for name in names:
             key = name.lower()
             if key in seen and (seen[key] == idx or not allow_duplicates):
-                hint = "" if seen[key] == idx else " (--allow-duplicate-names accepts this)"
+                # only commands that have the flag (allow_duplicates not None) suggest it
+                hint = "" if seen[key] == idx or allow_duplicates is None else " (--allow-duplicate-names accepts this)"
                 raise ClipfuseError(f"{source}: duplicate name {name!r} (classes {seen[key]} and {idx}){hint}")
             seen.setdefault(key, idx)
     return vocab
 
 
-def parse_classes(text: str, source: str = "--classes", allow_duplicates: bool = False) -> Vocabulary:
+def parse_classes(text: str, source: str = "--classes", allow_duplicates: Optional[bool] = False) -> Vocabulary:
     """Parse the CLI form: 'a,b,c' (three classes) or 'a;b1,b2;c' (b has a synonym).
 
-    `allow_duplicates`: as in `validate` (the --allow-duplicate-names flag)."""
+    `allow_duplicates`: as in `validate` (the --allow-duplicate-names flag; None: the command has
+    no such flag, so the message does not suggest it)."""
     if ";" in text:
         vocab = [_clean(part.split(",")) for part in text.split(";") if part.strip()]
     else:

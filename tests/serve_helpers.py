@@ -1,9 +1,16 @@
 """Shared pieces of the Triton serving tests: skip reason, free loopback ports, smooth images."""
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
-from pathlib import Path
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -123,3 +130,89 @@ def concurrently(call: Callable[[int], object], n: int, timeout: float = 120.0) 
         t.join(timeout=timeout)
     assert all(r is not None for r in results), "a concurrent client did not finish"
     return results
+
+
+class CliServer:
+    """`clipfuse serve` in a subprocess with its own TMPDIR; `leftovers()` lists what survived."""
+
+    def __init__(self, artifact, tmp_path, *extra: str, max_pixels: int = 1200 * 1200) -> None:
+        self.ports = free_ports(3)
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        # short: multiprocessing puts AF_UNIX sockets (108-byte paths) under TMPDIR
+        self.base = Path(tempfile.mkdtemp(prefix="cfs", dir="/tmp"))
+        self.tmpdir = self.base / "t"
+        self.tmpdir.mkdir()
+        self.log_path = tmp_path / "serve.log"
+        self.log = open(self.log_path, "wb")
+        self.home = self.base / "h"     # PyTriton's workspaces (and their sockets) go here
+        self.home.mkdir()
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(self.tmpdir), PYTRITON_HOME=str(self.home))
+        cmd = [sys.executable, "-m", "clipfuse.runtime.cli", "serve", f"tiny={artifact}",
+               "--http-port", str(self.ports[0]), "--grpc-port", str(self.ports[1]),
+               "--metrics-port", str(self.ports[2]), "--threads", "1", "--max-pixels", str(max_pixels), *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.children: set = set()
+        self.shm: set = set()
+
+    def wait_ready(self, timeout: float = 120) -> "CliServer":
+        wait_until(lambda: self.ready(), timeout, "clipfuse serve ready")
+        self.snapshot()
+        return self
+
+    def ready(self) -> bool:
+        if self.proc.poll() is not None:
+            _fail(f"server exited early:\n{self.text()[-3000:]}")
+        with urllib.request.urlopen(f"http://{LOOPBACK}:{self.ports[0]}/v2/models/tiny/ready", timeout=2) as r:
+            return r.status == 200
+
+    def snapshot(self) -> None:
+        from clipfuse.runtime.serve.server import _descendants, _shm_mapped
+        pids = _descendants(self.proc.pid)
+        self.children |= pids
+        for pid in pids | {self.proc.pid}:
+            self.shm |= _shm_mapped(pid)
+
+    def text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def leftovers(self) -> dict:
+        alive = {p for p in self.children if os.path.exists(f"/proc/{p}")
+                 and open(f"/proc/{p}/stat", "rb").read().rsplit(b")", 1)[1].split()[0] != b"Z"}
+        # `.ses`: a 51-byte session-id file the inference library writes under TMPDIR when a
+        # session opens (`clipfuse run` writes it too); reused, not a server resource
+        tmp = [p for p in self.tmpdir.iterdir() if p.name != ".ses"] + list(self.home.iterdir())
+        return {"processes": sorted(alive), "shm": sorted(p for p in self.shm if os.path.exists(p)),
+                "tmp": sorted(str(p) for p in tmp)}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(20)
+        for pid in self.children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        self.log.close()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+
+
+def _fail(message: str) -> None:
+    import pytest
+    pytest.fail(message)
+
+
+def rss_kb(pids, field: str = "VmRSS") -> int:
+    """Sum of `field` (VmRSS, RssAnon, RssShmem; kB) of the live processes among `pids`."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in open(f"/proc/{pid}/status"):
+                if line.startswith(field + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total

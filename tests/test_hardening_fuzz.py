@@ -8,6 +8,7 @@ the file under ~1 minute on 2 cores.
 from __future__ import annotations
 
 import io
+import json
 import itertools
 import shutil
 from pathlib import Path
@@ -222,3 +223,177 @@ def test_gpu_check_options_parse_to_finite_values_or_one_line(option, value):
             assert len(capture.getvalue().strip().splitlines()) == 1
             return
     assert math.isfinite(args.budget) and 30 <= args.budget <= 3600
+
+
+# --- round two: upper bounds of numeric options, request shapes, proposals, manifests, resume ----
+BOUNDED = {  # option -> the limit that bounds it (clipfuse.runtime.limits)
+    "--instances": "INSTANCES", "--protocol-instances": "INSTANCES", "--max-batch-size": "MAX_BATCH_SIZE",
+    "--window-batch": "WINDOW_BATCH", "--queue-delay-us": "QUEUE_DELAY_US", "--drain-timeout": "DRAIN_TIMEOUT_S",
+    "--threads": "THREADS", "--max-pixels": "SERVE_MAX_PIXELS_CAP", "--clients": "BENCH_CLIENTS",
+    "--requests": "BENCH_REQUESTS", "--baseline-requests": "BENCH_REQUESTS", "--log-verbose": "LOG_VERBOSE"}
+HUGE = st.one_of(st.integers(-10, 10**13).map(str), st.sampled_from(["1e9", "10**9", "4294967296", "65"]))
+
+
+@fuzz(150)
+@given(st.sampled_from(["serve", "triton-repo", "bench-serve"]), st.data())
+def test_serving_options_stay_within_their_limits(command, data):
+    import contextlib
+    from clipfuse.runtime import limits
+    required, options = COMMAND_NUMERIC[command]
+    option = data.draw(st.sampled_from([o for o in options if o in BOUNDED]))
+    value = data.draw(HUGE)
+    capture = io.StringIO()
+    with contextlib.redirect_stderr(capture):
+        try:
+            args = build_parser().parse_args([command, *required, f"{option}={value}"])
+        except SystemExit as exc:
+            assert exc.code == 2 and len(capture.getvalue().strip().splitlines()) == 1
+            return
+    parsed = getattr(args, option.lstrip("-").replace("-", "_"))
+    assert 0 <= parsed <= getattr(limits, BOUNDED[option]).value, (option, value)
+
+
+SHAPES = st.lists(st.one_of(st.integers(-3, 5000), st.sampled_from([0, 3, 10**5, 2**31, 2**63 - 1])),
+                  min_size=0, max_size=6)
+DTYPES = st.sampled_from(["UINT8", "FP32", "BYTES", "INT64", "", "uint8"])
+
+
+@fuzz(300)
+@given(SHAPES, DTYPES, st.one_of(st.none(), st.integers(-5, 10**9)), st.integers(0, 10**6),
+       st.sampled_from(["image", "x", ""]), st.one_of(st.none(), st.lists(st.integers(0, 255), max_size=40)))
+def test_http_request_shapes_checked_before_triton(shape, dtype, binary_size, binary_bytes, name, data):
+    from clipfuse.runtime.serve.front import RequestBounds, check_http_infer
+    bounds = RequestBounds(max_pixels=4096 * 4096, max_batch=8)
+    item = {"name": name, "shape": shape, "datatype": dtype}
+    if binary_size is not None:
+        item["parameters"] = {"binary_data_size": binary_size}
+    else:
+        item["data"] = data
+    try:
+        check_http_infer({"inputs": [item]}, binary_bytes if binary_size is not None else 0, bounds)
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)
+        return
+    count = int(np.prod(shape, dtype=object))
+    assert all(d >= 1 for d in shape) and count <= bounds.max_elements
+    if name == "image":
+        assert len(shape) == 4 and shape[0] <= 8 and shape[1] * shape[2] <= bounds.max_pixels
+
+
+@fuzz(200)
+@given(SHAPES, DTYPES, st.lists(st.binary(max_size=64), max_size=3), st.binary(max_size=64))
+def test_grpc_request_shapes_checked_before_triton(shape, dtype, raw, junk):
+    pytest.importorskip("tritonclient.grpc")
+    from tritonclient.grpc import service_pb2
+    from clipfuse.runtime.serve.front import RequestBounds, check_grpc_infer
+    bounds = RequestBounds(max_pixels=4096 * 4096, max_batch=8)
+    request = service_pb2.ModelInferRequest(model_name="m")
+    try:
+        request.inputs.add(name="image", datatype=dtype, shape=shape)
+    except ValueError:   # shape values outside int64: protobuf itself refuses them
+        return
+    request.raw_input_contents.extend(raw)
+    for payload in (request.SerializeToString(), junk):
+        try:
+            check_grpc_infer(payload, bounds)
+        except ClipfuseError as exc:
+            assert "\n" not in str(exc)
+            continue
+        assert payload is not junk or junk == b"" or True
+        assert all(d >= 1 for d in shape) and int(np.prod(shape, dtype=object)) <= bounds.max_elements
+
+
+NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**12, 10**12),
+                    st.sampled_from([0, 1, 59, 60, 79, 80, 1e308, -1e10]))
+
+
+@fuzz(200)
+@given(st.lists(st.lists(NUMBERS, max_size=12), max_size=3), st.integers(-2, 100), st.integers(-2, 100))
+def test_polygons_are_refused_or_rasterised_at_the_image_size(polygons, height, width):
+    from clipfuse.runtime.refer.masks import polygons_to_mask
+    try:
+        mask = polygons_to_mask(polygons, height, width)
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert mask.shape == (height, width) and mask.dtype == bool
+
+
+RLE = st.fixed_dictionaries({"size": st.one_of(st.lists(NUMBERS, max_size=3), st.text(max_size=4)),
+                             "counts": st.one_of(st.lists(st.integers(-5, 10**6), max_size=8),
+                                                 st.text(max_size=12), st.just("!!!!"), NUMBERS)})
+
+
+@fuzz(200)
+@given(st.lists(st.one_of(RLE, st.fixed_dictionaries({"segmentation": st.lists(st.lists(NUMBERS, max_size=8), max_size=2),
+                                                      "height": NUMBERS, "width": NUMBERS})), max_size=3))
+def test_proposal_json_refused_or_decoded(tmp_path_factory, entries):
+    from clipfuse.runtime.refer.masks import load_proposals
+    path = tmp_path_factory.mktemp("prop") / "p.json"
+    path.write_text(json.dumps(entries, allow_nan=True))
+    try:
+        masks = load_proposals(path, (6, 8))
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert masks.ndim == 3 and (len(masks) == 0 or masks.shape[1:] == (6, 8))
+
+
+@fuzz(150)
+@given(st.binary(max_size=300), st.sampled_from([".npz", ".npy"]))
+def test_proposal_arrays_refused_or_loaded(tmp_path_factory, data, suffix):
+    from clipfuse.runtime.refer.masks import load_proposals
+    buf = io.BytesIO()
+    np.savez(buf, masks=np.zeros((2, 6, 8), bool)) if suffix == ".npz" else np.save(buf, np.zeros((2, 6, 8), bool))
+    seed = bytearray(buf.getvalue())
+    for i, b in enumerate(data[:40]):           # overwrite header bytes, then append the rest
+        seed[(i * 7) % len(seed)] = b
+    path = tmp_path_factory.mktemp("arr") / f"m{suffix}"
+    path.write_bytes(bytes(seed) + data[40:])
+    try:
+        masks = load_proposals(path, (6, 8))
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert masks.ndim == 3
+
+
+JSONISH = st.recursive(st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=8)),
+                       lambda kids: st.one_of(st.lists(kids, max_size=4), st.dictionaries(st.text(max_size=6), kids, max_size=4)),
+                       max_leaves=20)
+
+
+@fuzz(150)
+@given(st.data())
+def test_manifest_mutations_are_refused_or_read(tmp_path_factory, data):
+    import json as _json
+    from clipfuse.runtime.manifest import FORMAT, FORMAT_VERSION, read_manifest
+    base = {"format": FORMAT, "format_version": FORMAT_VERSION, "kind": "image", "inputs": [], "outputs": []}
+    key = data.draw(st.sampled_from(sorted(base) + ["protocol", "classes", "engine"]))
+    base[key] = data.draw(JSONISH)
+    text = _json.dumps(base, allow_nan=True)
+    if data.draw(st.booleans()):
+        text = "[" * data.draw(st.integers(1, 50_000)) + text
+    path = tmp_path_factory.mktemp("man") / "m.json"
+    path.write_text(text)
+    try:
+        assert isinstance(read_manifest(path), dict)
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)
+
+
+@fuzz(150)
+@given(st.data())
+def test_resume_file_mutations_are_refused_or_loaded(tmp_path_factory, data):
+    import json as _json
+    from clipfuse.runtime.eval.report import FORMAT, FORMAT_VERSION, EvalRecord
+    base = {"format": FORMAT, "format_version": FORMAT_VERSION, "meta": {}, "confusion": {"a": [[1, 0], [0, 1]]},
+            "done_ids": ["x"]}
+    key = data.draw(st.sampled_from(sorted(base) + ["agreement"]))
+    base[key] = data.draw(JSONISH)
+    path = tmp_path_factory.mktemp("res") / "results.json"
+    path.write_text(_json.dumps(base, allow_nan=True))
+    try:
+        EvalRecord.start(path, {"num_classes": 2, "runs": ["a"]}, resume=True)
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc)

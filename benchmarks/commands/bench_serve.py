@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from clipfuse.runtime.cliargs import non_negative_int, positive_int
+from clipfuse.runtime import limits as L
+
 
 ORDER = 150  # place in `clipfuse --help`
 HELP = "load-test clipfuse serve: concurrent clients, throughput and p50/p99 latency"
@@ -27,18 +28,18 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("artifact", help="exported .onnx or built .engine (its .json beside it)")
-    parser.add_argument("--clients", type=positive_int, default=8, help="concurrent clients (default: %(default)s)")
-    parser.add_argument("--requests", type=positive_int, default=25, help="requests per client (default: %(default)s)")
-    parser.add_argument("--size", type=positive_int, nargs=2, default=[480, 640], metavar=("H", "W"),
+    parser.add_argument("--clients", type=L.BENCH_CLIENTS.option_type(), default=8, help="concurrent clients (default: %(default)s)")
+    parser.add_argument("--requests", type=L.BENCH_REQUESTS.option_type(), default=25, help="requests per client (default: %(default)s)")
+    parser.add_argument("--size", type=L.BENCH_SIDE.option_type(), nargs=2, default=[480, 640], metavar=("H", "W"),
                         help="image size (default: 480 640)")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
-    parser.add_argument("--instances", type=positive_int, default=1, help="model instances (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=8, help="(default: %(default)s)")
-    parser.add_argument("--queue-delay-us", type=non_negative_int, default=2000, help="(default: %(default)s)")
-    parser.add_argument("--window-batch", type=positive_int, default=None)
+    parser.add_argument("--instances", type=L.INSTANCES.option_type(), default=1, help="model instances (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=L.MAX_BATCH_SIZE.option_type(), default=8, help="(default: %(default)s)")
+    parser.add_argument("--queue-delay-us", type=L.QUEUE_DELAY_US.option_type(0), default=2000, help="(default: %(default)s)")
+    parser.add_argument("--window-batch", type=L.WINDOW_BATCH.option_type(), default=None)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--threads", type=positive_int, default=None, help="ort-cpu intra-op threads")
-    parser.add_argument("--baseline-requests", type=non_negative_int, default=5,
+    parser.add_argument("--threads", type=L.THREADS.option_type(), default=None, help="ort-cpu intra-op threads")
+    parser.add_argument("--baseline-requests", type=L.BENCH_REQUESTS.option_type(0), default=5,
                         help="requests for the no-server baseline (default: %(default)s)")
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
 

@@ -3,6 +3,7 @@ their outputs (max abs diff, argmax agreement, NaN/Inf) against stated tolerance
 from __future__ import annotations
 
 import argparse
+import math
 import glob
 import json
 import sys
@@ -61,7 +62,10 @@ def parse_side(text: str) -> Tuple[Path, str]:
     return path, backend or "auto"
 
 
-def _per_output(values: List[str], flag: str) -> Tuple[Optional[float], Dict[str, float]]:
+def _per_output(values: List[str], flag: str, low: float = 0.0, high: float = math.inf
+                ) -> Tuple[Optional[float], Dict[str, float]]:
+    """'[OUTPUT=]NUMBER' values -> (default, {output: value}); finite and within [low, high]
+    (a NaN tolerance makes every comparison pass)."""
     from ..errors import ClipfuseError
 
     default, named = None, {}
@@ -71,11 +75,24 @@ def _per_output(values: List[str], flag: str) -> Tuple[Optional[float], Dict[str
             x = float(num)
         except ValueError:
             raise ClipfuseError(f"{flag} {v!r}: expected [OUTPUT=]NUMBER") from None
+        if not math.isfinite(x) or not low <= x <= high:
+            raise ClipfuseError(f"{flag} {v!r}: must be a finite number >= {low:g}"
+                                + (f" and <= {high:g}" if math.isfinite(high) else ""))
         if name:
             named[name] = x
         else:
             default = x
     return default, named
+
+
+def _check_output_names(named: Dict[str, float], flag: str, outputs: List[str]) -> None:
+    """A tolerance for an output the graph does not have would be silently ignored."""
+    from ..errors import ClipfuseError
+
+    unknown = sorted(set(named) - set(outputs))
+    if unknown:
+        raise ClipfuseError(f"{flag} {unknown[0]}=...: the graph has no output {unknown[0]!r} "
+                            f"(outputs: {', '.join(outputs)})")
 
 
 def collect_images(patterns: List[str], limit: int) -> List[Path]:
@@ -156,7 +173,10 @@ def run(args: argparse.Namespace) -> int:
         raise ClipfuseError(f"{sides[0][0].name} and {sides[1][0].name} come from different exports "
                             "(source ONNX hashes differ): compare artifacts of one export")
     atol, atol_named = _per_output(args.atol, "--atol")
-    argmax, argmax_named = _per_output(args.min_argmax, "--min-argmax")
+    argmax, argmax_named = _per_output(args.min_argmax, "--min-argmax", high=1.0)
+    output_names = [str(t.get("name")) for t in manifests[0].get("outputs", [])]
+    _check_output_names(atol_named, "--atol", output_names)
+    _check_output_names(argmax_named, "--min-argmax", output_names)
     reduced = any(is_reduced_precision(p, m, b) for (p, b), m in zip(sides, manifests))
     default_tol = Tolerance(max_abs=atol if atol is not None else (2e-2 if reduced else 1e-4),
                             min_argmax=argmax if argmax is not None else 0.99,

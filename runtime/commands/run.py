@@ -202,7 +202,7 @@ def _segment_all(args: argparse.Namespace, images: list, out_dir: Path, options:
                          logit_scale=args.logit_scale, prob_thd=args.prob_thd, area_thd=args.area_thd)
     if seg.dynamic_vocab:
         feed_vocabulary(seg, args.text_model, args.classes, args.templates, args.backend, args.device)
-    elif args.text_model or args.classes:
+    elif args.text_model or args.classes is not None:
         raise ClipfuseError(f"{Path(args.model).name} has a baked vocabulary; --text-model/--classes need a "
                             "graph exported with --vocab dynamic")
     with seg:

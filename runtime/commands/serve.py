@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..cliargs import non_negative_int, port, positive_int
+from .. import limits as L
+from ..cliargs import port
 
 ORDER = 130  # place in `clipfuse --help`
 HELP = "serve graphs/engines over HTTP and gRPC with NVIDIA Triton (dynamic batching)"
@@ -22,8 +23,11 @@ Concurrent requests with images of the same size are batched by Triton (up to --
 waiting at most --queue-delay-us); all their windows then go through the backend together, in
 calls of at most --window-batch windows (default: the engine's max batch; unlimited for ONNX).
 Health: GET /v2/health/ready and /v2/models/NAME/ready; Prometheus metrics on --metrics-port.
-Listens on 127.0.0.1 unless --host says otherwise. SIGTERM/SIGINT: stop taking requests, finish the
-ones in flight (up to --drain-timeout s), exit 0.
+Listens on 127.0.0.1 unless --host says otherwise. Requests are checked against the server's
+limits (--max-pixels, --max-batch-size) before Triton sees them; errors are one line.
+SIGTERM/SIGINT: new requests get 503 at once, the ones in flight finish (up to --drain-timeout s),
+then exit 0 (1 when requests had to be cut off). Exit 2 when the Triton server dies.
+Nothing is left behind: no process, /dev/shm segment or temporary folder.
 
 examples:
   clipfuse serve engines/sclip.onnx
@@ -49,29 +53,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--grpc-port", type=port, default=8001, help="(default: %(default)s)")
     net.add_argument("--metrics-port", type=port, default=8002, help="(default: %(default)s)")
     sched = parser.add_argument_group("scheduling")
-    sched.add_argument("--instances", type=positive_int, default=1,
+    sched.add_argument("--instances", type=L.INSTANCES.option_type(), default=1,
                        help="model instances per artifact, each runs one batch at a time (default: %(default)s)")
-    sched.add_argument("--max-batch-size", type=positive_int, default=8,
+    sched.add_argument("--max-batch-size", type=L.MAX_BATCH_SIZE.option_type(), default=8,
                        help="images per Triton batch (default: %(default)s)")
-    sched.add_argument("--queue-delay-us", type=non_negative_int, default=2000,
+    sched.add_argument("--queue-delay-us", type=L.QUEUE_DELAY_US.option_type(0), default=2000,
                        help="how long Triton holds a request to fill a batch, microseconds (default: %(default)s)")
-    sched.add_argument("--window-batch", type=positive_int, default=None,
+    sched.add_argument("--window-batch", type=L.WINDOW_BATCH.option_type(), default=None,
                        help="windows per backend call (default: the engine's max batch; all for ONNX)")
-    sched.add_argument("--drain-timeout", type=non_negative_int, default=30,
+    sched.add_argument("--drain-timeout", type=L.DRAIN_TIMEOUT_S.option_type(0), default=30,
                        help="seconds to finish in-flight requests on SIGTERM (default: %(default)s)")
     parser.add_argument("--backend", default="auto",
                         help=backend_help())
-    parser.add_argument("--threads", type=positive_int, default=None, help="ort-cpu: intra-op threads (default: all cores)")
-    parser.add_argument("--max-pixels", type=positive_int, default=None,
+    parser.add_argument("--threads", type=L.THREADS.option_type(), default=None, help="ort-cpu: intra-op threads (default: all cores)")
+    parser.add_argument("--max-pixels", type=L.SERVE_MAX_PIXELS_CAP.option_type(), default=None,
                         help="refuse larger images with a Triton error (default: 4096 x 4096)")
-    parser.add_argument("--log-verbose", type=non_negative_int, default=0, help="Triton's verbose log level (default: 0)")
+    parser.add_argument("--log-verbose", type=L.LOG_VERBOSE.option_type(0), default=0, help="Triton's verbose log level (default: 0)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the model files")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..serve.core import DEFAULT_MAX_PIXELS
-    from ..serve.server import ClipfuseTriton, ServeOptions
+    import signal
 
+    from ..serve.core import DEFAULT_MAX_PIXELS
+    from ..serve.server import ClipfuseTriton, ServeOptions, _raise_keyboard_interrupt
+
+    # Until the server is ready, SIGTERM interrupts start-up like Ctrl-C: what was started
+    # (tritonserver, its stubs, shared memory, the workspace) is stopped and removed on the way out.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
                            max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,
@@ -85,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"clipfuse serve: {names} ready on http://{args.host}:{args.http_port} "
           f"grpc {args.host}:{args.grpc_port} metrics http://{args.host}:{args.metrics_port}/metrics",
           file=sys.stderr, flush=True)
-    server.serve_forever()
-    print("clipfuse serve: stopped", file=sys.stderr, flush=True)
-    return 0
+    code = server.serve_forever()
+    message = {0: "stopped", 1: f"stopped; requests still running after --drain-timeout {args.drain_timeout} s were cut off",
+               2: "error: the Triton server stopped unexpectedly"}[code]
+    print(f"clipfuse serve: {message}", file=sys.stderr, flush=True)
+    return code

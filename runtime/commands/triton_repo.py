@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cliargs import non_negative_int, positive_int
+from .. import limits as L
 
 ORDER = 140  # place in `clipfuse --help`
 HELP = "write a Triton model repository (graph/engine model + Python protocol model) for Triton"
@@ -44,16 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for .onnx; python: clipfuse's own backends in Triton's Python backend)")
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
                         help="instance kind of NAME_windows (default: %(default)s)")
-    parser.add_argument("--instances", type=positive_int, default=1, help="instances of NAME_windows (default: %(default)s)")
-    parser.add_argument("--protocol-instances", type=positive_int, default=1,
+    parser.add_argument("--instances", type=L.INSTANCES.option_type(), default=1, help="instances of NAME_windows (default: %(default)s)")
+    parser.add_argument("--protocol-instances", type=L.INSTANCES.option_type(), default=1,
                         help="instances of the Python protocol model (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=positive_int, default=8,
+    parser.add_argument("--max-batch-size", type=L.MAX_BATCH_SIZE.option_type(), default=8,
                         help="images per Triton batch of the protocol model (default: %(default)s)")
-    parser.add_argument("--window-batch", type=positive_int, default=None,
+    parser.add_argument("--window-batch", type=L.WINDOW_BATCH.option_type(), default=None,
                         help="max_batch_size of NAME_windows (default: the engine's profile max; 16 for .onnx)")
-    parser.add_argument("--queue-delay-us", type=non_negative_int, default=2000,
+    parser.add_argument("--queue-delay-us", type=L.QUEUE_DELAY_US.option_type(0), default=2000,
                         help="dynamic batching queue delay, microseconds (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=positive_int, default=None,
+    parser.add_argument("--max-pixels", type=L.SERVE_MAX_PIXELS_CAP.option_type(), default=None,
                         help="refuse larger images with a Triton error (default: 4096 x 4096)")
     parser.add_argument("--no-verify", action="store_true", help="skip the SHA-256 check of the model files")
 

@@ -56,22 +56,31 @@ CITYSCAPES_LUT = _lut({7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21:
 # --- file loading -------------------------------------------------------------------------------
 
 def load_image(path: Path) -> np.ndarray:
-    from PIL import Image
+    """The one image reader of the runtime (size limit checked on the header, truncated and
+    forged files refused); EXIF orientation is ignored, as the datasets' labels are not rotated."""
+    from ..imageio import read_image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return read_image(path, exif_transpose=False)
 
 
 def load_label(path: Path, lut: np.ndarray) -> np.ndarray:
     """Class indices of a label PNG (palette or grayscale) mapped through `lut`."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L", "I", "I;16"):
-            raise ClipfuseError(
-                f"{path}: label PNG has mode {img.mode}; expected class indices (palette or "
-                f"grayscale), not a colour rendering")
-        raw = np.asarray(img)
+    from ..imageio import DEFAULT_MAX_PIXELS
+
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                raise ClipfuseError(
+                    f"{path}: label PNG has mode {img.mode}; expected class indices (palette or "
+                    f"grayscale), not a colour rendering")
+            if img.size[0] * img.size[1] > DEFAULT_MAX_PIXELS:
+                raise ClipfuseError(f"{path}: label PNG declares {img.size[0]}x{img.size[1]} pixels, above the "
+                                    f"limit of {DEFAULT_MAX_PIXELS} (a fixed limit)")
+            raw = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: truncated/corrupt files
+        raise ClipfuseError(f"{path}: cannot read label PNG ({str(exc).splitlines()[0][:100]})") from None
     if raw.max(initial=0) > 255:
         raise ClipfuseError(f"{path}: label values above 255 (max {int(raw.max())})")
     return lut[raw.astype(np.int64)]
@@ -151,7 +160,11 @@ def _from_split(spec: DatasetSpec, base: Path, split: str, image_dir: str, label
     split_file = base / split
     _require([split_file, base / image_dir, base / label_dir],
              f"{spec.title} under {base} (expected {spec.layout})")
-    ids = sorted({line.strip() for line in split_file.read_text().splitlines() if line.strip()})
+    try:
+        text = split_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ClipfuseError(f"{split_file} is not UTF-8 text (byte {exc.start}); expected one image id a line") from None
+    ids = sorted({line.strip() for line in text.splitlines() if line.strip()})
     if not ids:
         raise ClipfuseError(f"{split_file} lists no image ids")
     items = [(i, base / image_dir / f"{i}.jpg", base / label_dir / f"{i}.png") for i in ids]

@@ -54,6 +54,8 @@ class ConfusionMatrix:
     @classmethod
     def from_list(cls, rows: Sequence[Sequence[int]], ignore_index: int = 255) -> "ConfusionMatrix":
         counts = np.asarray(rows, dtype=np.int64)
+        if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or (counts < 0).any():
+            raise ValueError(f"expected a square matrix of counts >= 0, got shape {list(counts.shape)}")
         return cls(counts.shape[0], ignore_index, counts)
 
 

@@ -68,23 +68,34 @@ class EvalRecord:
         return record
 
     def _load(self) -> None:
+        from ..limits import load_json_text
+
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            data = load_json_text(self.path.read_text(encoding="utf-8"), f"cannot resume from {self.path}")
+        except (OSError, UnicodeDecodeError) as exc:
             raise ClipfuseError(f"cannot resume from {self.path}: {exc}") from None
-        if data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
+        if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
             raise ClipfuseError(f"{self.path} is not a clipfuse-eval v{FORMAT_VERSION} record")
+        meta, confusion, done = data.get("meta"), data.get("confusion"), data.get("done_ids")
+        if not isinstance(meta, dict) or not isinstance(confusion, dict) or not isinstance(done, list) \
+                or not all(isinstance(i, str) for i in done):
+            raise ClipfuseError(f"cannot resume from {self.path}: meta, confusion or done_ids is malformed")
         for key in IDENTITY_KEYS:
-            if _jsonable(data["meta"].get(key)) != _jsonable(self.meta.get(key)):
+            if _jsonable(meta.get(key)) != _jsonable(self.meta.get(key)):
                 raise ClipfuseError(
-                    f"cannot resume {self.path}: it was made with {key}={data['meta'].get(key)!r}, "
+                    f"cannot resume {self.path}: it was made with {key}={meta.get(key)!r}, "
                     f"this run has {self.meta.get(key)!r}; use another --out")
-        for name, rows in data["confusion"].items():
-            self.matrices[name] = ConfusionMatrix.from_list(rows)
-        self.done = list(data["done_ids"])
+        try:
+            for name, rows in confusion.items():
+                self.matrices[name] = ConfusionMatrix.from_list(rows)
+            agreement = data.get("agreement", {})
+            self.agree_pixels = int(agreement.get("equal_pixels", 0))
+            self.compared_pixels = int(agreement.get("pixels", 0))
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ClipfuseError(f"cannot resume from {self.path}: malformed confusion matrix or "
+                                f"agreement ({str(exc).splitlines()[0][:80]})") from None
+        self.done = list(done)
         self._done_set = set(self.done)
-        self.agree_pixels = int(data.get("agreement", {}).get("equal_pixels", 0))
-        self.compared_pixels = int(data.get("agreement", {}).get("pixels", 0))
 
     def is_done(self, sample_id: str) -> bool:
         return sample_id in self._done_set

@@ -34,7 +34,7 @@ def _proposals(data: ReferDataset, image_id: int, image: np.ndarray, oracle: boo
         return np.asarray(data.image_masks(image_id))
     if masks_dir is not None:
         found = proposal_file(masks_dir, image_id, data.images[image_id]["file_name"])
-        return np.asarray(load_proposals(found) if found else np.zeros((0,) + image.shape[:2], bool))
+        return np.asarray(load_proposals(found, image.shape[:2]) if found else np.zeros((0,) + image.shape[:2], bool))
     return np.asarray(generate_proposals(image, dense, backend)[0])
 
 

@@ -21,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ClipfuseError
+from ..limits import (MAX_PROPOSAL_MASKS, POLYGON_VERTICES, PROPOSAL_PIXELS, PROPOSAL_STACK_BYTES,
+                      RLE_RUNS)
 
 MAX_PROPOSALS = 100          # FreeSOLO keeps at most 100 masks, as in the paper
 MIN_AREA_FRACTION = 0.002    # generated regions smaller than this share of the image are noise
@@ -33,6 +35,12 @@ WORKING_SIDE = 160           # long side of the grid the generators work on
 def rle_counts_from_string(s: str) -> List[int]:
     """Decode COCO's compressed RLE string (pycocotools rleFrString): 5-bit groups with a
     continuation bit, sign-extended, and counts after the second stored as deltas."""
+    # pycocotools writes characters 48..111 and ends every number with a group whose
+    # continuation bit (0x20) is clear; anything else is not an RLE string (and would read past
+    # the end). Counts are bounded by the run limit before decoding.
+    if s and (min(s) < "0" or max(s) > "o" or (ord(s[-1]) - 48) & 0x20):
+        raise ClipfuseError("RLE counts string is not COCO's compressed format (characters '0'..'o')")
+    RLE_RUNS.check(len(s), "RLE counts string length")
     counts: List[int] = []
     p = 0
     while p < len(s):
@@ -51,31 +59,86 @@ def rle_counts_from_string(s: str) -> List[int]:
     return counts
 
 
-def rle_decode(rle: Dict[str, Any]) -> np.ndarray:
-    """COCO RLE dict {"size": [h, w], "counts": str | list} -> bool [h, w] (column-major runs,
-    starting with background)."""
+def _mask_size(size: Any, what: str, image_hw: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """[h, w] of a mask, checked BEFORE any allocation: positive integers, within the pixel limit,
+    and equal to the image's size when it is known."""
     try:
-        h, w = (int(v) for v in rle["size"])
-        counts = rle["counts"]
-    except (KeyError, TypeError, ValueError):
-        raise ClipfuseError("RLE entry needs 'size' [h, w] and 'counts'") from None
+        h, w = size
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) or
+                   (isinstance(v, float) and v.is_integer()) for v in (h, w)):
+            raise TypeError
+        h, w = int(h), int(w)
+    except (TypeError, ValueError):
+        raise ClipfuseError(f"{what}: size must be two integers [h, w], got {str(size)[:40]}") from None
+    if h < 1 or w < 1:
+        raise ClipfuseError(f"{what}: size {h} x {w} is empty")
+    PROPOSAL_PIXELS.check(h * w, f"{what} {h} x {w}")
+    if image_hw is not None and (h, w) != tuple(image_hw):
+        raise ClipfuseError(f"{what}: size {h} x {w} differs from the image's {image_hw[0]} x {image_hw[1]}")
+    return h, w
+
+
+def rle_decode(rle: Dict[str, Any], image_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """COCO RLE dict {"size": [h, w], "counts": str | list} -> bool [h, w] (column-major runs,
+    starting with background). Size and counts are checked before the mask is allocated."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ClipfuseError("RLE entry needs 'size' [h, w] and 'counts'")
+    h, w = _mask_size(rle["size"], "RLE", image_hw)
+    counts = rle["counts"]
     if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
+        counts = counts.decode("ascii", "replace")
     if isinstance(counts, str):
         counts = rle_counts_from_string(counts)
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.sum() != h * w or (counts < 0).any():
-        raise ClipfuseError(f"RLE counts sum to {int(counts.sum())}, not h*w = {h * w}")
+    if not isinstance(counts, list) or not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise ClipfuseError("RLE counts must be a compressed string or a list of integers")
+    RLE_RUNS.check(len(counts), "RLE")
+    if any(c < 0 or c > h * w for c in counts):
+        raise ClipfuseError("RLE counts must lie in [0, h*w]")
+    total = sum(counts)
+    if total != h * w:
+        raise ClipfuseError(f"RLE counts sum to {total}, not h*w = {h * w}")
     values = np.arange(len(counts)) % 2 == 1
-    return np.repeat(values, counts).reshape(w, h).T.copy()
+    return np.repeat(values, np.asarray(counts, dtype=np.int64)).reshape(w, h).T.copy()
+
+
+def _check_polygons(polygons: Any, height: int, width: int) -> List[List[float]]:
+    """COCO polygons as lists of finite floats, every vertex within one image side of the image.
+
+    pycocotools rasterises a polygon by walking its edges pixel by pixel, so a coordinate of 1e10
+    (or NaN, which it casts to a huge integer) allocates without bound or crashes inside C: the
+    coordinates are checked here first. COCO's own polygons lie inside the image; the margin
+    keeps polygons clipped by the image border."""
+    if not isinstance(polygons, list):
+        raise ClipfuseError("polygons must be a list of [x0, y0, x1, y1, ...] lists")
+    out: List[List[float]] = []
+    vertices = 0
+    for poly in polygons:
+        if not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+            raise ClipfuseError("a polygon must be a list of at least 3 x, y number pairs")
+        vertices += len(poly) // 2
+        POLYGON_VERTICES.check(vertices, "polygons")
+        xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+        if not np.isfinite(xy).all():
+            raise ClipfuseError("polygon coordinates must be finite numbers")
+        side = max(height, width)
+        if (xy < -side).any() or (xy[:, 0] > width + side).any() or (xy[:, 1] > height + side).any():
+            raise ClipfuseError(f"polygon coordinate outside [-{side}, side + {side}] of the "
+                                f"{height} x {width} image (a fixed limit: one image side beyond the border)")
+        out.append([float(v) for v in poly])
+    return out
 
 
 def polygons_to_mask(polygons: Sequence[Sequence[float]], height: int, width: int) -> np.ndarray:
     """COCO polygons [[x0, y0, x1, y1, ...], ...] -> bool [h, w] (union of the parts).
     pycocotools rasterises slightly differently at the border; it is used when installed."""
+    height, width = _mask_size([height, width], "polygon mask")
+    polygons = _check_polygons(polygons, height, width)
+    if not polygons:   # pycocotools' merge of nothing fails; no polygon is an empty mask
+        return np.zeros((height, width), dtype=bool)
     try:
         from pycocotools import mask as coco_mask  # optional, exact COCO rasterisation
-        rles = coco_mask.frPyObjects([list(map(float, p)) for p in polygons], height, width)
+        rles = coco_mask.frPyObjects(polygons, height, width)
         return coco_mask.decode(coco_mask.merge(rles)).astype(bool)
     except ImportError:
         pass
@@ -93,10 +156,7 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
     if isinstance(segmentation, list):
         return polygons_to_mask(segmentation, height, width)
     if isinstance(segmentation, dict):
-        mask = rle_decode(segmentation)
-        if mask.shape != (height, width):
-            raise ClipfuseError(f"RLE size {list(mask.shape)} differs from the image's {[height, width]}")
-        return mask
+        return rle_decode(segmentation, (height, width))
     raise ClipfuseError(f"unsupported segmentation of type {type(segmentation).__name__}")
 
 
@@ -104,47 +164,89 @@ def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarr
 # Files
 
 
-def _masks_from_json(path: Path) -> np.ndarray:
+def _masks_from_json(path: Path, image_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    from ..limits import load_json_text
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ClipfuseError(f"{path}: not valid JSON ({exc})") from None
+        data = load_json_text(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError:
+        raise ClipfuseError(f"{path}: not UTF-8 JSON") from None
     if isinstance(data, dict) and "annotations" in data:
         data = data["annotations"]
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         raise ClipfuseError(f"{path}: expected a list of COCO RLE dicts or annotations")
+    MAX_PROPOSAL_MASKS.check(len(data), str(path))
     masks = []
     for i, item in enumerate(data):
         if not isinstance(item, dict):
             raise ClipfuseError(f"{path}: entry {i} is not an object")
         seg = item.get("segmentation", item)
-        if isinstance(seg, list):
-            if "height" not in item or "width" not in item:
-                raise ClipfuseError(f"{path}: polygon entry {i} needs 'height' and 'width'")
-            masks.append(polygons_to_mask(seg, int(item["height"]), int(item["width"])))
-        else:
-            masks.append(rle_decode(seg))
+        try:
+            if isinstance(seg, list):
+                if "height" not in item or "width" not in item:
+                    raise ClipfuseError("polygon entry needs 'height' and 'width'")
+                h, w = _mask_size([item["height"], item["width"]], "polygon entry", image_hw)
+                masks.append(polygons_to_mask(seg, h, w))
+            else:
+                masks.append(rle_decode(seg, image_hw))
+        except ClipfuseError as exc:
+            raise ClipfuseError(f"{path}: entry {i}: {exc}") from None
+        PROPOSAL_STACK_BYTES.check(len(masks) * masks[0].size, str(path))
     if masks and len({m.shape for m in masks}) > 1:
         raise ClipfuseError(f"{path}: masks have different sizes {sorted({m.shape for m in masks})}")
     return np.stack(masks) if masks else np.zeros((0, 0, 0), dtype=bool)
 
 
-def _masks_from_array(path: Path) -> np.ndarray:
+def _npy_header(fileobj, what: str) -> Tuple[tuple, np.dtype]:
+    """(shape, dtype) from an .npy header, read without loading the data."""
     try:
-        data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ClipfuseError(f"{path}: cannot read ({exc})") from None
-    if isinstance(data, np.lib.npyio.NpzFile):
-        keys = list(data.keys())
-        if "masks" in keys:
-            key = "masks"
-        elif len(keys) == 1:
-            key = keys[0]
+        version = np.lib.format.read_magic(fileobj)
+        shape, _, dtype = np.lib.format._read_array_header(fileobj, version)  # noqa: SLF001
+    except Exception as exc:  # numpy raises ValueError / OSError / SyntaxError on bad headers
+        raise ClipfuseError(f"{what}: not a numpy array file ({str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__})") from None
+    return shape, dtype
+
+
+def _check_array_header(shape: tuple, dtype: np.dtype, what: str,
+                        image_hw: Optional[Tuple[int, int]]) -> None:
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise ClipfuseError(f"{what}: masks must be a bool, integer or float array, got {dtype}")
+    if len(shape) not in (2, 3):
+        raise ClipfuseError(f"{what}: masks must be [N, H, W], got shape {list(shape)}")
+    n = shape[0] if len(shape) == 3 else 1
+    MAX_PROPOSAL_MASKS.check(n, what)
+    _mask_size(list(shape[-2:]), what, None)
+    PROPOSAL_STACK_BYTES.check(n * shape[-2] * shape[-1] * max(1, dtype.itemsize), what)
+
+
+def _masks_from_array(path: Path, image_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    import zipfile
+
+    try:
+        if path.suffix.lower() == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith(".npy")]
+                keys = [n[:-4] for n in names]
+                if "masks" in keys:
+                    key = "masks"
+                elif len(keys) == 1:
+                    key = keys[0]
+                else:
+                    raise ClipfuseError(f"{path}: store the masks under key 'masks' (found {', '.join(keys) or 'none'})")
+                with archive.open(key + ".npy") as member:
+                    _check_array_header(*_npy_header(member, str(path)), str(path), image_hw)
+            with np.load(path, allow_pickle=False) as archive:
+                data = archive[key]
         else:
-            raise ClipfuseError(f"{path}: store the masks under key 'masks' (found {', '.join(keys)})")
-        data = data[key]
+            with open(path, "rb") as f:
+                _check_array_header(*_npy_header(f, str(path)), str(path), image_hw)
+            data = np.load(path, allow_pickle=False)
+    except ClipfuseError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, RuntimeError) as exc:
+        raise ClipfuseError(f"{path}: cannot read ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})") from None
     arr = np.asarray(data)
     if arr.ndim == 2:
         arr = arr[None]
@@ -174,9 +276,12 @@ def hard_masks(masks: np.ndarray) -> np.ndarray:
 def _masks_from_image(path: Path) -> np.ndarray:
     try:
         img = Image.open(path)
-    except OSError as exc:
-        raise ClipfuseError(f"{path}: cannot read image ({exc})") from None
-    frames = getattr(img, "n_frames", 1)
+        frames = getattr(img, "n_frames", 1)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ClipfuseError(f"{path}: cannot read image ({str(exc).splitlines()[0][:100] if str(exc) else 'corrupt'})") from None
+    _mask_size([img.size[1], img.size[0]], str(path))
+    MAX_PROPOSAL_MASKS.check(frames, str(path))
+    PROPOSAL_STACK_BYTES.check(frames * img.size[0] * img.size[1], str(path))
     if frames > 1:
         out = []
         for i in range(frames):
@@ -190,8 +295,11 @@ def _masks_from_image(path: Path) -> np.ndarray:
     return np.stack([arr == v for v in ids])     # a label map: one mask per id
 
 
-def load_proposals(path: "str | Path") -> np.ndarray:
-    """Read proposals from a folder of PNGs, an image, NPZ/NPY or COCO JSON -> bool [N, H, W]."""
+def load_proposals(path: "str | Path", image_hw: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Read proposals from a folder of PNGs, an image, NPZ/NPY or COCO JSON -> bool [N, H, W].
+
+    Every declared size is checked against the limits (clipfuse.runtime.limits) and, when
+    `image_hw` is given, against the image BEFORE a mask is allocated."""
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".bmp", ".tif", ".tiff"))
@@ -204,11 +312,14 @@ def load_proposals(path: "str | Path") -> np.ndarray:
     if not path.is_file():
         raise ClipfuseError(f"mask file not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == ".json":
-        return _masks_from_json(path)
-    if suffix in (".npz", ".npy"):
-        return _masks_from_array(path)
-    return _masks_from_image(path)
+    try:
+        if suffix == ".json":
+            return _masks_from_json(path, image_hw)
+        if suffix in (".npz", ".npy"):
+            return _masks_from_array(path, image_hw)
+        return _masks_from_image(path)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's corrupt-frame errors and the like
+        raise ClipfuseError(f"{path}: cannot read masks ({str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__})") from None
 
 
 def check_proposals(masks: np.ndarray, image_hw: Tuple[int, int],

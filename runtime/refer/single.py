@@ -41,7 +41,7 @@ def refer_image(graphs: "str | Path", image_path: "str | Path", sentence: str, o
     extract_noun_phrase(sentence, parser)        # bad sentence: fail before any heavy work
     image = read_image(image_path)
     if masks:
-        raw = load_proposals(masks)
+        raw = load_proposals(masks, image.shape[:2])
         source = str(masks)
     else:
         log(f"generating proposals ({'dense model + ' if dense else ''}colour clusters)")

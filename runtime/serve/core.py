@@ -16,12 +16,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..limits import SERVE_MAX_PIXELS
 from ..methods import Protocol
 from ..protocol import finish_windows, infer_in_chunks, plan_windows
 
 # Requests larger than this are refused before any work (a 8192 x 8192 image is 200 MB of uint8
 # and its windows are thousands of backend rows): one caller cannot stall the server.
-DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_PIXELS = SERVE_MAX_PIXELS.value
 
 # Names of the model's tensors and of the metadata parameters in its Triton config.
 INPUT = "image"
@@ -49,9 +50,7 @@ def check_images(images: np.ndarray, max_pixels: int = DEFAULT_MAX_PIXELS) -> No
     height, width = images.shape[1:3]
     if height < 1 or width < 1:
         raise ClipfuseError(f"empty image {height} x {width}")
-    if height * width > max_pixels:
-        raise ClipfuseError(f"image {height} x {width} has {height * width} pixels, more than this "
-                            f"server accepts ({max_pixels}); downscale it first")
+    SERVE_MAX_PIXELS.check(int(height) * int(width), f"image {height} x {width}", max_pixels)
 
 
 def segment_batch(images: Sequence[np.ndarray], infer: Callable[[np.ndarray], np.ndarray],

@@ -15,6 +15,7 @@ folder, so the repository is self-contained: copy it, point Triton at it.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -139,14 +140,17 @@ def write_repository(artifacts: Sequence[str], out: Path, options: Optional[Repo
     options = options or RepoOptions()
     if options.windows_backend not in WINDOW_BACKENDS:
         raise ClipfuseError(f"--windows-backend: choose one of {', '.join(WINDOW_BACKENDS)}")
-    out = Path(out)
+    specs = parse_artifacts(artifacts)  # names checked before anything is written
+    out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ClipfuseError(f"{out} exists and is not empty; choose a new folder")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not out.parent.is_dir():
+        raise ClipfuseError(f"{out.parent} is not a folder")
+    # A fresh, uniquely named sibling: never a folder of the user's (".NAME.partial" could be one).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     names: List[str] = []
     try:
-        for name, path in parse_artifacts(artifacts):
+        for name, path in specs:
             names += _write_artifact(tmp, name, path, options)
         if validate:
             for model_dir in sorted(p for p in tmp.iterdir() if p.is_dir()):
@@ -157,6 +161,22 @@ def write_repository(artifacts: Sequence[str], out: Path, options: Optional[Repo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return names
+
+
+def engine_max_batch(manifest: dict, artifact_name: str) -> int:
+    """The engine profile's max batch from `engine.batch_profile` [min, opt, max], checked: the
+    field is outside the engine's contract digest, so an edited manifest must not reach a config."""
+    from ..limits import WINDOW_BATCH
+
+    profile = (manifest.get("engine") or {}).get("batch_profile")
+    ok = (isinstance(profile, list) and len(profile) == 3
+          and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in profile)
+          and profile[0] <= profile[1] <= profile[2])
+    if not ok:
+        raise ClipfuseError(f"{artifact_name}: its manifest's engine.batch_profile {str(profile)[:40]!r} is not "
+                            "[min, opt, max] positive integers; restore the manifest written by clipfuse build")
+    WINDOW_BATCH.check(profile[2], f"{artifact_name}: engine.batch_profile max")
+    return int(profile[2])
 
 
 def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> List[str]:
@@ -181,7 +201,7 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
     from ..segmenter import protocol_from_manifest
     protocol = protocol_from_manifest(manifest)
     if engine:
-        max_batch = int(manifest["engine"]["batch_profile"][2])
+        max_batch = engine_max_batch(manifest, path.name)
         if options.window_batch and options.window_batch > max_batch:
             raise ClipfuseError(f"--window-batch {options.window_batch} > the engine's profile max {max_batch}")
         max_batch = options.window_batch or max_batch

@@ -73,19 +73,53 @@ def python_libdir_first(env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def _pytriton_libs_on_path(env: Optional[Dict[str, str]] = None) -> None:
+    """Add the wheel's bundled libraries (nvidia_pytriton.libs, beside the package) to
+    LD_LIBRARY_PATH. PyTriton adds them itself only when its package lies in one of the running
+    interpreter's site-packages; in a venv layered on another one (--system-site-packages, .pth)
+    it takes itself for an editable install and tritonserver cannot load libcudart."""
+    env = os.environ if env is None else env
+    try:
+        import pytriton
+    except ImportError:
+        return
+    libs = Path(pytriton.__file__).resolve().parent.parent / "nvidia_pytriton.libs"
+    parts = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if libs.is_dir() and str(libs) not in parts:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(parts + [str(libs)])
+
+
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
+# A model name is a folder name in Triton's repository and a URL path segment: plain characters,
+# starting with a letter or digit (no '.', '..', hidden or option-like names), bounded length.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_model_name(name: str, spec: str = "") -> str:
+    """`name` if it is a safe Triton model name, else one ClipfuseError line."""
+    from ..limits import MODEL_NAME_CHARS
+
+    if len(name) > MODEL_NAME_CHARS.value:
+        raise MODEL_NAME_CHARS.exceeded(len(name), f"model name of {spec or name!r}")
+    if not _NAME_RE.fullmatch(name):
+        raise ClipfuseError(f"model name {name!r} is not allowed: use letters, digits, '_', '-', '.' "
+                            "and start with a letter or digit")
+    return name
 
 
 def parse_artifacts(specs: Sequence[str]) -> List[Tuple[str, Path]]:
-    """`PATH` or `NAME=PATH` -> [(model name, path)]; the name defaults to the file's stem."""
+    """`PATH` or `NAME=PATH` -> [(model name, path)]; the name defaults to the file's stem.
+
+    An explicit NAME is checked as given (it becomes a folder: `..` would write outside the
+    repository); a stem is made safe (odd characters -> '_') and then checked the same way."""
     out: List[Tuple[str, Path]] = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep:
-            name, path = Path(spec).stem, spec
-        name = _NAME_OK.sub("_", name).strip("_")
-        if not name:
-            raise ClipfuseError(f"cannot derive a model name from {spec!r}; use NAME=PATH")
+            name, path = _NAME_OK.sub("_", Path(spec).stem).strip("_.-"), spec
+            if not name:
+                raise ClipfuseError(f"cannot derive a model name from {spec!r}; use NAME=PATH")
+        check_model_name(name, spec)
         if any(name == n for n, _ in out):
             raise ClipfuseError(f"two artifacts would be served as model {name!r}; name them with NAME=PATH")
         out.append((name, Path(path)))
@@ -174,42 +208,69 @@ def _as_triton_error(infer: Callable) -> Callable:
             return infer(requests)
         except ClipfuseError as exc:
             raise PyTritonBadParameterError(str(exc)) from None
+        except MemoryError:
+            LOG.error("out of memory in a batch of %d request(s)", len(requests))
+            raise PyTritonBadParameterError("the server has not enough memory for this request now; "
+                                            "retry, or send a smaller image") from None
     return wrapped
 
 
 class ClipfuseTriton:
-    """The server: `start()` (returns once models are ready), `serve_forever()`, `stop()`."""
+    """The server: `start()` (returns once models are ready), `serve_forever()`, `stop()`.
+
+    Layout: tritonserver listens on private loopback ports; the public HTTP and gRPC endpoints are
+    the front (front.py), which checks request shapes against the limits, drains on SIGTERM and
+    keeps errors to one line. Metrics are Triton's own endpoint. What the server creates (PyTriton's
+    workspace, child processes, the /dev/shm segments they map) is removed by `stop()`.
+    """
 
     def __init__(self, artifacts: Sequence[str], options: Optional[ServeOptions] = None) -> None:
+        from .front import split_ports
+
         self.options = options or ServeOptions()
         Triton, TritonConfig, ModelConfig, DynamicBatcher, Tensor = _import_pytriton()
         python_libdir_first()
+        _pytriton_libs_on_path()
         o = self.options
         if o.instances < 1 or o.max_batch_size < 1:
             raise ClipfuseError("--instances and --max-batch-size must be >= 1")
+        _check_bounds(o)
+        split_ports(o.host, o.http_port, o.grpc_port, o.metrics_port)
         for what, port in (("HTTP", o.http_port), ("gRPC", o.grpc_port), ("metrics", o.metrics_port)):
             _check_port_free(o.host, port, what)
+        self._front = None
+        self._stopped = False
+        self._shm: set = set()
+        self._children: set = set()
         self.models: Dict[str, ServedModel] = {}
-        for name, path in parse_artifacts(artifacts):
-            self.models[name] = ServedModel(name, path, o)
-        config = TritonConfig(http_address=o.host, grpc_address=o.host, metrics_address=o.host,
-                              http_port=o.http_port, grpc_port=o.grpc_port, metrics_port=o.metrics_port,
-                              exit_timeout_secs=o.exit_timeout_s, log_verbose=o.log_verbose,
-                              strict_readiness=True)
-        self.triton = Triton(config=config)
-        for name, model in self.models.items():
-            self.triton.bind(
-                model_name=name,
-                # one wrapper per instance: PyTriton keys its per-instance state by function
-                infer_func=[_as_triton_error(model.infer) for _ in range(o.instances)],
-                inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
-                outputs=[Tensor(name=OUTPUTS[0], dtype=np.int32, shape=(-1, -1)),
-                         Tensor(name=OUTPUTS[1], dtype=np.float32, shape=(-1, -1))],
-                config=ModelConfig(max_batch_size=o.max_batch_size,
-                                   batcher=DynamicBatcher(max_queue_delay_microseconds=o.queue_delay_us)),
-                strict=True,
-            )
-            _add_config_parameters(self.triton, name, model.parameters)
+        specs = parse_artifacts(artifacts)
+        try:
+            for name, path in specs:
+                self.models[name] = ServedModel(name, path, o)
+            self._backend_http, self._backend_grpc = _free_loopback_ports(2)
+            config = TritonConfig(http_address="127.0.0.1", grpc_address="127.0.0.1", metrics_address=o.host,
+                                  http_port=self._backend_http, grpc_port=self._backend_grpc,
+                                  metrics_port=o.metrics_port, exit_timeout_secs=o.exit_timeout_s,
+                                  log_verbose=o.log_verbose, strict_readiness=True)
+            # PyTriton's own workspace (its binary finds its libraries relative to PYTRITON_HOME);
+            # removed in _cleanup also when the server does not stop cleanly
+            self.triton = Triton(config=config)
+            for name, model in self.models.items():
+                self.triton.bind(
+                    model_name=name,
+                    # one wrapper per instance: PyTriton keys its per-instance state by function
+                    infer_func=[_as_triton_error(model.infer) for _ in range(o.instances)],
+                    inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
+                    outputs=[Tensor(name=OUTPUTS[0], dtype=np.int32, shape=(-1, -1)),
+                             Tensor(name=OUTPUTS[1], dtype=np.float32, shape=(-1, -1))],
+                    config=ModelConfig(max_batch_size=o.max_batch_size,
+                                       batcher=DynamicBatcher(max_queue_delay_microseconds=o.queue_delay_us)),
+                    strict=True,
+                )
+                _add_config_parameters(self.triton, name, model.parameters)
+        except BaseException:
+            self._cleanup()
+            raise
 
     @property
     def access_token(self) -> Optional[str]:
@@ -217,39 +278,184 @@ class ClipfuseTriton:
         return self.triton.get_access_token()
 
     def start(self) -> "ClipfuseTriton":
+        """Start tritonserver, wait until its models are ready, then open the public endpoints.
+        Anything that interrupts this (SIGTERM before ready included) stops what was started."""
+        from .front import Front, RequestBounds
+
+        o = self.options
         try:
-            self.triton.run()
-        except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
             try:
-                self.stop()
-            except Exception:
-                self.close()
-            raise ClipfuseError(f"Triton did not start: {type(exc).__name__}: {exc} "
-                                "(--log-verbose 1 shows the server's log)") from None
+                self.triton.run()
+            except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
+                raise ClipfuseError(f"Triton did not start: {type(exc).__name__}: {one_line_error(exc)} "
+                                    "(--log-verbose 1 shows the server's log)") from None
+            self._remember_resources()
+            self._front = Front(o.host, o.http_port, o.grpc_port, self._backend_http, self._backend_grpc,
+                                RequestBounds(max_pixels=o.max_pixels, max_batch=o.max_batch_size)).start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
-    def serve_forever(self) -> None:
-        """Block until SIGTERM/SIGINT or the server dies, then drain and stop."""
-        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    def serve_forever(self) -> int:
+        """Block until SIGTERM/SIGINT or tritonserver's death; drain, stop, clean up.
+
+        Returns the exit code: 0 after a signal when every in-flight request finished within the
+        drain timeout, 1 when requests were cut off, 2 when tritonserver or a model died."""
+        stop = threading.Event()
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        code = 0
         try:
-            self.triton.serve()  # PyTriton stops (and Triton drains) on KeyboardInterrupt
+            tick = 0
+            while not stop.wait(0.5):
+                if not self.triton.is_alive():
+                    LOG.error("tritonserver or a model backend stopped")
+                    code = 2
+                    break
+                tick += 1
+                if tick % 10 == 0:
+                    self._remember_resources()
+            if code == 0:
+                drained = self._front.drain(self.options.exit_timeout_s) if self._front else True
+                code = 0 if drained else 1
         finally:
-            signal.signal(signal.SIGTERM, previous)
-            self.close()
+            self.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return code
 
     def stop(self) -> None:
-        self.triton.stop()
-        self.close()
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            if self._front is not None:
+                self._front.gate.draining = True
+            self._remember_resources()
+            try:
+                self.triton.stop()
+            except Exception as exc:  # a dead server cannot be stopped cleanly; clean up anyway
+                LOG.warning("stopping Triton: %s", one_line_error(exc))
+            if self._front is not None:
+                self._front.close()
+        finally:
+            self.close()
+            self._cleanup()
 
     def close(self) -> None:
         for model in self.models.values():
             model.close()
+
+    def _remember_resources(self) -> None:
+        """Note our child processes and the /dev/shm segments they (or we) map, so stop() can
+        remove exactly those: other servers on the machine keep theirs."""
+        pids = _descendants(os.getpid())
+        self._children |= pids
+        for pid in pids | {os.getpid()}:
+            self._shm |= _shm_mapped(pid)
+
+    def _cleanup(self) -> None:
+        import shutil
+        import time as _time
+
+        self._remember_resources()
+        alive = {p for p in self._children if _alive(p)}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in alive:
+                try:
+                    os.kill(pid, sig)
+                except OSError:
+                    pass
+            end = _time.monotonic() + 5
+            while alive and _time.monotonic() < end:
+                _time.sleep(0.1)
+                alive = {p for p in alive if _alive(p)}
+            if not alive:
+                break
+        for path in self._shm:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        # PyTriton's workspace (model store, sockets, a copy of tritonserver): its stop() removes
+        # it, but not when start-up was interrupted or the server died
+        workspace = getattr(getattr(self, "triton", None), "_workspace", None)
+        if workspace is not None and getattr(workspace, "path", None) is not None:
+            shutil.rmtree(workspace.path, ignore_errors=True)
 
     def __enter__(self) -> "ClipfuseTriton":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def one_line_error(exc: BaseException) -> str:
+    from .front import one_line
+    return one_line(str(exc))
+
+
+def _check_bounds(o: ServeOptions) -> None:
+    """The limits of the options, also for callers that build ServeOptions in code."""
+    from .. import limits as L
+
+    for limit, value in ((L.INSTANCES, o.instances), (L.MAX_BATCH_SIZE, o.max_batch_size),
+                         (L.QUEUE_DELAY_US, o.queue_delay_us), (L.DRAIN_TIMEOUT_S, o.exit_timeout_s),
+                         (L.SERVE_MAX_PIXELS_CAP, o.max_pixels), (L.WINDOW_BATCH, o.window_batch or 1),
+                         (L.THREADS, o.threads or 1)):
+        limit.check(int(value), "serve")
+
+
+def _free_loopback_ports(count: int) -> List[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def _descendants(root: int) -> set:
+    """Pids of every live descendant of `root` (from /proc)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in out:
+                out.add(child)
+                todo.append(child)
+    return out
+
+
+def _shm_mapped(pid: int) -> set:
+    try:
+        with open(f"/proc/{pid}/maps", "r", errors="replace") as f:
+            return {line.split(None, 5)[5].strip().replace(" (deleted)", "")
+                    for line in f if "/dev/shm/" in line and len(line.split(None, 5)) == 6}
+    except OSError:
+        return set()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _check_port_free(host: str, port: int, what: str) -> None:
