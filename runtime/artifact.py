@@ -46,6 +46,9 @@ CONTRACT_FIELDS = ("kind", "format_version", "clipfuse_version", "model", "pretr
                    "classes", "vocab", "templates", "embed_dim", "input_size", "normalization",
                    "protocol", "tokenizer", "context_length", "refer", "precision", "inputs", "outputs",
                    "grid")
+# Fields that joined the contract later: a graph (or engine) written before carries a contract
+# without them and keeps loading, checked on the fields it has (re-export to cover these too).
+LATER_CONTRACT_FIELDS = ("precision", "inputs", "outputs", "grid")
 
 
 def contract_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
@@ -53,14 +56,17 @@ def contract_of(manifest: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(contract_json(manifest))
 
 
-def contract_json(manifest: Dict[str, Any]) -> str:
+def contract_json(manifest: Dict[str, Any], fields: Tuple[str, ...] = CONTRACT_FIELDS) -> str:
     """The compact JSON text stored under CONTRACT_KEY."""
-    picked = {k: manifest[k] for k in CONTRACT_FIELDS if k in manifest}
+    picked = {k: manifest[k] for k in fields if k in manifest}
     return json.dumps(picked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def contract_sha256(manifest: Dict[str, Any]) -> str:
-    return hashlib.sha256(contract_json(manifest).encode("utf-8")).hexdigest()
+def contract_sha256(manifest: Dict[str, Any], fields: Tuple[str, ...] = CONTRACT_FIELDS) -> str:
+    return hashlib.sha256(contract_json(manifest, fields).encode("utf-8")).hexdigest()
+
+
+_EARLIER_FIELDS = tuple(f for f in CONTRACT_FIELDS if f not in LATER_CONTRACT_FIELDS)
 
 
 # -- ONNX metadata without onnx ---------------------------------------------------------------
@@ -192,7 +198,7 @@ def check_contract(path: Path, manifest: Dict[str, Any]) -> bool:
         expected = (manifest.get("engine") or {}).get("contract_sha256")
         if not expected:
             return False
-        if contract_sha256(manifest) != expected:
+        if expected not in (contract_sha256(manifest), contract_sha256(manifest, _EARLIER_FIELDS)):
             raise ClipfuseError(f"{mpath} was edited after {path.name} was built (its classes, protocol "
                                 "or head differ from the build's): rebuild, or restore the manifest")
         return True
@@ -205,6 +211,8 @@ def check_contract(path: Path, manifest: Dict[str, Any]) -> bool:
     except json.JSONDecodeError:
         raise ClipfuseError(f"{path.name}: its clipfuse contract is not valid JSON; re-export it") from None
     in_manifest = contract_of(manifest)
+    if isinstance(in_graph, dict) and not any(k in in_graph for k in LATER_CONTRACT_FIELDS):
+        in_manifest = json.loads(contract_json(manifest, _EARLIER_FIELDS))
     if in_graph != in_manifest:
         key = _first_difference(in_manifest, in_graph)
         raise ClipfuseError(f"{mpath.name} disagrees with {path.name} on {key!r} (manifest "

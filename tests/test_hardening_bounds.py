@@ -335,3 +335,18 @@ def test_run_classes_messages_name_only_run_options():
         with pytest.raises(ClipfuseError, match=needle) as info:
             feed_vocabulary(seg, "t.onnx", classes, None)
         assert "--allow-duplicate-names" not in str(info.value)
+
+
+def test_graphs_exported_before_the_wider_contract_keep_loading(tmp_path):
+    """tests/data/tiny-naclip/ was exported before precision/inputs/outputs/grid joined the
+    contract: it opens, and an edit of a field its contract does cover is still refused."""
+    from clipfuse.runtime.artifact import open_artifact
+    old = Path(__file__).parent / "data" / "tiny-naclip" / "naclip.onnx"
+    assert open_artifact(old).manifest["head"]["name"] == "naclip"
+    onnx = tmp_path / "naclip.onnx"
+    shutil.copy2(old, onnx)
+    manifest = json.loads(old.with_suffix(".json").read_text())
+    manifest["classes"][0] = ["ocean"]
+    onnx.with_suffix(".json").write_text(json.dumps(manifest))
+    with pytest.raises(ClipfuseError, match="classes"):
+        open_artifact(onnx)
