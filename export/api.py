@@ -136,7 +136,9 @@ def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[Loa
     _log(f"encoding {len(names)} class names x {len(template_list)} templates", quiet)
     import open_clip
     tokenizer = open_clip.get_tokenizer(clip.model_name)
+    t_text = time.perf_counter()
     embeddings = encode_names(clip.model, tokenizer, names, template_list, progress=not quiet)
+    _log(f"text embeddings: {time.perf_counter() - t_text:.1f} s", quiet)
     if spec.vocab_mode == "dynamic":
         classifier = CosineClassifier(None, None)
     else:
@@ -199,9 +201,9 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
 def _declare_output_shape(path: Path, dims: list) -> None:
     """Write the manifest's output shape into the graph: the exporter leaves some dims symbolic
     (e.g. after the synonym reshape), and consumers (TensorRT, C++) want them static."""
-    import onnx
+    from .onnxio import load_model, save_model
 
-    model = onnx.load(str(path))
+    model = load_model(path)
     shape = model.graph.output[0].type.tensor_type.shape
     for dim, value in zip(shape.dim, dims):
         if isinstance(value, int):
@@ -210,7 +212,7 @@ def _declare_output_shape(path: Path, dims: list) -> None:
         else:
             dim.ClearField("dim_value")
             dim.dim_param = value
-    onnx.save(model, str(path))
+    save_model(model, path)
 
 
 def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = True) -> Path:

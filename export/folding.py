@@ -30,34 +30,42 @@ def _symbolic_io(model) -> Dict[str, tuple]:
 
 
 def fold_file(path: Path) -> Dict[str, int]:
-    """Fold `path` in place; return {"nodes_before", "nodes_after"}. Also refuses a graph whose
-    UInt8 input does not go straight into a Cast (graph_checks.uint8_only_into_cast).
+    """fold_model on a file, in place (external data read from and written beside it)."""
+    from .onnxio import load_model, save_model
+
+    folded, counts = fold_model(load_model(path), Path(path).name)
+    save_model(folded, path)
+    return counts
+
+
+def fold_model(model, label: str = "graph"):
+    """Fold `model` (consumed); return (folded model, {"nodes_before", "nodes_after"}). Also
+    refuses a graph whose UInt8 input does not go straight into a Cast
+    (graph_checks.uint8_only_into_cast).
 
     Refuses (ClipfuseError) a result whose graph inputs/outputs changed name, dtype or shape:
     the manifest describes them, and the batch axis must stay dynamic.
     """
-    import onnx
     try:
         import onnxslim
     except ImportError:
         raise ClipfuseError("onnxslim is not installed: pip install 'clipfuse[export]' "
                             "(exports are constant-folded with it)") from None
 
-    model = onnx.load(str(path))
     before = len(model.graph.node)
     io_before = _symbolic_io(model)
     types_before = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
     folded = onnxslim.slim(model)
+    del model
     if folded is None:
-        raise ClipfuseError(f"onnxslim could not fold {path.name}")
+        raise ClipfuseError(f"onnxslim could not fold {label}")
     if _symbolic_io(folded) != io_before or \
             {vi.name: vi.type.tensor_type.elem_type for vi in list(folded.graph.input) + list(folded.graph.output)} != types_before:
-        raise ClipfuseError(f"constant folding changed the inputs/outputs of {path.name}: "
+        raise ClipfuseError(f"constant folding changed the inputs/outputs of {label}: "
                             f"{io_before} -> {_symbolic_io(folded)}")
     # Every graph clipfuse writes must be TensorRT-legal, not only those that reach `clipfuse build`.
     from .graph_checks import uint8_only_into_cast
     illegal = uint8_only_into_cast(folded)
     if illegal:
-        raise ClipfuseError(f"{path.name} is not TensorRT-legal: {illegal[0]}")
-    onnx.save(folded, str(path))
-    return {"nodes_before": before, "nodes_after": len(folded.graph.node)}
+        raise ClipfuseError(f"{label} is not TensorRT-legal: {illegal[0]}")
+    return folded, {"nodes_before": before, "nodes_after": len(folded.graph.node)}
