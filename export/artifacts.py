@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
 from clipfuse.runtime.manifest import manifest_path_for, write_manifest
@@ -34,21 +34,25 @@ def write_contract(onnx_path: Path, manifest: dict, atomic: bool = True) -> None
 
 
 @contextlib.contextmanager
-def graph_with_manifest(onnx_path: Path, manifest: dict) -> Iterator[Path]:
+def graph_with_manifest(onnx_path: Path, manifest: dict, prepare: Optional[Callable] = None) -> Iterator[Path]:
     """Yield a staging path for the graph (its final name in a staging folder: an exporter may
     write external data beside it); when the block succeeds, constant-fold it (export.folding),
     store the manifest's contract in the graph's metadata_props (the last rewrite: nothing may
     drop it after), write it as one file or graph + data file (export.onnxio), run onnx.checker
     on it, record its hashes in `manifest` and move data file, graph and `NAME.json` into place.
 
-    The graph is loaded once and rewritten once (folding and contract in memory). Any failure
-    inside the block (export, conversion, checker) leaves no file behind.
+    The graph is loaded once and rewritten once (`prepare(model)`, folding and contract in
+    memory). Any failure inside the block (export, conversion, checker) leaves no file behind.
     """
     onnx_path = Path(onnx_path)
     json_path = manifest_path_for(onnx_path)
     with staged_graph(onnx_path, json_path) as tmp_onnx:
         yield tmp_onnx
-        folded, manifest["folding"] = fold_model(load_model(tmp_onnx), onnx_path.name)
+        model = load_model(tmp_onnx)
+        if prepare is not None:
+            prepare(model)
+        folded, manifest["folding"] = fold_model(model, onnx_path.name)
+        del model
         set_contract(folded, manifest)
         data = save_model(folded, tmp_onnx)
         del folded

@@ -116,7 +116,7 @@ def staged_graph(onnx_path: "str | Path", *extra_finals: Path) -> Iterator[Path]
     the data file (if one was written), the graph and `extra_finals` (in that order) are published
     together, and a stale data file beside the destination is removed."""
     onnx_path = Path(onnx_path)
-    with staged_files([data_file_for(onnx_path), onnx_path, *extra_finals]) as stage:
+    with staged_files([data_file_for(onnx_path), onnx_path, *extra_finals], named_after=onnx_path) as stage:
         yield stage / onnx_path.name
 
 

@@ -140,13 +140,13 @@ def write_file_set(files: Mapping[PathLike, bytes]) -> None:
 
 
 @contextlib.contextmanager
-def staged_files(finals: Sequence[PathLike]) -> Iterator[Path]:
+def staged_files(finals: Sequence[PathLike], named_after: "PathLike | None" = None) -> Iterator[Path]:
     """Write several files that only make sense together (a graph and its external-data file,
     their manifest) as one unit, when they must be written UNDER THEIR FINAL NAMES (an ONNX graph
     names its data file, so the pair cannot be renamed temporaries).
 
-    Yields a staging folder next to the first final path (same filesystem, named like a
-    temporary of it, so a killed writer's folder is cleaned up by the next write). When the block
+    Yields a staging folder next to the final paths (same filesystem, named like a temporary of
+    `named_after`, default the first final, so a killed writer's folder is cleaned up by the next write). When the block
     succeeds, each final whose name was written into the folder is moved into place, in the given
     order (put the file that marks the set complete last); a final whose name was NOT written is
     removed (a stale companion of an older version, e.g. a data file the new graph no longer
@@ -156,9 +156,10 @@ def staged_files(finals: Sequence[PathLike]) -> Iterator[Path]:
     folder = paths[0].parent
     if any(p.parent != folder for p in paths):
         raise ValueError("staged_files: every final path must be in the same folder")
+    owner = Path(named_after) if named_after is not None else paths[0]
     folder.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(paths[0])
-    stage = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(paths[0])}{os.getpid()}-", suffix=TEMP_SUFFIX,
+    clean_stale_temporaries(owner)
+    stage = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(owner)}{os.getpid()}-", suffix=TEMP_SUFFIX,
                                   dir=folder))
     published: List[Path] = []
     try:
