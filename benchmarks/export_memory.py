@@ -3,7 +3,7 @@
     python -m clipfuse.benchmarks.export_memory --model ViT-B-16 --model ViT-L-14 \
         --out benchmarks/results/export-memory-cpu
 
-Each export runs in a fresh child process (`python -m clipfuse.runtime.cli export ...`), so the
+Each export runs in a fresh child process (`clipfuse export ...`), so the
 peak resident set size (the child's ru_maxrss, from wait4) is the export's alone, imports
 included. The FP32 graph size (graph + external-data file) is read from what the export wrote,
 and the ratio peak / graph is the figure the lean-export target is stated in (<= 3x). The text
@@ -28,6 +28,12 @@ from typing import Dict, List, Optional
 DEFAULT_CLASSES = "sky,tree,road,car"
 
 
+def _clipfuse_script() -> str:
+    """The `clipfuse` console script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("clipfuse")
+    return str(script) if script.is_file() else "clipfuse"
+
+
 def _limit(limit_gb: Optional[float]):
     if not limit_gb:
         return None
@@ -43,7 +49,7 @@ def measure_export(model: str, head: str, size: Optional[int], classes: str, tem
     """Run one export in a child process; returns wall seconds, peak RSS and the graph's size."""
     with tempfile.TemporaryDirectory(prefix="clipfuse-export-mem-", dir=keep) as tmp:
         out = Path(tmp) / f"{head}-{model}"
-        cmd = [sys.executable, "-m", "clipfuse.runtime.cli", "export", "--head", head, "--model", model,
+        cmd = [_clipfuse_script(), "export", "--head", head, "--model", model,
                "--pretrained", "none", "--classes", classes, "--templates", templates, "-o", str(out)]
         if size:
             cmd += ["--size", str(size)]

@@ -110,3 +110,43 @@ def test_export_spec_picks_the_backbone_defaults():
     user = ImageExportSpec("rcs", model="ViT-L-14", classes=[["a"]], head_params={"attention_blocks": (1, 2)})
     assert _dense_head_params(user, [["a"]])["attention_blocks"] == (1, 2)
     assert np.isfinite(protocol_for("rcs", "ViT-L-14").logit_scale)
+
+
+def test_analytic_flops_match_torch_counter_on_the_patch14_tower(tiny_clip):
+    """bench's analytic count (benchmarks/flops.py) on a patch-14 tower equals what
+    torch.utils.flop_counter counts on the fused module (2 FLOPs per multiply-add)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipfuse.benchmarks.flops import VitShape, head_flops
+    from clipfuse.export.spec import ImageExportSpec
+    from clipfuse.export.weights import load_clip
+
+    clip = load_clip(TINY14, "none", seed=0)
+    shape = VitShape.from_visual(clip.model.visual)
+    assert shape == VitShape.from_config(TINY14) and shape.patch == 14
+    for head in sorted(METHODS):
+        build = build_fused(ImageExportSpec(head, model=TINY14, pretrained="none", classes=VOCAB[:3], size=112,
+                                            templates="single", head_params=TINY_HEAD_PARAMS.get(head, {})),
+                            clip=clip)
+        image = torch.randint(0, 256, (1, 112, 112, 3), dtype=torch.uint8)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            build.module(image)
+        names = sum(len(c) for c in VOCAB[:3])
+        assert counter.get_total_flops() == head_flops(head, shape, 112, names, build.head_params,
+                                                            as_exported=True)["total"], head
+
+
+@pytest.mark.parametrize("model,patch,layers,width", [("ViT-B-32", 32, 12, 768), ("ViT-L-14", 14, 24, 1024),
+                                                      ("ViT-L-14-336", 14, 24, 1024), ("ViT-H-14", 14, 32, 1280)])
+def test_bench_knows_the_big_towers(model, patch, layers, width):
+    from clipfuse.benchmarks.flops import VitShape, head_flops
+
+    shape = VitShape.from_config(model)
+    assert (shape.patch, shape.layers, shape.width) == (patch, layers, width)
+    assert (BACKBONES[model].patch, BACKBONES[model].layers, BACKBONES[model].width) == (patch, layers, width)
+    total = head_flops("naclip", shape, protocol_for("naclip", model).window, 21)["total"]
+    t = (224 // patch) ** 2 + 1
+    # the unchanged blocks dominate: 24 T D^2 + 4 T^2 D each (qkv, out, MLP of width 4D)
+    blocks = (layers - 1) * (24 * t * width ** 2 + 4 * t * t * width)
+    assert blocks < total < 1.15 * blocks
