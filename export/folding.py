@@ -29,6 +29,41 @@ def _symbolic_io(model) -> Dict[str, tuple]:
     return {vi.name: dims(vi) for vi in list(model.graph.input) + list(model.graph.output)}
 
 
+# Initializers of this size or more (weight matrices, embeddings) are hidden from onnxslim as graph
+# inputs while it folds: it folds the shape arithmetic, not weights (the exporter already folded
+# those), and its protobuf <-> graph round trips would otherwise copy every weight several times
+# (about 10x the graph at peak). Tensor-for-tensor the same folded graph on every head.
+DETACH_MIN_BYTES = 1 << 16
+
+
+def _detach_weights(model) -> list:
+    """Move the big initializers out of `model` (declared as graph inputs instead); returns them."""
+    from onnx import helper
+
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    big = [t for t in graph.initializer if len(t.raw_data) >= DETACH_MIN_BYTES and t.name not in outputs]
+    if not big:
+        return []
+    names = {t.name for t in big}
+    small = [t for t in graph.initializer if t.name not in names]
+    del graph.initializer[:]
+    graph.initializer.extend(small)
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)
+    return big
+
+
+def _attach_weights(model, weights: list, io_names: set) -> None:
+    """Undo _detach_weights on the folded model: the weights it still uses become initializers."""
+    graph = model.graph
+    names = {t.name for t in weights}
+    kept_inputs = [i for i in graph.input if i.name not in names or i.name in io_names]
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+    graph.initializer.extend(t for t in weights if t.name in used)
+
+
 def fold_file(path: Path) -> Dict[str, int]:
     """fold_model on a file, in place (external data read from and written beside it)."""
     from .onnxio import load_model, save_model
@@ -55,10 +90,13 @@ def fold_model(model, label: str = "graph"):
     before = len(model.graph.node)
     io_before = _symbolic_io(model)
     types_before = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
+    weights = _detach_weights(model)
     folded = onnxslim.slim(model)
     del model
     if folded is None:
         raise ClipfuseError(f"onnxslim could not fold {label}")
+    _attach_weights(folded, weights, set(io_before))
+    del weights
     if _symbolic_io(folded) != io_before or \
             {vi.name: vi.type.tensor_type.elem_type for vi in list(folded.graph.input) + list(folded.graph.output)} != types_before:
         raise ClipfuseError(f"constant folding changed the inputs/outputs of {label}: "
