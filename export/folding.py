@@ -29,32 +29,43 @@ def _symbolic_io(model) -> Dict[str, tuple]:
     return {vi.name: dims(vi) for vi in list(model.graph.input) + list(model.graph.output)}
 
 
-# Initializers of this size or more (weight matrices, embeddings) are hidden from onnxslim as graph
-# inputs while it folds: it folds the shape arithmetic, not weights (the exporter already folded
+# Initializers of this size or more (weight matrices, embeddings) are left out of the copy onnxslim
+# folds (declared graph inputs there): it folds the shape arithmetic, not weights (the exporter already folded
 # those), and its protobuf <-> graph round trips would otherwise copy every weight several times
 # (about 10x the graph at peak). Tensor-for-tensor the same folded graph on every head.
 DETACH_MIN_BYTES = 1 << 16
 
 
-def _detach_weights(model) -> list:
-    """Move the big initializers out of `model` (declared as graph inputs instead); returns them."""
+def _skeleton(model):
+    """(a copy of `model` without its big initializers, declared as graph inputs instead; the big
+    initializers, still owned by `model`). The copy is small: the weights are never copied."""
+    import onnx
     from onnx import helper
 
     graph = model.graph
     outputs = {o.name for o in graph.output}
     big = [t for t in graph.initializer if len(t.raw_data) >= DETACH_MIN_BYTES and t.name not in outputs]
-    if not big:
-        return []
     names = {t.name for t in big}
-    small = [t for t in graph.initializer if t.name not in names]
-    del graph.initializer[:]
-    graph.initializer.extend(small)
-    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)
-    return big
+    skel = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(skel, field, getattr(model, field))
+    skel.opset_import.extend(model.opset_import)
+    skel.metadata_props.extend(model.metadata_props)
+    skel.functions.extend(model.functions)
+    g = skel.graph
+    g.name, g.doc_string = graph.name, graph.doc_string
+    g.node.extend(graph.node)
+    g.input.extend(graph.input)
+    g.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in big)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    g.initializer.extend(t for t in graph.initializer if t.name not in names)
+    g.sparse_initializer.extend(graph.sparse_initializer)
+    return skel, big
 
 
 def _attach_weights(model, weights: list, io_names: set) -> None:
-    """Undo _detach_weights on the folded model: the weights it still uses become initializers."""
+    """The folded skeleton gets back the weights it still uses, as initializers."""
     graph = model.graph
     names = {t.name for t in weights}
     kept_inputs = [i for i in graph.input if i.name not in names or i.name in io_names]
@@ -90,13 +101,13 @@ def fold_model(model, label: str = "graph"):
     before = len(model.graph.node)
     io_before = _symbolic_io(model)
     types_before = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
-    weights = _detach_weights(model)
-    folded = onnxslim.slim(model)
-    del model
+    skeleton, weights = _skeleton(model)
+    folded = onnxslim.slim(skeleton)
+    del skeleton
     if folded is None:
         raise ClipfuseError(f"onnxslim could not fold {label}")
     _attach_weights(folded, weights, set(io_before))
-    del weights
+    del weights, model
     if _symbolic_io(folded) != io_before or \
             {vi.name: vi.type.tensor_type.elem_type for vi in list(folded.graph.input) + list(folded.graph.output)} != types_before:
         raise ClipfuseError(f"constant folding changed the inputs/outputs of {label}: "
