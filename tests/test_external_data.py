@@ -227,3 +227,29 @@ def test_real_graph_over_2gib_round_trips(tmp_path):
         None, {"idx": np.array([rows - 1], np.int64)})[0]
     assert float(out.min()) == float(out.max()) == 1.5
     os.unlink(data)
+
+
+def test_fuzz_data_file_fields_give_one_line_or_open(pair, tmp_path_factory):
+    """Any value in the manifest's data-file fields: the opener opens or refuses in one line."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    copy = tmp_path_factory.mktemp("fuzz") / "m"
+    shutil.copytree(pair[1].parent, copy)
+    original = read_manifest(copy / "naclip.json")
+    values = st.one_of(st.none(), st.text(max_size=40), st.integers(), st.booleans(),
+                       st.lists(st.integers(), max_size=2), st.just("naclip.onnx.data"), st.just("../x"),
+                       st.just("/etc/passwd"), st.just("."), st.just(""))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(name=values, sha=st.one_of(st.none(), st.text(max_size=70), st.integers()),
+           size=st.one_of(st.none(), st.integers(), st.text(max_size=5)))
+    def check(name, sha, size):
+        m = dict(original, onnx_data_file=name, onnx_data_sha256=sha, onnx_data_bytes=size)
+        write_manifest(copy / "naclip.json", m)
+        for verify in (True, False):
+            try:
+                open_artifact(copy / "naclip.onnx", verify=verify)
+            except ClipfuseError as exc:
+                assert "\n" not in str(exc)
+    check()
