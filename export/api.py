@@ -71,6 +71,13 @@ class FusedBuild:
     def method(self) -> str:
         return self.spec.method
 
+    def release(self) -> None:
+        """Drop the torch module and the weights (peak memory of what follows: folding, hashing)."""
+        import gc
+        self.module = None
+        self.clip.model = None
+        gc.collect()
+
     @property
     def size(self) -> int:
         return int(self.spec.size)
@@ -101,7 +108,10 @@ def _check_spec(spec: ImageExportSpec) -> Vocabulary:
 
 
 def _dense_head_params(spec: ImageExportSpec, vocabulary: Vocabulary) -> dict:
-    params = dict(spec.head_params)
+    # the tower's block-naming defaults (runtime/backbones.py), then the user's overrides
+    method = get_method(spec.method)
+    params = {k: v for k, v in method.head_params_on(spec.model).items() if method.head_params.get(k) != v}
+    params.update(spec.head_params)
     if get_method(spec.method).has_background_rule:
         # The rule forces class 0 where the background head sees no object: only meaningful when
         # class 0 IS background; otherwise it would overwrite a real class.
@@ -110,11 +120,25 @@ def _dense_head_params(spec: ImageExportSpec, vocabulary: Vocabulary) -> dict:
     return params
 
 
-def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[LoadedClip] = None) -> FusedBuild:
+def _drop_text_tower(model: torch.nn.Module) -> None:
+    """The text tower is done once the class embeddings exist; its weights (0.5 GB for ViT-L/14,
+    1.4 GB for ViT-H/14) need not live through the graph export."""
+    for name in ("transformer", "token_embedding", "ln_final", "text"):
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            setattr(model, name, torch.nn.Identity())
+    for name in ("text_projection", "positional_embedding"):
+        if isinstance(getattr(model, name, None), torch.nn.Parameter):
+            setattr(model, name, None)
+
+
+def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[LoadedClip] = None,
+                drop_text_tower: bool = False) -> FusedBuild:
     """Validate everything cheap first, then load weights and assemble the fused module.
 
     `clip` reuses already-loaded weights (several heads/sizes of one model); it must have been
-    loaded from `spec.model`/`spec.pretrained` for the manifest to describe it.
+    loaded from `spec.model`/`spec.pretrained` for the manifest to describe it. `drop_text_tower`
+    frees the text tower of `clip` once the class embeddings are computed (a caller that exports
+    one graph from weights it does not reuse).
     """
     spec = spec.resolved()
     vocabulary = _check_spec(spec)
@@ -135,7 +159,11 @@ def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[Loa
     _log(f"encoding {len(names)} class names x {len(template_list)} templates", quiet)
     import open_clip
     tokenizer = open_clip.get_tokenizer(clip.model_name)
+    t_text = time.perf_counter()
     embeddings = encode_names(clip.model, tokenizer, names, template_list, progress=not quiet)
+    _log(f"text embeddings: {time.perf_counter() - t_text:.1f} s", quiet)
+    if drop_text_tower:
+        _drop_text_tower(clip.model)
     if spec.vocab_mode == "dynamic":
         classifier = CosineClassifier(None, None)
     else:
@@ -159,7 +187,7 @@ def image_manifest(build: FusedBuild, onnx_path: Path) -> dict:
                               description="L2-normalised text embedding per class name"))
     outputs = [io_spec("scores", "float32", ["batch", n_rows, h, w], "NCHW",
                        description=f"{method.protocol.score_type} score per class at patch resolution")]
-    protocol = method.protocol_at(size).to_dict()      # window == input_size, by construction
+    protocol = method.protocol_on(build.spec.model, size).to_dict()   # window == input_size, by construction
     protocol["background_rule"] = bool(build.head_params.get("background_rule", False))
     fields = build.spec.to_manifest()
     fields.update(
@@ -195,12 +223,9 @@ def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: 
             torch.onnx.export(module, args, str(path), **kwargs)
 
 
-def _declare_output_shape(path: Path, dims: list) -> None:
+def _declare_output_shape(model, dims: list) -> None:
     """Write the manifest's output shape into the graph: the exporter leaves some dims symbolic
     (e.g. after the synonym reshape), and consumers (TensorRT, C++) want them static."""
-    import onnx
-
-    model = onnx.load(str(path))
     shape = model.graph.output[0].type.tensor_type.shape
     for dim, value in zip(shape.dim, dims):
         if isinstance(value, int):
@@ -209,11 +234,13 @@ def _declare_output_shape(path: Path, dims: list) -> None:
         else:
             dim.ClearField("dim_value")
             dim.dim_param = value
-    onnx.save(model, str(path))
 
 
-def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = True) -> Path:
-    """Export an already assembled `build` as `out`.onnx + `out`.json (opset from its spec)."""
+def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = True, release: bool = False) -> Path:
+    """Export an already assembled `build` as `out`.onnx + `out`.json (opset from its spec).
+
+    `release`: drop the build's torch module and weights once the graph is written (before
+    folding), for a caller that does not use `build` afterwards (export_image_graph)."""
     onnx_path = _onnx_path_for(out)
     opset = build.spec.opset
     t0 = time.time()
@@ -234,10 +261,13 @@ def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = Tru
                                   lambda m: _log(m, quiet), dict(build.spec.frame_protocol) or None)
     _log(f"exporting ONNX opset {opset} ({build.method}, {build.size}x{build.size}, "
          f"grid {build.grid[0]}x{build.grid[1]})", quiet)
-    with graph_with_manifest(onnx_path, manifest) as tmp_onnx:
+    dims = manifest["outputs"][0]["shape"]
+    with graph_with_manifest(onnx_path, manifest, prepare=lambda m: _declare_output_shape(m, dims)) as tmp_onnx:
         with torch.no_grad():
             _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset)
-        _declare_output_shape(tmp_onnx, manifest["outputs"][0]["shape"])
+        del args
+        if release:
+            build.release()     # the graph is on disk: folding should not share memory with torch
     size_mb = onnx_path.stat().st_size / 2 ** 20
     _log(f"wrote {onnx_path} ({size_mb:.1f} MiB) and {manifest_path_for(onnx_path).name} "
          f"in {time.time() - t0:.1f} s", quiet)
@@ -260,4 +290,6 @@ def export_image_graph(spec: ImageExportSpec, out: "str | Path", *, quiet: bool 
     loaded from `spec.model`/`spec.pretrained` for the manifest to describe it.
     """
     _onnx_path_for(out)                       # a bad output folder fails before any loading
-    return write_image_graph(build_fused(spec, quiet=quiet, clip=clip), out, quiet=quiet)
+    own = clip is None      # weights loaded here are released as early as possible (lean export)
+    build = build_fused(spec, quiet=quiet, clip=clip, drop_text_tower=own)
+    return write_image_graph(build, out, quiet=quiet, release=own)

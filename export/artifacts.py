@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
-from clipfuse.runtime.fileio import atomic_path, sha256_file
 from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
-from .folding import fold_file
+from .folding import fold_model
+from .onnxio import check_model, load_model, record_files, save_model, staged_graph, write_model
 
 
 def set_contract(model, manifest: dict) -> None:
@@ -25,32 +25,37 @@ def set_contract(model, manifest: dict) -> None:
 def write_contract(onnx_path: Path, manifest: dict, atomic: bool = True) -> None:
     """set_contract on an ONNX file, in place; `atomic=False` for a file that is itself a
     temporary (no temporary of a temporary to leave behind)."""
-    import onnx
-
-    model = onnx.load(str(onnx_path))
+    model = load_model(onnx_path)
     set_contract(model, manifest)
     if not atomic:
-        onnx.save(model, str(onnx_path))
+        save_model(model, onnx_path)
         return
-    with atomic_path(onnx_path) as tmp:
-        onnx.save(model, str(tmp))
+    write_model(model, onnx_path)
 
 
 @contextlib.contextmanager
-def graph_with_manifest(onnx_path: Path, manifest: dict) -> Iterator[Path]:
-    """Yield a temporary path for the graph; when the block succeeds, constant-fold it
-    (export.folding), store the manifest's contract in the graph's metadata_props (the last
-    rewrite: nothing may drop it after), run onnx.checker on it, record its sha256 in `manifest`
-    and move graph and `NAME.json` into place.
+def graph_with_manifest(onnx_path: Path, manifest: dict, prepare: Optional[Callable] = None) -> Iterator[Path]:
+    """Yield a staging path for the graph (its final name in a staging folder: an exporter may
+    write external data beside it); when the block succeeds, constant-fold it (export.folding),
+    store the manifest's contract in the graph's metadata_props (the last rewrite: nothing may
+    drop it after), write it as one file or graph + data file (export.onnxio), run onnx.checker
+    on it, record its hashes in `manifest` and move data file, graph and `NAME.json` into place.
 
-    Any failure inside the block (export, conversion, checker) leaves no file behind.
+    The graph is loaded once and rewritten once (`prepare(model)`, folding and contract in
+    memory). Any failure inside the block (export, conversion, checker) leaves no file behind.
     """
-    import onnx
-
-    with atomic_path(onnx_path) as tmp_onnx, atomic_path(manifest_path_for(onnx_path)) as tmp_json:
+    onnx_path = Path(onnx_path)
+    json_path = manifest_path_for(onnx_path)
+    with staged_graph(onnx_path, json_path) as tmp_onnx:
         yield tmp_onnx
-        manifest["folding"] = fold_file(tmp_onnx)
-        write_contract(tmp_onnx, manifest, atomic=False)
-        onnx.checker.check_model(str(tmp_onnx))
-        manifest["onnx_sha256"] = sha256_file(tmp_onnx)
-        write_manifest(tmp_json, manifest)
+        model = load_model(tmp_onnx)
+        if prepare is not None:
+            prepare(model)
+        folded, manifest["folding"] = fold_model(model, onnx_path.name)
+        del model
+        set_contract(folded, manifest)
+        data = save_model(folded, tmp_onnx)
+        del folded
+        check_model(tmp_onnx)
+        record_files(manifest, tmp_onnx, data)
+        write_manifest(tmp_onnx.with_name(json_path.name), manifest)

@@ -16,13 +16,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 from clipfuse.runtime import trt_support
-from clipfuse.runtime.artifact import contract_sha256
+from clipfuse.runtime.artifact import check_data_file, contract_sha256
 from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.fileio import atomic_path, sha256_file
 from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
 from . import graph_checks, trt_build
-from .artifacts import write_contract
 from .trt_build import BatchProfile, normalise_sm
 
 
@@ -155,13 +154,12 @@ def fp16_graph(src: Path, manifest: dict, log: Callable[[str], None] = _stderr) 
 
     dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
     log(f"writing FP16 graph {dst} ...")
-    report = convert_file(src, dst)
     fp16_manifest = copy.deepcopy(manifest)
     fp16_manifest["precision"] = "fp16"
-    write_contract(dst, fp16_manifest)  # the FP16 graph describes itself (precision is in the contract)
+    # the FP16 graph describes itself (precision is in the contract), with its own file hashes
+    report = convert_file(src, dst, manifest=fp16_manifest)
     check_graph(onnx.load(str(dst)), dst.name, log)
-    fp16_manifest.update(onnx_file=dst.name, onnx_sha256=sha256_file(dst),
-                         source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
+    fp16_manifest.update(source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
                          fp16=report.to_dict())
     log(f"FP16 graph: {dst} ({report.fp32_nodes}/{report.nodes} nodes kept FP32, {report.casts_inserted} casts)")
     return dst, fp16_manifest
@@ -179,6 +177,7 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
     if manifest.get("precision", "fp32") != "fp32":
         raise ClipfuseError(f"{src.name}: manifest precision is {manifest.get('precision')!r}, expected fp32")
     _validate(options)
+    check_data_file(src, manifest, verify=False)   # a graph without its weights: one line, before any parse
     check_graph(onnx.load(str(src)), src.name, log)
 
     flavour, version, targets, gpu_name = _resolve_target(options)

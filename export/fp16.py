@@ -407,12 +407,24 @@ def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) 
     return _install_nodes(model, rewriter.new_nodes), report
 
 
-def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = ()) -> Fp16Report:
-    """FP32 ONNX file -> FP16 ONNX file (written atomically)."""
-    from clipfuse.runtime.fileio import atomic_path
+def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[str] = (),
+                 manifest: Optional[dict] = None) -> Fp16Report:
+    """FP32 ONNX file -> FP16 ONNX file, written atomically (with its data file when it still needs
+    one, export.onnxio; an FP16 graph that fits is one file). With `manifest`, its contract is
+    stored in the FP16 graph (it describes itself like its source) and the written files' names,
+    hashes and sizes are recorded in it (onnxio.record_files)."""
+    from .artifacts import set_contract
+    from .onnxio import check_model, load_model, record_files, save_model, staged_graph
 
-    model = onnx.load(str(src))
+    model = load_model(src)
     fp16, report = convert_to_fp16(model, extra_fp32_ops)
-    with atomic_path(dst) as tmp:
-        onnx.save(fp16, str(tmp))
+    del model
+    if manifest is not None:
+        set_contract(fp16, manifest)
+    with staged_graph(dst) as tmp:
+        data = save_model(fp16, tmp)
+        del fp16
+        check_model(tmp)
+        if manifest is not None:
+            record_files(manifest, tmp, data)
     return report

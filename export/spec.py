@@ -48,7 +48,7 @@ class ImageExportSpec:
         method = get_method(self.method)
         return replace(self,
                        pretrained=method.default_pretrained if self.pretrained is None else self.pretrained,
-                       size=method.default_size if self.size is None else int(self.size))
+                       size=method.protocol_on(self.model).window if self.size is None else int(self.size))
 
     def to_manifest(self) -> dict:
         """The manifest keys this spec decides (the exporter adds what the build found out)."""

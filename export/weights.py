@@ -48,7 +48,7 @@ def _open_clip():
     global _registered
     import open_clip
     if not _registered:
-        # ViT-T-16-test: a tiny real-architecture ViT for smoke tests and CI.
+        # ViT-T-16-test / ViT-T-14-test: tiny real-architecture ViTs (patch 16 / 14) for smoke tests and CI.
         open_clip.add_model_config(_CONFIG_DIR)
         _registered = True
     return open_clip

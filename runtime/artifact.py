@@ -6,8 +6,10 @@
 Checks, in order, each failing with one line (ClipfuseError):
 1. the file exists and is a .onnx or .engine; its manifest NAME.json sits beside it and parses;
 2. the manifest's `kind` is one the caller can use;
-3. the file's SHA-256 equals the manifest's (`onnx_sha256`, or `engine.sha256`), unless
-   verify=False (hashing a big engine on an SD card is slow);
+3. a graph with ONNX external data (`onnx_data_file` in the manifest, clipfuse.export.onnxio) has
+   that one data file beside it, of the recorded size, always (cheap);
+3b. the file's SHA-256 equals the manifest's (`onnx_sha256`, or `engine.sha256`), and the data
+   file's equals `onnx_data_sha256`, unless verify=False (hashing a big engine on an SD card is slow);
 4. the manifest agrees with the CONTRACT stored in the model itself (below), always (cheap).
 
 The contract: the manifest fields a wrong value of which silently gives wrong results (classes,
@@ -221,6 +223,35 @@ def check_contract(path: Path, manifest: Dict[str, Any]) -> bool:
     return True
 
 
+def check_data_file(path: Path, manifest: Dict[str, Any], verify: bool = True) -> Optional[Path]:
+    """The graph's external-data file (None for a single-file graph): present beside the graph,
+    of the recorded size, and (verify) of the recorded SHA-256."""
+    name = manifest.get("onnx_data_file")
+    if path.suffix != ".onnx" or not name:
+        return None
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise ClipfuseError(f"{manifest_path_for(path).name}: onnx_data_file must be a file name beside "
+                            f"{path.name}, not {name!r}")
+    data = path.with_name(name)
+    if not data.is_file():
+        raise ClipfuseError(f"{path.name} keeps its weights in {name}, which is missing: copy it beside "
+                            f"{path.name} (the two travel together), or re-export")
+    size = manifest.get("onnx_data_bytes")
+    if size is not None and data.stat().st_size != size:
+        raise ClipfuseError(f"{name} is {data.stat().st_size} bytes, its manifest says {size}: the copy is "
+                            "incomplete or belongs to another export; copy it again or re-export")
+    if verify:
+        expected = manifest.get("onnx_data_sha256")
+        if not expected:
+            raise ClipfuseError(f"{manifest_path_for(path).name} records no onnx_data_sha256 for {name}; re-export it")
+        actual = sha256_file(data)
+        if actual != expected:
+            raise ClipfuseError(f"{name} does not match its manifest (data sha256 {actual[:12]}... != "
+                                f"{str(expected)[:12]}...): copy the data file that came with {path.name}, "
+                                "or re-export")
+    return data
+
+
 def check_hash(path: Path, manifest: Dict[str, Any]) -> None:
     """The file's SHA-256 against its manifest's (a re-exported graph with a stale manifest)."""
     if path.suffix == ".onnx":
@@ -253,5 +284,6 @@ def open_artifact(path: Union[str, Path], kinds: Optional[Sequence[str]] = None,
                             f"{' or '.join(repr(k) for k in kinds)}" + (f" ({hint})" if hint else ""))
     if verify:
         check_hash(path, manifest)
+    check_data_file(path, manifest, verify)
     checked = check_contract(path, manifest)
     return Artifact(path=path, manifest=manifest, contract_checked=checked)

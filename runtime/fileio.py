@@ -12,9 +12,10 @@ import contextlib
 import errno
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Mapping, Union
+from typing import Dict, Iterator, List, Mapping, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -58,7 +59,10 @@ def clean_stale_temporaries(final: PathLike) -> List[Path]:
         if not pid_text.isdigit() or _pid_alive(int(pid_text)):
             continue
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(entry.path)
+            if entry.is_dir(follow_symlinks=False):   # a staging folder (staged_files)
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
             removed.append(Path(entry.path))
     return removed
 
@@ -133,6 +137,48 @@ def write_file_set(files: Mapping[PathLike, bytes]) -> None:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def staged_files(finals: Sequence[PathLike], named_after: "PathLike | None" = None) -> Iterator[Path]:
+    """Write several files that only make sense together (a graph and its external-data file,
+    their manifest) as one unit, when they must be written UNDER THEIR FINAL NAMES (an ONNX graph
+    names its data file, so the pair cannot be renamed temporaries).
+
+    Yields a staging folder next to the final paths (same filesystem, named like a temporary of
+    `named_after`, default the first final, so a killed writer's folder is cleaned up by the next write). When the block
+    succeeds, each final whose name was written into the folder is moved into place, in the given
+    order (put the file that marks the set complete last); a final whose name was NOT written is
+    removed (a stale companion of an older version, e.g. a data file the new graph no longer
+    needs). Anything else in the folder is discarded with it. On failure nothing is published.
+    """
+    paths = [Path(f) for f in finals]
+    folder = paths[0].parent
+    if any(p.parent != folder for p in paths):
+        raise ValueError("staged_files: every final path must be in the same folder")
+    owner = Path(named_after) if named_after is not None else paths[0]
+    folder.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(owner)
+    stage = Path(tempfile.mkdtemp(prefix=f"{temp_prefix(owner)}{os.getpid()}-", suffix=TEMP_SUFFIX,
+                                  dir=folder))
+    published: List[Path] = []
+    try:
+        yield stage
+        for final in paths:
+            if (stage / final.name).is_file():
+                _publish(stage / final.name, final)
+                published.append(final)
+        for final in paths:
+            if final not in published:
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+    except BaseException:
+        for final in published:
+            with contextlib.suppress(OSError):
+                final.unlink()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def ensure_writable_dir(folder: PathLike, what: str = "output folder") -> Path:

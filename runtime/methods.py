@@ -197,6 +197,21 @@ class MethodSpec:
             return self.protocol
         return replace(self.protocol, **self.dataset_protocol[dataset])
 
+    def protocol_on(self, model: str, size: Optional[int] = None) -> Protocol:
+        """`protocol_at` on open_clip tower `model`: the per-backbone table (runtime/backbones.py)
+        decides the base protocol; a non-default size is a new window size, as in protocol_at."""
+        from .backbones import protocol_for
+        base = protocol_for(self.name, model)
+        if size is None or size == base.window:
+            return base
+        return replace(base, window=size, stride=size // 2, short_side=max(base.short_side, size))
+
+    def head_params_on(self, model: str) -> dict:
+        """`default_head_params` on tower `model` (block indices at the tower's depth,
+        runtime/backbones.py)."""
+        from .backbones import head_params_for
+        return head_params_for(self.name, model)
+
     def protocol_at(self, size: int) -> Protocol:
         """The protocol of a graph exported at `size`: a non-default size is a new window size."""
         if size == self.protocol.window:

@@ -21,6 +21,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _backbones(method: str) -> dict:
+    from clipfuse.runtime.backbones import BACKBONES, protocol_for, setting
+
+    out = {}
+    for model, backbone in BACKBONES.items():
+        s, window = setting(method, model), protocol_for(method, model).window
+        out[model] = {"published": s.published, "note": s.note, "window": window,
+                      "grid": window // backbone.patch, "head_params": dict(s.head_params)}
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from clipfuse.runtime.methods import METHODS
 
@@ -38,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
             "dataset_overrides": spec.dataset_protocol,
             "dataset_head_params": spec.dataset_head_params,
             "published_miou": spec.published_miou,
+            "backbones": _backbones(name),
         })
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -56,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
               f"area_thd {p['area_thd']}")
         for ds, over in row["dataset_overrides"].items():
             print(f"    {ds}: " + ", ".join(f"{k}={v}" for k, v in over.items()))
+        print("  backbones (window in pixels, patch grid; runtime/backbones.py):")
+        for model, b in row["backbones"].items():
+            print(f"    {model}: window {b['window']} ({b['grid']}x{b['grid']} grid), "
+                  f"{'published' if b['published'] else 'stated default'}: {b['note']}")
         if row["dataset_head_params"]:
             print("  baked per dataset (export one graph per setting; eval warns on a mismatch):")
             for ds, over in row["dataset_head_params"].items():

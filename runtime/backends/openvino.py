@@ -138,6 +138,8 @@ class OpenVINOBackend(Backend):
             # one sub-folder per graph content: a graph re-exported under the same name never meets
             # the blob compiled from its predecessor
             digest = str(manifest.get("onnx_sha256") or "unhashed")[:16]
+            if manifest.get("onnx_data_sha256"):       # weights in a data file: same graph, other weights
+                digest += "-" + str(manifest["onnx_data_sha256"])[:8]
             self.cache_dir = (Path(cache) if cache else default_cache_dir(self.artifact)) / digest
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)

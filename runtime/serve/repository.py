@@ -215,6 +215,9 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
     if backend == "python":
         files = {path.name: path, manifest_path.name: manifest_path}
         template = "windows_model.py"
+    if not engine and manifest.get("onnx_data_file"):
+        # the graph names its external-data file: it travels beside the graph, under its own name
+        files[manifest["onnx_data_file"]] = path.with_name(manifest["onnx_data_file"])
     config = windows_config(windows_name, manifest, backend, max_batch, options, path.name)
     params = model_parameters(manifest, protocol, path.name)
     if frame:

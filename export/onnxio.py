@@ -1,0 +1,136 @@
+"""Reading and writing ONNX graphs of any size: one file when it fits, graph + one data file when not.
+
+Protobuf cannot serialise a message of 2 GiB or more, so a graph whose weights exceed that (ViT-H/14
+in FP32: 2.5 GB) keeps its tensors in ONNX *external data*. clipfuse writes exactly one data file,
+`NAME.onnx.data`, beside `NAME.onnx` (the graph names it by that relative file name, so the two are
+moved and copied together, never renamed apart), and records it in the manifest:
+
+    onnx_data_file     "NAME.onnx.data"   (absent for a single-file graph)
+    onnx_data_sha256   its SHA-256
+    onnx_data_bytes    its size (checked even when hashing is skipped)
+
+The opener (clipfuse.runtime.artifact) refuses a graph whose data file is missing or altered.
+Every writer of a graph goes through `save_model` inside a staging folder
+(clipfuse.runtime.fileio.staged_files), so graph, data file and manifest land together or not at
+all; a graph that fits again (the FP16 graph of a tower whose FP32 graph did not) is written as
+one file, and a data file left from an earlier, bigger version is removed.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+from clipfuse.runtime.fileio import sha256_file, staged_files
+
+# Tensor bytes above which a graph is written with external data. Protobuf's hard limit is 2 GiB
+# (onnx.checker.MAXIMUM_PROTOBUF); the margin leaves room for the graph's own structure (node
+# protos, names, metadata). Tests lower it to exercise the external-data path on tiny towers.
+SINGLE_FILE_LIMIT = 2 ** 31 - 2 ** 27
+# Tensors smaller than this stay inside the graph even when the rest goes to the data file
+# (shape constants and scalars: the graph stays readable without its data file).
+EXTERNAL_MIN_BYTES = 1024
+DATA_SUFFIX = ".data"
+
+
+def data_file_for(onnx_path: "str | Path") -> Path:
+    """`dir/NAME.onnx` -> `dir/NAME.onnx.data`."""
+    onnx_path = Path(onnx_path)
+    return onnx_path.with_name(onnx_path.name + DATA_SUFFIX)
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of the graph's initializers and Constant-node tensors (what makes a graph big)."""
+    total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                total += _tensor_nbytes(attr.t)
+    return total
+
+
+def _tensor_nbytes(tensor) -> int:
+    if tensor.HasField("raw_data"):
+        return len(tensor.raw_data)
+    for entry in tensor.external_data:
+        if entry.key == "length":
+            return int(entry.value)
+    import numpy as np
+    from onnx import helper
+    count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+    try:
+        itemsize = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
+    except Exception:       # strings and exotic types: small in clipfuse's graphs
+        itemsize = 1
+    return count * itemsize
+
+
+def load_model(path: "str | Path"):
+    """onnx.load with the external data (if any) read from beside the graph."""
+    import onnx
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model(model, path: "str | Path") -> Optional[Path]:
+    """Write `model` to `path` (a path in a staging folder: this is not atomic by itself).
+
+    One file when its tensors fit under SINGLE_FILE_LIMIT, else the graph plus `NAME.onnx.data`
+    (all tensors of EXTERNAL_MIN_BYTES or more, in one file). Returns the data file, or None. The
+    model's tensors are moved out of memory when they go to the data file (it is consumed).
+    """
+    import onnx
+    path = Path(path)
+    data = data_file_for(path)
+    data.unlink(missing_ok=True)        # onnx appends to an existing data file
+    if tensor_bytes(model) <= SINGLE_FILE_LIMIT:
+        onnx.save_model(model, str(path))
+        return None
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=True)
+    return data
+
+
+def check_model(path: "str | Path") -> None:
+    """onnx.checker on the file (by path: works for graphs with external data too)."""
+    import onnx
+    onnx.checker.check_model(str(path))
+
+
+def record_files(manifest: dict, onnx_path: "str | Path", data: Optional[Path] = None) -> None:
+    """Put the graph's (and its data file's) name, hash and size into `manifest`; drop data fields
+    that a copied manifest may carry from a graph that had a data file."""
+    onnx_path = Path(onnx_path)
+    manifest["onnx_file"] = onnx_path.name
+    manifest["onnx_sha256"] = sha256_file(onnx_path)
+    for key in ("onnx_data_file", "onnx_data_sha256", "onnx_data_bytes"):
+        manifest.pop(key, None)
+    if data is not None:
+        manifest["onnx_data_file"] = data.name
+        manifest["onnx_data_sha256"] = sha256_file(data)
+        manifest["onnx_data_bytes"] = data.stat().st_size
+
+
+@contextlib.contextmanager
+def staged_graph(onnx_path: "str | Path", *extra_finals: Path) -> Iterator[Path]:
+    """Yield the staging path of `onnx_path` (its final name inside a staging folder); on success
+    the data file (if one was written), the graph and `extra_finals` (in that order) are published
+    together, and a stale data file beside the destination is removed."""
+    onnx_path = Path(onnx_path)
+    with staged_files([data_file_for(onnx_path), onnx_path, *extra_finals], named_after=onnx_path) as stage:
+        yield stage / onnx_path.name
+
+
+def write_model(model, onnx_path: "str | Path") -> Tuple[Path, Optional[Path]]:
+    """save_model + checker, atomically at `onnx_path` (graph and data file together)."""
+    onnx_path = Path(onnx_path)
+    with staged_graph(onnx_path) as tmp:
+        data = save_model(model, tmp)
+        check_model(tmp)
+    return onnx_path, (data_file_for(onnx_path) if data is not None else None)
+
+
+def file_sizes(onnx_path: "str | Path") -> Dict[str, int]:
+    """{"onnx": bytes, "data": bytes (0 when single-file)} of a written graph."""
+    onnx_path = Path(onnx_path)
+    data = data_file_for(onnx_path)
+    return {"onnx": onnx_path.stat().st_size, "data": data.stat().st_size if data.is_file() else 0}
