@@ -129,14 +129,19 @@ def write_file_set(files: Mapping[PathLike, bytes]) -> None:
             _publish(tmp, final)
             published.append(final)
     except BaseException:
-        for final in published:
-            with contextlib.suppress(OSError):
-                final.unlink()
+        _unpublish(published)
         raise
     finally:
         for tmp in temps.values():
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+
+
+def _unpublish(published: Sequence[Path]) -> None:
+    """Roll back a set of files of which only some were moved into place: none of it stays."""
+    for final in published:
+        with contextlib.suppress(OSError):
+            final.unlink()
 
 
 @contextlib.contextmanager
@@ -173,9 +178,7 @@ def staged_files(finals: Sequence[PathLike], named_after: "PathLike | None" = No
                 with contextlib.suppress(FileNotFoundError):
                     final.unlink()
     except BaseException:
-        for final in published:
-            with contextlib.suppress(OSError):
-                final.unlink()
+        _unpublish(published)
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)

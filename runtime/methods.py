@@ -84,6 +84,12 @@ class HeadParams:
     def keys(self) -> Tuple[str, ...]:
         return tuple(f.name for f in fields(self))
 
+    def get(self, name: str, default: Any = None) -> Any:
+        return getattr(self, name) if name in self else default
+
+    def items(self) -> Tuple[Tuple[str, Any], ...]:
+        return tuple((k, getattr(self, k)) for k in self.keys())
+
 
 ATTENTION_FORMS = ("qk", "qq", "kk", "qq+kk", "identity")
 _SIGMA_HELP = "self-correlation heads, rcs: Gaussian spatial bias sigma (0 = none)"
