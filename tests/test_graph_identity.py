@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from graph_identity import FINGERPRINTS, fingerprints
+from graph_identity import FINGERPRINTS, differences, fingerprints
 
 from clipfuse.runtime.methods import METHODS
 
@@ -16,5 +16,6 @@ def test_graphs_unchanged(tmp_path):
     before = json.loads(FINGERPRINTS.read_text())
     assert set(METHODS) <= set(before), "a new head: add its fingerprint (python tests/graph_identity.py --write)"
     after = fingerprints(tmp_path)
-    changed = sorted(name for name in before if after.get(name) != before[name])
+    changed = {name: differences(before[name], after[name]) if name in after else ["missing"] for name in before}
+    changed = {name: what for name, what in changed.items() if what}
     assert not changed, f"graphs changed: {changed}"
