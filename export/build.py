@@ -178,7 +178,7 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
         raise ClipfuseError(f"{src.name}: manifest precision is {manifest.get('precision')!r}, expected fp32")
     _validate(options)
     check_data_file(src, manifest, verify=False)   # a graph without its weights: one line, before any parse
-    check_graph(onnx.load(str(src)), src.name, log)
+    check_graph(onnx.load(str(src), load_external_data=False), src.name, log)   # the checks need no weights
 
     flavour, version, targets, gpu_name = _resolve_target(options)
     # Strong typing everywhere except enterprise TensorRT 8.6, where FP16 is the weak-typed flag.

@@ -36,7 +36,7 @@ def _symbolic_io(model) -> Dict[str, tuple]:
 DETACH_MIN_BYTES = 1 << 16
 
 
-def _skeleton(model):
+def weightless_skeleton(model):
     """(a copy of `model` without its big initializers, declared as graph inputs instead; the big
     initializers, still owned by `model`). The copy is small: the weights are never copied."""
     import onnx
@@ -101,7 +101,7 @@ def fold_model(model, label: str = "graph"):
     before = len(model.graph.node)
     io_before = _symbolic_io(model)
     types_before = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.input) + list(model.graph.output)}
-    skeleton, weights = _skeleton(model)
+    skeleton, weights = weightless_skeleton(model)
     folded = onnxslim.slim(skeleton)
     del skeleton
     if folded is None:

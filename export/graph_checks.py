@@ -47,7 +47,12 @@ _LAYOUT = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity",
 
 def tensor_types(model: onnx.ModelProto) -> Dict[str, int]:
     """Element type of every named tensor (inputs, outputs, inferred values, weights, constants)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    from .folding import weightless_skeleton
+
+    # Inference serializes the model it is given: without its weights (declared as typed graph
+    # inputs instead) a graph over protobuf's 2 GB limit (external data) still type-checks.
+    skeleton, _ = weightless_skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False)
     g = inferred.graph
     types = {t.name: t.data_type for t in g.initializer}
     for vi in list(g.input) + list(g.output) + list(g.value_info):

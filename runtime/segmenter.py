@@ -24,8 +24,6 @@ from .errors import ClipfuseError
 from .methods import Protocol
 from .protocol import OVERRIDABLE, ProtocolOutput, protocol_from_manifest, run_protocol  # noqa: F401 (re-exported)
 
-# Fields of Protocol a user may override at run time (window is fixed by the graph's input size).
-
 
 @dataclass
 class SegmentationResult:

@@ -253,3 +253,29 @@ def test_fuzz_data_file_fields_give_one_line_or_open(pair, tmp_path_factory):
             except ClipfuseError as exc:
                 assert "\n" not in str(exc)
     check()
+
+
+def test_type_inference_never_serializes_the_weights(monkeypatch):
+    """Graph checks and the FP16 pass infer types on a weightless skeleton: onnx's shape inference
+    serializes its input, which fails past protobuf's 2 GB for graphs with external data."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from clipfuse.export import graph_checks
+
+    w = numpy_helper.from_array(np.ones((256, 256), np.float32), "w")    # 256 KiB, over the detach size
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [w]))
+    real = onnx.shape_inference.infer_shapes
+    seen = []
+
+    def spy(m, *args, **kwargs):
+        seen.append(m.ByteSize())
+        return real(m, *args, **kwargs)
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", spy)
+    types = graph_checks.tensor_types(model)
+    assert types["w"] == TensorProto.FLOAT and types["y"] == TensorProto.FLOAT
+    assert seen and max(seen) < 16 * 1024, seen

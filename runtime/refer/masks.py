@@ -13,7 +13,6 @@ k-means colour clusters when no dense model is given.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
