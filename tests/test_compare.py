@@ -81,11 +81,14 @@ def test_compare_reference_vs_onnx_and_fp32_vs_fp16(exported, capsys):
     assert "clipfuse compare: 1 of 1 output(s) outside tolerance" in captured.err
 
 
-def test_compare_plugs_in_any_registered_backend(exported, capsys):
+def test_compare_plugs_in_any_registered_backend(exported, capsys, monkeypatch):
     """A backend registered later (e.g. OpenVINO) works in compare without changing it: here one
     that shifts the scores, so the comparison must fail on argmax agreement."""
-    from clipfuse.runtime.backends import register_backend
+    from clipfuse.runtime.backends import base, register_backend
     from clipfuse.runtime.backends.onnxruntime import OrtBackend
+
+    # the registry is process-wide: later tests (the generated CLI reference) must not see test-swap
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
 
     class SwapBackend(OrtBackend):
         def __init__(self, artifact, manifest, backend="test-swap", **options):
@@ -98,7 +101,7 @@ def test_compare_plugs_in_any_registered_backend(exported, capsys):
 
     module = types.ModuleType("clipfuse_test_swap_backend")
     module.SwapBackend = SwapBackend
-    sys.modules[module.__name__] = module
+    monkeypatch.setitem(sys.modules, module.__name__, module)
     register_backend("test-swap", module.__name__, "SwapBackend", (".onnx",))
     assert cli_main(["compare", str(exported), f"{exported}@test-swap", "--images", STREET,
                      "--atol", "100", "--json"]) == 1
