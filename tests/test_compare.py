@@ -88,7 +88,7 @@ def test_compare_plugs_in_any_registered_backend(exported, capsys, monkeypatch):
     from clipfuse.runtime.backends.onnxruntime import OrtBackend
 
     # the registry is process-wide: later tests (the generated CLI reference) must not see test-swap
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._registry()))
 
     class SwapBackend(OrtBackend):
         def __init__(self, artifact, manifest, backend="test-swap", **options):
