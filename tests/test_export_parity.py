@@ -25,11 +25,12 @@ def _images(n: int, size: int, seed: int) -> np.ndarray:
     return smooth_images(n, size, seed)
 
 
-def _check_scores_informative(scores: np.ndarray) -> None:
+def _check_scores_informative(scores: np.ndarray, argmax_varies: bool = True) -> None:
     """Guard against a vacuous pass: the scores must vary across classes and positions."""
     assert np.isfinite(scores).all()
     assert scores.std(axis=(2, 3)).mean() > 1e-4
-    assert len(np.unique(scores.argmax(axis=1))) > 1
+    if argmax_varies:
+        assert len(np.unique(scores.argmax(axis=1))) > 1
 
 
 @pytest.mark.parametrize("size", [224, 448])
@@ -74,7 +75,10 @@ def test_vitb16_every_head_onnx_matches_reference(tmp_path, vitb16_clip, size):
         build = build_fused(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=VOCAB, size=size,
                                             templates="single"), clip=vitb16_clip)
         expected = ReferenceModel.from_build(build)(images)
-        _check_scores_informative(expected)
+        # On unperturbed random ViT-B/16 weights SC-CLIP's pooled features pick one class everywhere
+        # (scores still vary, std ~2e-3); its label parity runs on perturbed weights in
+        # tests/test_head_scclip.py.
+        _check_scores_informative(expected, argmax_varies=head != "sc-clip")
         path = tmp_path / f"{head}.onnx"
         with torch.no_grad():
             _onnx_export(build.module, (torch.from_numpy(images),), path, ["image"],
