@@ -51,14 +51,19 @@ def test_small_real_images_pass_the_size_check(tmp_path):
     assert read_image(tmp_path / "flat.jpg").shape == (2048, 2048, 3)
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of a large pytest
+# process starts with the parent's peak and a grown peak would read as 0 (the test could not fail).
+# VmHWM belongs to the new address space that exec creates.
 PEAK = textwrap.dedent("""
-    import resource, sys
+    import sys
     import numpy as np
     from PIL import Image
     from clipfuse.runtime.imageio import read_image
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    def hwm_kb():
+        return next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
+    base = hwm_kb()
     arr = read_image(sys.argv[1], max_pixels=int(sys.argv[2]))
-    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base
+    grown = hwm_kb() - base
     print(arr.shape[0] * arr.shape[1], grown * 1024)
 """)
 

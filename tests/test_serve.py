@@ -190,7 +190,11 @@ def test_bad_requests_get_errors_and_server_keeps_serving(server, local):
             client.infer("tiny", [x])
         x = thttp.InferInput("image", [64, 80, 3], "UINT8")            # no batch axis
         x.set_data_from_numpy(img)
-        with pytest.raises(InferenceServerException, match="batch-size must be <= 8"):
+        with pytest.raises(InferenceServerException, match=r"expected shape \[N, H, W, 3\], got \[64, 80, 3\]"):
+            client.infer("tiny", [x])
+        x = thttp.InferInput("image", [9, 64, 80, 3], "UINT8")         # batch above --max-batch-size
+        x.set_data_from_numpy(np.stack([img] * 9))
+        with pytest.raises(InferenceServerException, match="batch 9 is above the limit of 8"):
             client.infer("tiny", [x])
         big = np.zeros((1300, 1200, 3), np.uint8)                      # oversized
         with pytest.raises(InferenceServerException, match="above the limit of"):

@@ -89,3 +89,30 @@ def test_pbtxt_text():
     assert config.input[0].data_type == tritonclient.TYPE_UINT8
     assert config.parameters["k"].string_value == 'a "quoted" näme'
     assert list(config.input[0].dims) == [-1, 3]
+
+
+# What tritonserver 2.x's Python backend answers when a PyTriton callable raises: the exception
+# line, then the stub's "At:" frames (taken from a server log, paths shortened).
+_STUB_ANSWER = (
+    "Model execute error: Traceback (most recent call last):\n"
+    '  File "/tmp/folderX/1/model.py", line 492, in execute\n'
+    "    raise triton_responses_or_error\n"
+    "c_python_backend_utils.TritonModelException: Traceback (most recent call last):\n"
+    '  File "/site-packages/pytriton/proxy/inference.py", line 393, in _handle_requests\n'
+    "pytriton.exceptions.PyTritonBadParameterError: x.onnx is a frame graph for 160x120 frames, this image "
+    "is 160x128: resize or crop it\n\n\n\nAt:\n  /tmp/folderX/1/model.py(501): execute\n")
+
+
+@pytest.mark.parametrize("message, expected", [
+    (_STUB_ANSWER, "x.onnx is a frame graph for 160x120 frames, this image is 160x128: resize or crop it"),
+    ("ClipfuseError: bad size", "bad size"),
+    ("plain one-line error from Triton", "plain one-line error from Triton"),
+    ('Traceback (most recent call last):\n  File "/a/b/c.py", line 1\nKeyError: 3',
+     "internal error while running the model (see the server log)"),
+    ("Model execute error\n\nAt:\n  /tmp/f/1/model.py(501): execute",
+     "internal error while running the model (see the server log)"),
+    ("failed to open /var/lib/models/x.onnx", "failed to open <path>"),
+])
+def test_one_line_keeps_the_exception_message_and_drops_stacks_and_paths(message, expected):
+    from clipfuse.runtime.serve.front import one_line
+    assert one_line(message) == expected

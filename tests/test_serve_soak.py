@@ -3,7 +3,7 @@ bounded time (CLIPFUSE_SOAK_S, default 90 s; docs/serving.md gives the longer ru
 
 Asserted: every good answer equals the local runtime's labels bit for bit, every bad request is a
 4xx with a one-line error, the server's memory (RSS of clipfuse serve + tritonserver + stubs)
-grows < 5 % between the end of the warm-up and the end of the run, and after SIGTERM no process,
+grows < 5 % between the end of the warm-up (RSS flat for 15 s) and 60 s later, and after SIGTERM no process,
 /dev/shm segment or temporary folder is left.
 """
 from __future__ import annotations
@@ -33,6 +33,8 @@ from clipfuse.runtime import Segmenter  # noqa: E402
 
 SOAK_S = float(os.environ.get("CLIPFUSE_SOAK_S", "90"))
 WARMUP_S = min(60.0, SOAK_S / 3)
+STEADY_S = 15
+FLOOR_S = 10
 CLIENTS = 8
 
 
@@ -54,7 +56,7 @@ def test_soak_good_and_bad_requests(tmp_path, tmp_path_factory):
     srv = CliServer(artifact, tmp_path / "srv", "--drain-timeout", "30", "--window-batch", "16").wait_ready()
     port = srv.ports[0]
     bad = _bad_bodies()
-    stop_at = time.monotonic() + SOAK_S
+    stop = threading.Event()
     counts = {"good": 0, "bad": 0}
     failures: list = []
     lock = threading.Lock()
@@ -63,7 +65,7 @@ def test_soak_good_and_bad_requests(tmp_path, tmp_path_factory):
         rng = random.Random(seed)
         conn = thttp.InferenceServerClient(f"{LOOPBACK}:{port}", network_timeout=120)
         try:
-            while time.monotonic() < stop_at and not failures:
+            while not stop.is_set() and not failures:
                 if rng.random() < 0.6:
                     k = rng.randrange(len(images))
                     x = thttp.InferInput("image", [1, *images[k].shape], "UINT8")
@@ -94,16 +96,35 @@ def test_soak_good_and_bad_requests(tmp_path, tmp_path_factory):
     threads = [threading.Thread(target=client, args=(i,)) for i in range(CLIENTS)]
     for t in threads:
         t.start()
+    # Warm-up ends when the server's RSS has been flat for STEADY_S (allocator arenas and the
+    # backend's memory pool have reached their working size), at the latest after 3 x WARMUP_S; a
+    # leak never flattens, so it still reaches the measurement. A loaded 2-core CI machine serves
+    # fewer requests per second, so a fixed warm-up measured the tail of the warm-up there (+7.5 %).
     time.sleep(WARMUP_S)
     srv.snapshot()
     pids = srv.children | {srv.proc.pid}
-    rss_start = rss_kb(pids)
+    history = [rss_kb(pids)]
+    warm_deadline = time.monotonic() + 2 * WARMUP_S
+    while time.monotonic() < warm_deadline and not failures:
+        time.sleep(1.0)
+        history.append(rss_kb(pids))
+        recent = history[-int(STEADY_S) - 1:]
+        if len(recent) > STEADY_S and max(recent) - min(recent) < 0.005 * recent[-1]:
+            break
+    warmed_s = WARMUP_S + len(history) - 1
+    measure_until = time.monotonic() + SOAK_S - WARMUP_S
+    srv.snapshot()
+    pids = srv.children | {srv.proc.pid}
+    # Floors, not single samples: a request in flight holds its buffers for a moment (+25 MB seen
+    # in one sample), while a leak raises the floor itself.
+    samples = [rss_kb(pids)]
     per_start = {p: rss_kb([p]) for p in pids}
-    peak = rss_start
     tick = 0
     while any(t.is_alive() for t in threads):
         time.sleep(1.0)
-        peak = max(peak, rss_kb(pids))
+        if time.monotonic() >= measure_until:
+            stop.set()
+        samples.append(rss_kb(pids))
         tick += 1
         if tick % 15 == 0:
             print(f"  t+{tick}s RSS {rss_kb(pids) / 1024:.0f} MB (anon {rss_kb(pids, 'RssAnon') / 1024:.0f}, "
@@ -111,17 +132,18 @@ def test_soak_good_and_bad_requests(tmp_path, tmp_path_factory):
     for t in threads:
         t.join()
     srv.snapshot()
-    rss_end = rss_kb(srv.children | {srv.proc.pid})
+    rss_start, peak = min(samples[:FLOOR_S]), max(samples)
+    rss_end = min(samples[-FLOOR_S:] + [rss_kb(srv.children | {srv.proc.pid})])
     growth = (rss_end - rss_start) / rss_start
     for p in sorted(per_start):
         name = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[0][-40:] if os.path.exists(f"/proc/{p}") else b"?"
         print(f"  pid {p} {name.decode(errors='replace')}: {per_start[p] / 1024:.0f} -> {rss_kb([p]) / 1024:.0f} MB")
-    print(f"soak {SOAK_S:.0f} s, {CLIENTS} clients: {counts['good']} good, {counts['bad']} bad requests; "
-          f"RSS {rss_start / 1024:.0f} -> {rss_end / 1024:.0f} MB (peak {peak / 1024:.0f} MB, {growth * 100:+.1f} %)")
+    print(f"warm-up {warmed_s:.0f} s; soak {SOAK_S - WARMUP_S:.0f} s measured, {CLIENTS} clients: "
+          f"{counts['good']} good, {counts['bad']} bad requests; RSS {rss_start / 1024:.0f} -> {rss_end / 1024:.0f} MB (peak {peak / 1024:.0f} MB, {growth * 100:+.1f} %)")
     try:
         assert not failures, failures[:5]
         assert counts["good"] >= CLIENTS and counts["bad"] >= CLIENTS, counts
-        assert growth < 0.05, (rss_start, rss_end)
+        assert growth < 0.05, {p: (per_start[p], rss_kb([p])) for p in per_start}   # kB per process
         srv.proc.send_signal(signal.SIGTERM)
         assert srv.proc.wait(90) == 0, srv.text()[-2000:]
         assert srv.leftovers() == {"processes": [], "shm": [], "tmp": []}, srv.leftovers()

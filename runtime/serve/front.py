@@ -120,19 +120,23 @@ def _count_leaves(data: object, limit: int) -> int:
 
 
 _PATHS = re.compile(r"(/[\w.\-]+){2,}")
+_KNOWN_ERRORS = ("PyTritonBadParameterError: ", "ClipfuseError: ")
 
 
 def one_line(message: str) -> str:
     """Triton/PyTriton error text -> one line for the client: the exception's own message (the
     last line of a traceback), without file paths."""
     lines = [ln.strip() for ln in str(message).strip().splitlines() if ln.strip()]
-    text = lines[-1] if lines else "error"
-    for known in ("PyTritonBadParameterError: ", "ClipfuseError: "):
-        if known in text:
-            text = text.split(known, 1)[1]
+    # The Python backend appends an "At:" stack of the stub's frames after the message, so the
+    # exception line is searched from the end rather than taken as the last line.
+    for line in reversed(lines):
+        found = next((known for known in _KNOWN_ERRORS if known in line), None)
+        if found:
+            text = line.split(found, 1)[1]
             break
     else:
-        if "Traceback" in message or "File \"" in message:
+        text = lines[-1] if lines else "error"
+        if "Traceback" in message or "File \"" in message or "At:" in lines:
             text = "internal error while running the model (see the server log)"
     return _PATHS.sub("<path>", text)[:300]
 
