@@ -448,6 +448,8 @@ def _geometry_tables(out_h: int, out_w: int, proc_h: int, proc_w: int, window: i
     del cols
     value = (rows.astype(np.float32), cols32, _bands(rows), _bands(cols32))
     del rows
+    for table in value:     # shared through the cache: a caller writing into one would corrupt later calls
+        table.setflags(write=False)
     _GEOMETRIES.put(key, value, sum(int(v.nbytes) for v in value))
     return value
 

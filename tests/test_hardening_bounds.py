@@ -352,3 +352,16 @@ def test_graphs_exported_before_the_wider_contract_keep_loading(tmp_path):
     onnx.with_suffix(".json").write_text(json.dumps(manifest))
     with pytest.raises(ClipfuseError, match="classes"):
         open_artifact(onnx)
+
+
+def test_cached_geometry_tables_are_read_only():
+    """The tables are shared by every later call of the same geometry (the cache): writing into one
+    would silently change other images' scores, so numpy refuses it."""
+    from clipfuse.runtime import protocol
+
+    rows, cols, band = protocol.window_geometry(40, 60, 64, 96, 32, 16, 2, 2)
+    for table in (rows, cols, band):
+        with pytest.raises(ValueError, match="read-only"):
+            table[0, 0] = 1
+    again = protocol.window_geometry(40, 60, 64, 96, 32, 16, 2, 2)
+    assert again[0] is rows
