@@ -102,8 +102,8 @@ class FrameSegmenter(nn.Module):
         prow, pcol, _ = window_geometry(0, 0, self.size[0], self.size[1], self.window, protocol.stride,
                                         grid[0], grid[1], to_output=False)
         for name, m in (("rows", rows), ("cols", cols), ("prow", prow), ("pcol", pcol)):
-            self.register_buffer(name, torch.from_numpy(np.ascontiguousarray(m, dtype=np.float32)),
-                                 persistent=False)
+            # a copy: the runtime's cached tables are read-only and shared
+            self.register_buffer(name, torch.from_numpy(np.array(m, dtype=np.float32)), persistent=False)
 
     def windows(self, image: torch.Tensor) -> torch.Tensor:
         """int32 [B, h, w, 3] -> float32 [B * n, S, S, 3], frame-major then row-major windows."""
