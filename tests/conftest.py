@@ -60,6 +60,29 @@ def vitb16_clip():
     return load_clip("ViT-B-16", "none", seed=0)
 
 
+# class 0 "background" for CLIP-DINOiser: its in-graph background rule is exercised too
+VITB16_VOCAB = {"clip-dinoiser": VOCAB}
+VITB16_DEFAULT_VOCAB = [["sky"], ["tree", "bush"], ["road"], ["car"]]
+
+
+@pytest.fixture(scope="session")
+def vitb16_graph(vitb16_clip, tmp_path_factory):
+    """head -> its full-size ViT-B/16 window graph (224, one template), exported once per session:
+    the FP16 pass and the RTX build of the same graph are separate tests sharing one export (each
+    export is ~15 s of CI). Tests write beside it, never over it."""
+    folder = tmp_path_factory.mktemp("vitb16-graphs")
+    cache: dict = {}
+
+    def get(head: str):
+        if head not in cache:
+            from clipfuse.export.api import ImageExportSpec, export_image_graph
+            spec = ImageExportSpec(head, model="ViT-B-16", pretrained="none", size=224, templates="single",
+                                   classes=VITB16_VOCAB.get(head, VITB16_DEFAULT_VOCAB))
+            cache[head] = export_image_graph(spec, folder / head, clip=vitb16_clip)
+        return cache[head]
+    return get
+
+
 class PerturbedWeights:
     """The tiny ViT and CLIP-DINOiser conv heads with biases and LayerNorm gains perturbed
     (tests/parity_inputs.py), as files a manifest can name."""

@@ -203,13 +203,10 @@ def test_cli_build_rtx_and_polygraphy_flavour_stays_consistent(graphs, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("head", ["naclip", "clip-dinoiser", "rcs"])
-def test_rtx_builds_full_vitb16_fp16_per_head_family(head, vitb16_clip, tmp_path):
+def test_rtx_builds_full_vitb16_fp16_per_head_family(head, vitb16_graph, tmp_path):
     """Full size once per head family (self-correlation heads share one block; CLIP-DINOiser adds
     its pooling and background head): the folded ViT-B/16 FP16 graph parses and builds."""
-    from clipfuse.export.api import ImageExportSpec, export_image_graph
-
-    path = export_image_graph(ImageExportSpec(head, model="ViT-B-16", pretrained="none", classes=VOCAB, size=224,
-                                              templates="single"), tmp_path / head, clip=vitb16_clip)
+    path = vitb16_graph(head)
     manifest = read_manifest(manifest_path_for(path))
     assert manifest["folding"]["nodes_after"] < manifest["folding"]["nodes_before"] // 3
     result = _build(path, "fp16")
