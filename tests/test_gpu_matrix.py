@@ -150,8 +150,8 @@ def test_bench_skips_engines_with_the_reason_instead_of_building_them(exported, 
     ctx = bb.BenchContext(build=None, onnx_path=exported, manifest={}, workdir=tmp_path, threads=1,
                           torch_device="cuda", max_batch=4)
     with pytest.raises(bb.Unavailable, match=r"SM 90 \(Hopper.*--backend ort-cuda"):
-        bb.FACTORIES["tensorrt-fp16"](ctx)
+        bb.open_runner("tensorrt-fp16", ctx)
     assert not list(tmp_path.glob("*.engine"))
     _simulate(monkeypatch, None)
     with pytest.raises(bb.Unavailable, match="no CUDA GPU visible"):
-        bb.FACTORIES["tensorrt-fp16-graph"](ctx)
+        bb.open_runner("tensorrt-fp16-graph", ctx)
