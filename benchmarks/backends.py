@@ -1,22 +1,31 @@
-"""One runner per benchmarked backend, all over the same weights, head, vocabulary and size.
+"""The benchmarked backends: one table from bench names to the runtime's backend registry.
 
-A runner stages a batch where its backend wants it (`prepare`: host array for CPU backends, a
-device tensor / bound OrtValue / engine buffer on GPU), then `call` runs ONE graph call on it and
-`sync` waits for the result: that is the "model" scope. `infer` (host in, host out) is what the
-end-to-end scope and the output check use.
+`BENCH_BACKENDS` maps each user-facing bench name (`--backends`, the reports' "backend" column)
+to a row: the runtime registry backend that runs it (clipfuse.runtime.backends: ort-cpu, ort-cuda,
+ort-trt, tensorrt, openvino), which graph it opens (the exported FP32 graph, the FP16 graph of
+export.build.fp16_graph, or the engine of `clipfuse build`, each opened by runtime.artifact with
+its own manifest) and the backend options. Every such row is driven through the runner interface
+of runtime/backends/base.py only: `stage` once, then `launch` + `synchronize` per timed call (the
+"model" scope), `run` for the output check, `device_memory_bytes` for the device peak.
 
-Names: torch-ref (the PyTorch reference of clipfuse.export.reference, the baseline every speed-up
-is relative to), torch-fused (clipfuse's fused module), -fp16 (CUDA autocast), torch-compile,
-ort-cpu-fp32/-fp16, ort-cuda-fp32/-fp16 (IOBinding) and -fp16-graph (+ CUDA graph), ort-trt-fp32/-fp16 (TensorRT EP),
-tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph),
-openvino-fp32/-bf16 (clipfuse's OpenVINO backend on the CPU, input bound once as a shared tensor).
+Rows without a registry backend are the PyTorch runners, kept here because no runtime backend
+computes them: the reference baseline (clipfuse.export.reference on the in-process build, on
+--torch-device; every speed-up is relative to `torch-ref`), clipfuse's fused torch module, CUDA
+FP16 autocast and torch.compile. (The registry's `torch` backend rebuilds the reference from the
+manifest on the CPU for `clipfuse compare`; the bench reuses the build it exported instead.)
+
+Names: torch-ref, torch-fused, -fp16 (CUDA autocast), torch-compile, ort-cpu-fp32/-fp16,
+ort-cuda-fp32/-fp16 (IOBinding) and -fp16-graph (+ CUDA graph), ort-trt-fp32/-fp16 (TensorRT EP),
+tensorrt-fp16 (engine) and tensorrt-fp16-graph (engine replayed as a CUDA graph), openvino-fp32/-bf16
+(OpenVINO on the CPU, input bound once as a shared tensor).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from types import MappingProxyType
+from typing import Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -65,6 +74,7 @@ class BenchContext:
 
 
 class Runner:
+    """What the suite times: `prepare` stages a batch, `call` is one timed call, `sync` waits."""
     name = "?"
     label = "?"
     device = "cpu"
@@ -178,26 +188,6 @@ def _need_gpu(ctx: BenchContext, what: str) -> None:
         raise Unavailable(f"{what} needs a CUDA GPU (CPU autocast would be bfloat16, not FP16)")
 
 
-def _make_torch_ref(ctx):
-    return TorchRunner("torch-ref", "PyTorch reference FP32", _reference_callable(ctx), ctx.torch_device)
-
-
-def _make_torch_fused(ctx):
-    return TorchRunner("torch-fused", "clipfuse torch FP32", _fused_module(ctx), ctx.torch_device)
-
-
-def _make_torch_ref_fp16(ctx):
-    _need_gpu(ctx, "FP16 autocast")
-    return TorchRunner("torch-ref-fp16", "PyTorch reference FP16 autocast", _reference_callable(ctx),
-                       ctx.torch_device, fp16=True)
-
-
-def _make_torch_fused_fp16(ctx):
-    _need_gpu(ctx, "FP16 autocast")
-    return TorchRunner("torch-fused-fp16", "clipfuse torch FP16 autocast", _fused_module(ctx), ctx.torch_device,
-                       fp16=True)
-
-
 def _compiled(ctx):
     torch = _torch()
     if not hasattr(torch, "compile"):
@@ -206,118 +196,20 @@ def _compiled(ctx):
     return torch.compile(_fused_module(ctx), dynamic=False)
 
 
-def _make_torch_compile(ctx):
-    return TorchRunner("torch-compile", "clipfuse torch.compile FP32", _compiled(ctx), ctx.torch_device)
+_TORCH_MODELS = {"reference": _reference_callable, "fused": _fused_module, "compile": _compiled}
 
 
-def _make_torch_compile_fp16(ctx):
-    _need_gpu(ctx, "FP16 autocast")
-    return TorchRunner("torch-compile-fp16", "clipfuse torch.compile FP16 autocast", _compiled(ctx),
-                       ctx.torch_device, fp16=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# ONNX Runtime
-# ---------------------------------------------------------------------------------------------
-class OrtRunner(Runner):
-    """clipfuse's OrtBackend; on GPU the staged input is an OrtValue on the device (IOBinding)."""
-
-    def __init__(self, name: str, label: str, path: Path, ctx: BenchContext, provider: str, precision: str,
-                 **options) -> None:
-        from clipfuse.runtime.backends import open_backend
-        self.name, self.label, self.precision = name, label, precision
-        self.device = "cpu" if provider == "ort-cpu" else "cuda"
-        manifest = dict(ctx.manifest, precision=precision)
-        if provider == "ort-cpu":
-            options.setdefault("threads", ctx.threads)
-        try:
-            self.backend = open_backend(path, manifest, provider, **options)
-        except ClipfuseError as exc:
-            raise Unavailable(str(exc)) from None
-        self.session = self.backend.session
-        self._feeds: Dict[str, np.ndarray] = {}
-        self._binding = None
-
-    def prepare(self, images: np.ndarray) -> None:
-        self._feeds = {"image": np.ascontiguousarray(images)}
-        if self.device == "cpu":
-            return
-        # GPU providers: the input copied once into the backend's resident device buffer; a
-        # timed call is one run on it (a CUDA-graph replay with cuda_graph)
-        self.backend.stage(self._feeds)
-        self._binding = True
-
-    def call(self) -> None:
-        if self._binding is None:
-            self.session.run(self.backend.output_names, self._feeds)
-        else:
-            self.backend.launch()
-
-    def sync(self) -> None:
-        if self._binding is not None:
-            self.backend.synchronize()
-
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        return self.backend.run({"image": images})["scores"]
-
-    def close(self) -> None:
-        self.backend.close()
-        self.session = self._binding = None
-
-
-def _make_ort(provider: str, precision: str, **options):
-    device = "CPU" if provider == "ort-cpu" else ("CUDA EP" if provider == "ort-cuda" else "TensorRT EP")
-    graph = "-graph" if options.get("cuda_graph") else ""
-
-    def make(ctx: BenchContext):
-        path = ctx.fp16_onnx() if precision == "fp16" and provider != "ort-trt" else ctx.onnx_path
-        opts = dict(options)
-        if provider == "ort-trt":
-            opts.update(fp16=precision == "fp16", batch_profile=[1, ctx.max_batch, ctx.max_batch],
-                        trt_cache_dir=str(ctx.workdir / f"{path.stem}.{precision}.ort-trt-cache"))
-        return OrtRunner(f"{provider}-{precision}{graph}",
-                         f"ONNX Runtime {device} {precision.upper()}" + (" + CUDA graph" if graph else ""), path, ctx,
-                         provider, precision, **opts)
-    return make
+def _open_torch_runner(name: str, row: BenchBackend, ctx: BenchContext) -> Runner:
+    autocast = bool(row.options.get("autocast"))
+    if autocast:
+        _need_gpu(ctx, "FP16 autocast")
+    return TorchRunner(name, row.label, _TORCH_MODELS[str(row.options["model"])](ctx), ctx.torch_device,
+                       fp16=autocast)
 
 
 # ---------------------------------------------------------------------------------------------
 # TensorRT engine (needs tensorrt + cuda-python + a GPU; built here with `clipfuse build`)
 # ---------------------------------------------------------------------------------------------
-class TensorRTRunner(Runner):
-    device = "cuda"
-    precision = "fp16"
-
-    def __init__(self, name: str, label: str, engine: Path, manifest: dict, cuda_graph: bool) -> None:
-        from clipfuse.runtime.backends.tensorrt import TensorRTBackend
-        self.name, self.label = name, label
-        try:
-            self.backend = TensorRTBackend(engine, manifest, cuda_graph=cuda_graph)
-        except ClipfuseError as exc:
-            raise Unavailable(str(exc)) from None
-
-    def prepare(self, images: np.ndarray) -> None:
-        self.backend.stage({"image": np.ascontiguousarray(images, dtype=np.uint8)})
-
-    def call(self) -> None:
-        self.backend.launch()
-
-    def sync(self) -> None:
-        self.backend.synchronize()
-
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        return self.backend.run({"image": images})["scores"]
-
-    def device_peak_mb(self) -> Optional[float]:
-        try:
-            return self.backend.device_memory_in_use() / 2 ** 20  # device-wide, the engine's share included
-        except Exception:
-            return None
-
-    def close(self) -> None:
-        self.backend.close()
-
-
 def _build_engine(ctx: BenchContext) -> Path:
     """`clipfuse build` (FP16 graph + strongly typed engine) into the work folder, once, with the
     installed flavour whose engines run on this GPU (never an engine that would then be skipped)."""
@@ -345,87 +237,131 @@ def _build_engine(ctx: BenchContext) -> Path:
     return result.engine
 
 
-def _make_tensorrt(cuda_graph: bool):
-    def make(ctx: BenchContext):
-        engine = _build_engine(ctx)
-        from clipfuse.runtime.artifact import open_artifact
-        manifest = open_artifact(engine).manifest
-        suffix = " + CUDA graph" if cuda_graph else ""
-        return TensorRTRunner("tensorrt-fp16" + ("-graph" if cuda_graph else ""), f"TensorRT engine FP16{suffix}",
-                              engine, manifest, cuda_graph)
-    return make
-
-
 # ---------------------------------------------------------------------------------------------
-# OpenVINO (CPU; needs the openvino extra)
+# The table
 # ---------------------------------------------------------------------------------------------
-class OpenVINORunner(Runner):
-    """clipfuse's OpenVINOBackend at an explicit precision; the staged batch is bound to the infer
-    request as a tensor sharing the host array, so a timed call is one `infer()`."""
+@dataclass(frozen=True)
+class BenchBackend:
+    """One row: what a bench name runs.
 
-    def __init__(self, precision: str, ctx: BenchContext) -> None:
-        from clipfuse.runtime.backends import open_backend
-        self.name, self.precision = f"openvino-{precision}", precision
-        self.label = f"OpenVINO CPU {precision.upper()}"
-        try:
-            # BF16 is timed for every head; the runtime refuses it for heads whose labels change
-            # (BF16_REFUSED), which the report's tables say
-            self.backend = open_backend(ctx.onnx_path, ctx.manifest, "openvino", precision=precision,
-                                        threads=ctx.threads, device="CPU", allow_refused_bf16=True)
-        except ClipfuseError as exc:
-            raise Unavailable(str(exc)) from None
-        if self.backend.precision != precision:
-            raise Unavailable(f"OpenVINO compiled {precision} as {self.backend.precision}")
-        self._staged: Optional[np.ndarray] = None
-
-    def prepare(self, images: np.ndarray) -> None:
-        import openvino
-        self._staged = np.ascontiguousarray(images, dtype=np.uint8)
-        self.backend.request.set_tensor("image", openvino.Tensor(self._staged, shared_memory=True))
-
-    def call(self) -> None:
-        self.backend.request.infer()
-
-    def infer(self, images: np.ndarray) -> np.ndarray:
-        return self.backend.run({"image": images})["scores"]
-
-    def close(self) -> None:
-        self.backend.close()
-        self._staged = None
+    backend   runtime registry name, or None for a PyTorch runner of this module
+    graph     "fp32" (the exported graph), "fp16" (its FP16 graph), "engine" (`clipfuse build`),
+              "torch" (no graph: the in-process build)
+    options   backend options (torch rows: model = reference/fused/compile, autocast)
+    device    where it computes ("cpu" or "cuda"; torch rows: --torch-device)
+    """
+    label: str
+    backend: Optional[str]
+    graph: str
+    options: Mapping[str, object]      # read-only (MappingProxyType)
+    device: str = "cpu"
 
 
-def _make_openvino(precision: str):
-    return lambda ctx: OpenVINORunner(precision, ctx)
+def _row(label: str, backend: Optional[str], graph: str, device: str = "cpu", **options) -> BenchBackend:
+    return BenchBackend(label, backend, graph, MappingProxyType(options), device)
 
 
-# name -> factory(ctx) -> Runner (raises Unavailable with the reason)
-FACTORIES: Dict[str, Callable[[BenchContext], Runner]] = {
-    "torch-ref": _make_torch_ref,
-    "torch-fused": _make_torch_fused,
-    "torch-ref-fp16": _make_torch_ref_fp16,
-    "torch-fused-fp16": _make_torch_fused_fp16,
-    "torch-compile": _make_torch_compile,
-    "torch-compile-fp16": _make_torch_compile_fp16,
-    "ort-cpu-fp32": _make_ort("ort-cpu", "fp32"),
-    "ort-cpu-fp16": _make_ort("ort-cpu", "fp16"),
-    "ort-cuda-fp32": _make_ort("ort-cuda", "fp32"),
-    "ort-cuda-fp16": _make_ort("ort-cuda", "fp16"),
-    "ort-cuda-fp16-graph": _make_ort("ort-cuda", "fp16", cuda_graph=True),
-    "ort-trt-fp32": _make_ort("ort-trt", "fp32"),
-    "ort-trt-fp16": _make_ort("ort-trt", "fp16"),
-    "tensorrt-fp16": _make_tensorrt(False),
-    "tensorrt-fp16-graph": _make_tensorrt(True),
-    "openvino-fp32": _make_openvino("fp32"),
-    "openvino-bf16": _make_openvino("bf16"),
+_OV = dict(device="CPU", allow_refused_bf16=True)   # BF16 is timed for every head; the report says
+                                                    # which heads the runtime refuses it for
+BENCH_BACKENDS: Dict[str, BenchBackend] = {
+    "torch-ref": _row("PyTorch reference FP32", None, "torch", model="reference"),
+    "torch-fused": _row("clipfuse torch FP32", None, "torch", model="fused"),
+    "torch-ref-fp16": _row("PyTorch reference FP16 autocast", None, "torch", model="reference", autocast=True),
+    "torch-fused-fp16": _row("clipfuse torch FP16 autocast", None, "torch", model="fused", autocast=True),
+    "torch-compile": _row("clipfuse torch.compile FP32", None, "torch", model="compile"),
+    "torch-compile-fp16": _row("clipfuse torch.compile FP16 autocast", None, "torch", model="compile",
+                               autocast=True),
+    "ort-cpu-fp32": _row("ONNX Runtime CPU FP32", "ort-cpu", "fp32"),
+    "ort-cpu-fp16": _row("ONNX Runtime CPU FP16", "ort-cpu", "fp16"),
+    "ort-cuda-fp32": _row("ONNX Runtime CUDA EP FP32", "ort-cuda", "fp32", "cuda"),
+    "ort-cuda-fp16": _row("ONNX Runtime CUDA EP FP16", "ort-cuda", "fp16", "cuda"),
+    "ort-cuda-fp16-graph": _row("ONNX Runtime CUDA EP FP16 + CUDA graph", "ort-cuda", "fp16", "cuda",
+                                cuda_graph=True),
+    # the TensorRT EP builds its own FP16 kernels from the FP32 graph (fp16=True)
+    "ort-trt-fp32": _row("ONNX Runtime TensorRT EP FP32", "ort-trt", "fp32", "cuda"),
+    "ort-trt-fp16": _row("ONNX Runtime TensorRT EP FP16", "ort-trt", "fp32", "cuda", fp16=True),
+    "tensorrt-fp16": _row("TensorRT engine FP16", "tensorrt", "engine", "cuda"),
+    "tensorrt-fp16-graph": _row("TensorRT engine FP16 + CUDA graph", "tensorrt", "engine", "cuda", cuda_graph=True),
+    "openvino-fp32": _row("OpenVINO CPU FP32", "openvino", "fp32", precision="fp32", **_OV),
+    "openvino-bf16": _row("OpenVINO CPU BF16", "openvino", "fp32", precision="bf16", **_OV),
 }
-
 # What `--backends cpu` / `gpu` / `all` mean.
 CPU_SET = ("torch-ref", "torch-fused", "ort-cpu-fp32", "ort-cpu-fp16")
 GPU_SET = ("torch-ref", "torch-fused", "torch-ref-fp16", "torch-fused-fp16", "torch-compile",
            "torch-compile-fp16", "ort-cuda-fp32", "ort-cuda-fp16", "ort-cuda-fp16-graph", "ort-trt-fp16", "tensorrt-fp16",
            "tensorrt-fp16-graph")
 OPENVINO_SET = ("openvino-fp32", "openvino-bf16")
-BACKEND_SETS = {"cpu": CPU_SET, "gpu": GPU_SET, "openvino": OPENVINO_SET, "all": tuple(FACTORIES)}
+BACKEND_SETS = {"cpu": CPU_SET, "gpu": GPU_SET, "openvino": OPENVINO_SET, "all": tuple(BENCH_BACKENDS)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry backends, through the runner interface only
+# ---------------------------------------------------------------------------------------------
+class BackendRunner(Runner):
+    """A runtime backend (runtime/backends/base.py) timed through stage / launch / synchronize."""
+
+    def __init__(self, name: str, row: BenchBackend, backend) -> None:
+        self.name, self.label, self.device = name, row.label, row.device
+        self.backend = backend
+        self.precision = backend.precision      # what computes, from the artifact's own manifest
+
+    def prepare(self, images: np.ndarray) -> None:
+        self.backend.stage({"image": np.ascontiguousarray(images)})
+
+    def call(self) -> None:
+        self.backend.launch()
+
+    def sync(self) -> None:
+        self.backend.synchronize()
+
+    def infer(self, images: np.ndarray) -> np.ndarray:
+        return self.backend.run({"image": images})["scores"]
+
+    def device_peak_mb(self) -> Optional[float]:
+        used = self.backend.device_memory_bytes()
+        return used / 2 ** 20 if used is not None else None
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def _artifact(row: BenchBackend, ctx: BenchContext) -> Path:
+    if row.graph == "fp32":
+        return ctx.onnx_path
+    if row.graph == "fp16":
+        return ctx.fp16_onnx()
+    if row.graph == "engine":
+        return _build_engine(ctx)
+    raise ValueError(f"bench table: unknown graph {row.graph!r}")
+
+
+def _options(row: BenchBackend, ctx: BenchContext, artifact: Path) -> dict:
+    """The row's options + what depends on the run: CPU threads, the TensorRT EP's batch profile
+    and cache folder."""
+    options = dict(row.options)
+    if row.backend in ("ort-cpu", "openvino"):
+        options.setdefault("threads", ctx.threads)
+    if row.backend == "ort-trt":
+        precision = "fp16" if options.get("fp16") else "fp32"
+        options.update(batch_profile=[1, ctx.max_batch, ctx.max_batch],
+                       trt_cache_dir=str(ctx.workdir / f"{artifact.stem}.{precision}.ort-trt-cache"))
+    return options
+
+
+def _open_registry_runner(name: str, row: BenchBackend, ctx: BenchContext) -> Runner:
+    from clipfuse.runtime.artifact import open_artifact
+    from clipfuse.runtime.backends import open_backend
+    artifact = _artifact(row, ctx)
+    try:
+        manifest = open_artifact(artifact).manifest   # the artifact's own manifest (FP16 graph: fp16)
+        backend = open_backend(artifact, manifest, row.backend, **_options(row, ctx, artifact))
+    except ClipfuseError as exc:
+        raise Unavailable(str(exc)) from None
+    if row.options.get("precision") and backend.precision != row.options["precision"]:
+        wanted = row.options["precision"]
+        backend.close()
+        raise Unavailable(f"{row.backend} compiled {wanted} as {backend.precision}")
+    return BackendRunner(name, row, backend)
 
 
 def parse_backends(text: str) -> List[str]:
@@ -433,8 +369,8 @@ def parse_backends(text: str) -> List[str]:
     names: List[str] = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
         for name in BACKEND_SETS.get(item, (item,)):
-            if name not in FACTORIES:
-                raise ClipfuseError(f"unknown backend {name!r}; choose from: {', '.join(FACTORIES)} "
+            if name not in BENCH_BACKENDS:
+                raise ClipfuseError(f"unknown backend {name!r}; choose from: {', '.join(BENCH_BACKENDS)} "
                                     f"or the sets {', '.join(BACKEND_SETS)}")
             if name not in names:
                 names.append(name)
@@ -447,4 +383,8 @@ def parse_backends(text: str) -> List[str]:
 
 
 def open_runner(name: str, ctx: BenchContext) -> Runner:
-    return FACTORIES[name](ctx)
+    """The runner of bench name `name` (raises Unavailable with the reason)."""
+    row = BENCH_BACKENDS[name]
+    if row.backend is None:
+        return _open_torch_runner(name, row, ctx)
+    return _open_registry_runner(name, row, ctx)

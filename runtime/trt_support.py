@@ -140,6 +140,16 @@ def cuda_check(result, what: str = "CUDA call") -> tuple:
     return rest
 
 
+def device_memory_in_use() -> Optional[int]:
+    """Bytes in use on the current CUDA device (device-wide: the driver knows no per-process
+    figure), or None without cuda-python or a GPU. What the device backends report as memory."""
+    try:
+        err, free, total = import_cudart().cudaMemGetInfo()
+    except Exception:
+        return None
+    return int(total - free) if int(err) == 0 else None
+
+
 def check_io_contract(io: Dict[str, list], manifest: dict, label: str) -> None:
     """Refuse an engine whose I/O tensors differ from the manifest's contract: same names in the same
     order, same dtypes, fixed dims equal, symbolic dims dynamic (-1) and covered by the profile."""

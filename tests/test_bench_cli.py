@@ -116,11 +116,11 @@ def test_e2e_scope_times_decode_protocol_and_labels(tmp_path):
 
 
 def test_help_documents_every_backend_and_option(capsys):
-    from clipfuse.benchmarks.backends import FACTORIES
+    from clipfuse.benchmarks.backends import BENCH_BACKENDS
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "--help"])
     text = capsys.readouterr().out
-    for name in FACTORIES:
+    for name in BENCH_BACKENDS:
         assert name in text, name
     for opt in ("--head", "--model", "--size", "--batch", "--backends", "--scope", "--iters", "--warmup",
                 "--max-seconds", "--render-only", "examples:", "(default: 1,4)"):

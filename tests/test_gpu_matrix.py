@@ -150,8 +150,46 @@ def test_bench_skips_engines_with_the_reason_instead_of_building_them(exported, 
     ctx = bb.BenchContext(build=None, onnx_path=exported, manifest={}, workdir=tmp_path, threads=1,
                           torch_device="cuda", max_batch=4)
     with pytest.raises(bb.Unavailable, match=r"SM 90 \(Hopper.*--backend ort-cuda"):
-        bb.FACTORIES["tensorrt-fp16"](ctx)
+        bb.open_runner("tensorrt-fp16", ctx)
     assert not list(tmp_path.glob("*.engine"))
     _simulate(monkeypatch, None)
     with pytest.raises(bb.Unavailable, match="no CUDA GPU visible"):
-        bb.FACTORIES["tensorrt-fp16-graph"](ctx)
+        bb.open_runner("tensorrt-fp16-graph", ctx)
+
+
+def _engine_manifest(flavour: str, version: str, sm: str) -> dict:
+    return {"kind": "image", "precision": "fp16",
+            "engine": {"flavour": flavour, "tensorrt_version": version, "targets": [sm], "gpu_name": "simulated"}}
+
+
+def test_tensorrt_backend_checks_the_target_before_tensorrt_is_touched(monkeypatch, tmp_path):
+    """TensorRTBackend's first step (_check_target) refuses with one line; deserialize and
+    allocate never run (the engine file is not even read)."""
+    from clipfuse.runtime.backends.tensorrt import TensorRTBackend
+    engine = tmp_path / "m.engine"          # never read: every case is refused before
+    imported = []
+    monkeypatch.setattr(trt_support, "import_trt", lambda key: imported.append(key))
+    _simulate(monkeypatch, None)
+    with pytest.raises(ClipfuseError, match="no CUDA GPU visible"):
+        TensorRTBackend(engine, _engine_manifest("tensorrt", "10.13.0", "90"))
+    _simulate(monkeypatch, "90", "NVIDIA H200")
+    with pytest.raises(ClipfuseError, match=r"m.engine: TensorRT for RTX engines do not run on this GPU, SM 90"):
+        TensorRTBackend(engine, _engine_manifest("rtx", "1.7.1", "90"))
+    assert imported == []
+
+
+def test_tensorrt_backend_refuses_another_release_before_deserializing(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from clipfuse.runtime.backends.tensorrt import TensorRTBackend
+    calls = []
+    fake_trt = SimpleNamespace(__version__="10.13.0", Runtime=lambda logger: calls.append("Runtime"))
+    fake_cudart = SimpleNamespace(cudaSetDevice=lambda device: calls.append("cudaSetDevice") or (0,))
+    monkeypatch.setattr(trt_support, "import_trt", lambda key: fake_trt)
+    monkeypatch.setattr(trt_support, "import_cudart", lambda: fake_cudart)
+    _simulate(monkeypatch, "90", "NVIDIA H200")
+    with pytest.raises(ClipfuseError, match=r"m.engine was built with TensorRT 11.0.0, this machine has 10.13.0"):
+        TensorRTBackend(tmp_path / "m.engine", _engine_manifest("tensorrt", "11.0.0", "90"))
+    with pytest.raises(ClipfuseError, match=r"built for GPU SM 89 .*this GPU is SM 90"):
+        TensorRTBackend(tmp_path / "m.engine", _engine_manifest("tensorrt", "10.13.1", "89"))
+    assert calls == []          # no device made current, no runtime created

@@ -35,17 +35,20 @@ scopes:
          throughput, e2e / model-only and host share against the targets (>= 50 %, <= 10 %)
 
 backends (--backends takes names and/or the sets cpu, gpu, all; unavailable ones are recorded as
-skipped with the reason, failing ones as failed):
+skipped with the reason, failing ones as failed). Each bench name maps, in one table
+(benchmarks/backends.py), to the runtime backend that runs it (the --backend names of clipfuse
+run, in brackets), the graph it opens with that graph's own manifest, and its options; the torch
+rows have no runtime backend and run in the bench:
   torch-ref            PyTorch reference, eager FP32 (the baseline)
   torch-fused          clipfuse's fused torch module, eager FP32
   torch-ref-fp16, torch-fused-fp16       CUDA FP16 autocast (GPU only)
   torch-compile, torch-compile-fp16      torch.compile of the fused module (failures recorded)
-  ort-cpu-fp32, ort-cpu-fp16             ONNX Runtime CPU, FP32 graph / FP16 graph (export/fp16.py)
-  ort-cuda-fp32, ort-cuda-fp16           ONNX Runtime CUDA EP, device-resident IOBinding (onnxruntime-gpu)
+  ort-cpu-fp32, ort-cpu-fp16             [ort-cpu] FP32 graph / FP16 graph (the one FP16 path of clipfuse build)
+  ort-cuda-fp32, ort-cuda-fp16           [ort-cuda] device-resident IOBinding (onnxruntime-gpu)
   ort-cuda-fp16-graph                    the same, replayed as a CUDA graph
-  ort-trt-fp32, ort-trt-fp16             ONNX Runtime TensorRT EP (engine cache in the work folder)
-  tensorrt-fp16, tensorrt-fp16-graph     TensorRT engine built with `clipfuse build` (+ CUDA graph)
-  openvino-fp32, openvino-bf16           OpenVINO CPU at an explicit precision (openvino extra); bf16 is
+  ort-trt-fp32, ort-trt-fp16             [ort-trt] FP32 graph, FP16 kernels for -fp16 (engine cache in the work folder)
+  tensorrt-fp16, tensorrt-fp16-graph     [tensorrt] engine built with `clipfuse build` (+ CUDA graph)
+  openvino-fp32, openvino-bf16           [openvino] CPU at an explicit precision (openvino extra); bf16 is
                                          timed for every head, also those the runtime refuses it for
   cpu = torch-ref,torch-fused,ort-cpu-fp32,ort-cpu-fp16   gpu = the GPU ones + torch-ref/torch-fused
   openvino = openvino-fp32,openvino-bf16 (e.g. --backends cpu,openvino)

@@ -11,10 +11,13 @@ The runner interface (shaped like Polygraphy's runners), what run/compare/serve/
   infer       `run(feeds) -> outputs` (host numpy in and out; `run_in_chunks` caps the batch at
               `max_batch`, protocol.in_chunks being the one chunking rule);
   timing      `stage(feeds)` puts inputs where the backend computes (host array, device buffer,
-              bound OrtValue), `launch()` runs one call on what is staged without copies back,
-              `synchronize()` waits for it: the benchmarks' "model" scope. The defaults stage on
-              the host and launch `run`; a device backend (TensorRT, ONNX Runtime CUDA with
-              IOBinding and CUDA graphs) overrides the three;
+              bound OrtValue, shared infer-request tensor), `launch()` runs one call on what is
+              staged without copies back, `synchronize() -> None` waits for it: the benchmarks'
+              "model" scope. The defaults stage on the host and launch `run`; a device backend
+              (TensorRT, ONNX Runtime CUDA with IOBinding and CUDA graphs) and OpenVINO override
+              them. Nothing is returned from the three: outputs come from `run`;
+  memory      `device_memory_bytes()`: bytes in use on the device the backend computes on where it
+              knows them (None for host backends);
   describe    `name`, `precision` (what actually computes, recorded in outputs), `max_batch`;
   close       `close()` (also a context manager).
 A backend of another package registers by entry point (group `clipfuse.backends`, "NAME =
@@ -55,11 +58,15 @@ class Backend:
         self._staged = {name: np.ascontiguousarray(value) for name, value in feeds.items()}
 
     def launch(self) -> None:
-        self._launched = self.run(self._staged)
+        self.run(self._staged)
 
-    def synchronize(self) -> Dict[str, np.ndarray]:
-        """Wait for the launched call; its outputs (host backends: already there)."""
-        return self._launched
+    def synchronize(self) -> None:
+        """Wait for the launched call (host backends: `launch` already returned with it)."""
+
+    def device_memory_bytes(self) -> Optional[int]:
+        """Bytes in use on the backend's device (device-wide where that is all the driver says);
+        None when the backend computes on the host or cannot tell."""
+        return None
 
     def close(self) -> None:
         pass

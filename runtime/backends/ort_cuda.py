@@ -143,6 +143,8 @@ class OrtCudaBackend(Backend):
         if backend not in _WANTED:
             raise ClipfuseError(f"OrtCudaBackend does not know backend {backend!r}")
         self.name = backend
+        if backend == "ort-trt" and options.get("fp16"):
+            self.precision = "fp16"    # the TensorRT EP builds FP16 kernels from the FP32 graph
         self.device_id = int(options.get("device_id", 0))
         self.notes: List[str] = []
         ort = self._ort = _import_ort()
@@ -265,6 +267,12 @@ class OrtCudaBackend(Backend):
     def synchronize(self) -> None:
         if self._staged is not None:
             self._staged.binding.synchronize_outputs()
+
+    def device_memory_bytes(self) -> Optional[int]:
+        if self.device_type != "cuda":
+            return None
+        from .. import trt_support
+        return trt_support.device_memory_in_use()
 
     def fetch(self) -> Dict[str, np.ndarray]:
         """The last launch's outputs, copied to the host."""

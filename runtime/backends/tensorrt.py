@@ -55,7 +55,15 @@ class TensorRTBackend(Backend):
     def __init__(self, artifact: Path, manifest: dict, **options) -> None:
         super().__init__(artifact, manifest, **options)
         self.flavour = engine_flavour(manifest)
-        device = int(options.get("device", 0))
+        self._check_target(int(options.get("device", 0)))
+        self._deserialize()
+        self._allocate()
+        self._use_graph = bool(options.get("cuda_graph", False))
+
+    # -- opening: check (one line before TensorRT is touched), deserialize, allocate --------------
+    def _check_target(self, device: int) -> None:
+        """Refuse an engine this machine cannot run (no GPU, flavour/release/SM mismatch, no
+        cuda-python) with one line; then import TensorRT and make `device` current."""
         sm = trt_support.device_sm(device)
         if sm is None:
             raise ClipfuseError("no CUDA GPU visible: TensorRT engines need one (run the ONNX graph with "
@@ -69,21 +77,23 @@ class TensorRTBackend(Backend):
             self._cudart = trt_support.import_cudart()
         except ImportError:
             raise ClipfuseError("the tensorrt backend needs cuda-python (pip install cuda-python)") from None
-        check_engine_target(manifest, self.flavour, trt.__version__, sm, self.artifact)
+        check_engine_target(self.manifest, self.flavour, trt.__version__, sm, self.artifact)
         self._trt = trt
         self._check(self._cudart.cudaSetDevice(device))
 
-        logger = trt_support.make_logger(trt)
-        self._logger = logger
-        self._runtime = trt.Runtime(logger)
+    def _deserialize(self) -> None:
+        """Engine (its I/O checked against the manifest's contract) and one execution context; RTX:
+        with the runtime cache beside the engine, so JIT-compiled kernels survive the process."""
+        trt = self._trt
+        self._logger = trt_support.make_logger(trt)
+        self._runtime = trt.Runtime(self._logger)
         self.engine = self._runtime.deserialize_cuda_engine(self.artifact.read_bytes())
         if self.engine is None:
             raise ClipfuseError(f"TensorRT could not deserialize {self.artifact.name}: {self._logger.tail()}")
         # the engine must honour the graph contract the protocol relies on
-        trt_support.check_io_contract(trt_support.engine_io(trt, self.engine), manifest, self.artifact.name)
+        trt_support.check_io_contract(trt_support.engine_io(trt, self.engine), self.manifest, self.artifact.name)
         self._runtime_cache = None
         if self.flavour == "rtx":
-            # JIT-compiled kernels survive the process in a runtime cache beside the engine
             self._cache_path = self.artifact.with_suffix(".runtime.cache")
             runtime_config = self.engine.create_runtime_config()
             cache = runtime_config.create_runtime_cache()
@@ -97,8 +107,12 @@ class TensorRTBackend(Backend):
         if self.context is None:
             raise ClipfuseError(f"TensorRT could not create an execution context for {self.artifact.name}: "
                                 f"{self._logger.tail()}")
-        (self._stream,) = self._check(self._cudart.cudaStreamCreate())
 
+    def _allocate(self) -> None:
+        """One stream; device buffers at the profile's max shapes, so their addresses never change
+        (what CUDA graphs need); `max_batch` from the profile."""
+        trt = self._trt
+        (self._stream,) = self._check(self._cudart.cudaStreamCreate())
         self.inputs: List[str] = []
         self.outputs: List[str] = []
         self._dtype: Dict[str, np.dtype] = {}
@@ -110,8 +124,6 @@ class TensorRTBackend(Backend):
         image = "image" if "image" in self.inputs else self.inputs[0]
         self._max_shapes = {n: tuple(self.engine.get_tensor_profile_shape(n, 0)[2]) for n in self.inputs}
         self.max_batch = int(self._max_shapes[image][0])
-
-        # Device buffers at the max profile shapes: fixed addresses (what CUDA graphs need).
         for n, shape in self._max_shapes.items():
             self.context.set_input_shape(n, shape)
         self._device: Dict[str, int] = {}
@@ -123,7 +135,6 @@ class TensorRTBackend(Backend):
             self.context.set_tensor_address(name, int(ptr))
         self._host_out: Dict[tuple, Dict[str, np.ndarray]] = {}
         self._graphs: Dict[tuple, object] = {}
-        self._use_graph = bool(options.get("cuda_graph", False))
 
     def _check(self, result):
         return trt_support.cuda_check(result, "the tensorrt backend")
@@ -147,10 +158,9 @@ class TensorRTBackend(Backend):
     def synchronize(self) -> None:
         self._check(self._cudart.cudaStreamSynchronize(self._stream))
 
-    def device_memory_in_use(self) -> int:
+    def device_memory_bytes(self) -> Optional[int]:
         """Bytes in use on the device (device-wide, this engine's share included)."""
-        free, total = self._check(self._cudart.cudaMemGetInfo())
-        return int(total - free)
+        return trt_support.device_memory_in_use()
 
     # -- inference ----------------------------------------------------------------------------
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
