@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import Manifest, parse_manifest
 
 
 class Backend:
@@ -40,12 +41,14 @@ class Backend:
     # Largest batch one call accepts (engine profile max); None = no limit.
     max_batch: Optional[int] = None
 
-    def __init__(self, artifact: Path, manifest: dict, **options) -> None:
+    def __init__(self, artifact: Path, manifest: "Manifest | dict", **options) -> None:
         self.artifact = Path(artifact)
-        self.manifest = manifest
+        self.meta: Manifest = parse_manifest(manifest, self.artifact.name)
+        # the JSON form too, for code that copies it (benchmarks' fp16 graphs)
+        self.manifest = self.meta.to_dict() if isinstance(manifest, Manifest) else manifest
         self.options = options
         # What the graph is computed in, recorded in outputs; backends that choose (openvino) set it.
-        self.precision: str = str(manifest.get("precision") or "fp32")
+        self.precision: str = str(self.meta.precision or "fp32")
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
