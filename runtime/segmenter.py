@@ -44,6 +44,7 @@ class Segmenter:
         if not isinstance(meta, ImageManifest):
             raise ClipfuseError(f"{Path(artifact).name} is a {meta.kind!r} artifact; expected an image or frame graph")
         self.meta: ImageManifest = meta
+        self.manifest = meta.to_dict() if isinstance(manifest, Manifest) else manifest   # the JSON form
         self.backend = backend
         self.protocol = protocol
         self.window = meta.window

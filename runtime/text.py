@@ -44,6 +44,7 @@ class TextEncoder:
         if not isinstance(meta, TextManifest) or not meta.inputs or not meta.outputs:
             raise ClipfuseError(f"{Path(artifact).name} is not a text graph (kind {meta.kind!r})")
         self.meta: TextManifest = meta
+        self.manifest = meta.to_dict() if isinstance(manifest, TextManifest) else manifest   # the JSON form
         self.runner = runner
         self.context_length = meta.context_length
         self.embed_dim = meta.embed_dim or None

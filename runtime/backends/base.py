@@ -43,12 +43,20 @@ class Backend:
 
     def __init__(self, artifact: Path, manifest: "Manifest | dict", **options) -> None:
         self.artifact = Path(artifact)
-        self.meta: Manifest = parse_manifest(manifest, self.artifact.name)
+        self._meta: Optional[Manifest] = parse_manifest(manifest, self.artifact.name)
         # the JSON form too, for code that copies it (benchmarks' fp16 graphs)
-        self.manifest = self.meta.to_dict() if isinstance(manifest, Manifest) else manifest
+        self.manifest = self._meta.to_dict() if isinstance(manifest, Manifest) else manifest
         self.options = options
         # What the graph is computed in, recorded in outputs; backends that choose (openvino) set it.
         self.precision: str = str(self.meta.precision or "fp32")
+
+    @property
+    def meta(self) -> Manifest:
+        """The typed manifest (parsed once; also for a backend whose `manifest` was set directly)."""
+        meta = self.__dict__.get("_meta")
+        if meta is None:
+            meta = self._meta = parse_manifest(self.manifest, self.artifact.name)
+        return meta
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError
