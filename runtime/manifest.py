@@ -4,11 +4,16 @@ It is the I/O contract for C++ consumers too: names, dtypes, shapes and layouts 
 the vocabulary, and the protocol defaults the runtime needs. Artifacts flow one way
 (model -> ONNX + manifest -> engine + manifest -> runtime); each stage copies the manifest and adds
 its own section, so the runtime can check that an engine and its manifest belong together.
+
+Writers build the JSON object (`new_manifest`, `io_spec`) and write it once
+(clipfuse.export.artifacts.graph_with_manifest); readers get it typed: one frozen dataclass per
+kind (`ImageManifest`, `FrameManifest`, `TextManifest`, `ReferManifest`; below), parsed and
+validated once by the opener (clipfuse.runtime.artifact.open_artifact -> `Artifact.meta`).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple, Type, TypeVar
 
@@ -79,7 +84,6 @@ def io_spec(name: str, dtype: str, shape: List[Any], layout: str, **extra: Any) 
 # original order with its original value, so a manifest round-trips byte-identically (the contract
 # hashes and graph identity depend on the exact JSON).
 
-_NONE = object()
 M = TypeVar("M", bound="Manifest")
 
 

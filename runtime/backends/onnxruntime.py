@@ -35,7 +35,7 @@ def _import_ort():
     return onnxruntime
 
 
-def _profile_shapes(manifest: dict, batch_profile: List[int]) -> Dict[str, str]:
+def _profile_shapes(manifest: "Manifest | dict", batch_profile: List[int]) -> Dict[str, str]:
     """trt_profile_{min,opt,max}_shapes strings: batch varies, everything else as exported."""
     out = {}
     for key, batch in zip(("min", "opt", "max"), batch_profile):

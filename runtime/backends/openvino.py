@@ -73,7 +73,7 @@ def device_capabilities(core, device: str) -> List[str]:
         return []
 
 
-def resolve_precision(requested: str, manifest: dict, capabilities: List[str], device: str,
+def resolve_precision(requested: str, manifest: "Manifest | dict", capabilities: List[str], device: str,
                       allow_refused: bool = False) -> str:
     """The precision to compile with (fp32/bf16/fp16), or a ClipfuseError saying why not.
 
