@@ -218,7 +218,7 @@ class TensorSpec(_Typed):
     """One entry of `inputs`/`outputs` (io_spec); symbolic dims are strings."""
 
     name: str = _spec(check="str", default="")
-    dtype: str = _spec(check="str", default="")
+    dtype: Optional[str] = _spec(check="opt_str")     # absent only in hand-made partial manifests
     shape: Tuple[Any, ...] = _spec(check="any", default=())
     layout: Optional[str] = _spec(check="opt_str")
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
@@ -227,7 +227,7 @@ class TensorSpec(_Typed):
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "manifest", name: str = "tensor") -> "TensorSpec":
         values = cls._parse(data, where, f"{name}.")
-        for required in ("name", "dtype", "shape"):
+        for required in ("name", "shape"):
             if required not in data:
                 raise ClipfuseError(f"{where}: manifest field {name!r} lacks {required!r}")
         if not isinstance(data["shape"], list):
