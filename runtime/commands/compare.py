@@ -132,7 +132,7 @@ def window_feeds(meta: Manifest, images: List[Path]) -> List[Dict[str, "object"]
     from ..imageio import read_image
     from ..protocol import extract_windows, processing_size, resize_image, window_boxes
     from ..manifest import ImageManifest
-    from ..segmenter import protocol_from_manifest
+    from ..protocol import protocol_from_manifest
 
     if meta.kind != "image" or not isinstance(meta, ImageManifest) or [i.name for i in meta.inputs][:1] != ["image"]:
         raise ClipfuseError(f"compare runs image graphs (clipfuse export); this is a {meta.kind!r} artifact")

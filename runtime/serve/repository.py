@@ -199,7 +199,7 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
         raise ClipfuseError(f"--windows-backend tensorrt needs a .engine, got {path.name}")
     if backend == "onnxruntime" and engine:
         raise ClipfuseError(f"--windows-backend onnxruntime needs a .onnx, got {path.name}")
-    from ..segmenter import protocol_from_manifest
+    from ..protocol import protocol_from_manifest
     protocol = protocol_from_manifest(meta)
     if engine:
         max_batch = engine_max_batch(meta, path.name)
