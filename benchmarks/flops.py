@@ -62,7 +62,7 @@ def head_flops(head: str, shape: VitShape, size: int, num_names: int, params: Op
                as_exported: bool = False) -> Dict[str, int]:
     """FLOPs per image of one `head` graph call at `size` x `size`, by component (+ "total").
 
-    `params`: the head's parameters (manifest["head"]["params"]); default: the method's preset.
+    `params`: the head's parameters (the manifest's head.params); default: the method's preset.
     `as_exported`: count what clipfuse's fused graph computes rather than what the method needs
     (the graph's packed in_proj also computes Q and K for MaskCLIP's value path).
     """

@@ -20,7 +20,7 @@ from typing import List, Optional
 import torch
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest
+from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest, parse_manifest
 from clipfuse.runtime.methods import METHODS, get_method
 from clipfuse.runtime.templates import get_templates
 from clipfuse.runtime.vocab import Vocabulary, class_of_name, flat_names, validate
@@ -261,7 +261,7 @@ def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = Tru
                                   lambda m: _log(m, quiet), dict(build.spec.frame_protocol) or None)
     _log(f"exporting ONNX opset {opset} ({build.method}, {build.size}x{build.size}, "
          f"grid {build.grid[0]}x{build.grid[1]})", quiet)
-    dims = manifest["outputs"][0]["shape"]
+    dims = list(parse_manifest(manifest).outputs[0].shape)
     with graph_with_manifest(onnx_path, manifest, prepare=lambda m: _declare_output_shape(m, dims)) as tmp_onnx:
         with torch.no_grad():
             _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset)

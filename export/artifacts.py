@@ -51,7 +51,8 @@ def graph_with_manifest(onnx_path: Path, manifest: dict, prepare: Optional[Calla
         model = load_model(tmp_onnx)
         if prepare is not None:
             prepare(model)
-        folded, manifest["folding"] = fold_model(model, onnx_path.name)
+        folded, folding = fold_model(model, onnx_path.name)
+        manifest.update(folding=folding)
         del model
         set_contract(folded, manifest)
         data = save_model(folded, tmp_onnx)

@@ -19,7 +19,7 @@ from clipfuse.runtime import trt_support
 from clipfuse.runtime.artifact import check_data_file, contract_sha256
 from clipfuse.runtime.errors import ClipfuseError
 from clipfuse.runtime.fileio import atomic_path, sha256_file
-from clipfuse.runtime.manifest import manifest_path_for, write_manifest
+from clipfuse.runtime.manifest import manifest_path_for, parse_manifest, write_manifest
 
 from . import graph_checks, trt_build
 from .trt_build import BatchProfile, normalise_sm
@@ -154,12 +154,11 @@ def fp16_graph(src: Path, manifest: dict, log: Callable[[str], None] = _stderr) 
 
     dst = src.with_name(src.name[:-len(".onnx")] + ".fp16.onnx")
     log(f"writing FP16 graph {dst} ...")
-    fp16_manifest = copy.deepcopy(manifest)
-    fp16_manifest["precision"] = "fp16"
+    fp16_manifest = copy.deepcopy(dict(manifest, precision="fp16"))
     # the FP16 graph describes itself (precision is in the contract), with its own file hashes
     report = convert_file(src, dst, manifest=fp16_manifest)
     check_graph(onnx.load(str(dst)), dst.name, log)
-    fp16_manifest.update(source_onnx_sha256=manifest.get("onnx_sha256") or sha256_file(src),
+    fp16_manifest.update(source_onnx_sha256=parse_manifest(manifest, src.name).onnx_sha256 or sha256_file(src),
                          fp16=report.to_dict())
     log(f"FP16 graph: {dst} ({report.fp32_nodes}/{report.nodes} nodes kept FP32, {report.casts_inserted} casts)")
     return dst, fp16_manifest
@@ -174,8 +173,9 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
     src = Path(onnx_path)
     if src.name.endswith(".fp16.onnx"):
         raise ClipfuseError(f"{src.name} is already an FP16 graph; pass the FP32 graph it came from")
-    if manifest.get("precision", "fp32") != "fp32":
-        raise ClipfuseError(f"{src.name}: manifest precision is {manifest.get('precision')!r}, expected fp32")
+    precision = parse_manifest(manifest, manifest_path_for(src).name).precision
+    if (precision or "fp32") != "fp32":
+        raise ClipfuseError(f"{src.name}: manifest precision is {precision!r}, expected fp32")
     _validate(options)
     check_data_file(src, manifest, verify=False)   # a graph without its weights: one line, before any parse
     check_graph(onnx.load(str(src), load_external_data=False), src.name, log)   # the checks need no weights
@@ -220,9 +220,9 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
                          fp16_onnx=result_fp16)
     if options.precision == "fp16":
         # the plan travels with the FP16 graph: on the device, run its command line
-        fp16_manifest["engine_plan"] = {"file": engine.name, "command": command, "flavour": flavour,
-                                        "tensorrt_version": version, "targets": list(targets),
-                                        "batch_profile": [options.batch.min, options.batch.opt, options.batch.max]}
+        fp16_manifest.update(engine_plan={"file": engine.name, "command": command, "flavour": flavour,
+                                          "tensorrt_version": version, "targets": list(targets),
+                                          "batch_profile": [options.batch.min, options.batch.opt, options.batch.max]})
         write_manifest(manifest_path_for(result_fp16), fp16_manifest)
     if options.dry_run:
         return result
@@ -238,13 +238,14 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
     seconds = time.perf_counter() - start
     trt_build.check_io_contract(io, build_manifest, engine.name)
     engine_manifest = copy.deepcopy(build_manifest)
-    engine_manifest["engine"] = engine_section(
+    section = engine_section(
         engine=engine, engine_sha256=_sha256_bytes(engine_bytes), flavour=flavour, version=version,
         targets=targets, gpu_name=gpu_name, precision=options.precision, batch=options.batch,
         onnx_sha256=onnx_sha, command=command, workspace_bytes=options.workspace_bytes,
         opt_level=options.opt_level, timing_cache=timing_cache, strongly_typed=not legacy, io=io)
-    engine_manifest["engine"]["build_seconds"] = round(seconds, 2)
-    engine_manifest["engine"]["contract_sha256"] = contract_sha256(engine_manifest)  # engines keep no metadata
+    section.update(build_seconds=round(seconds, 2))
+    engine_manifest.update(engine=section)
+    section.update(contract_sha256=contract_sha256(engine_manifest))  # engines keep no metadata
     # engine and manifest land together or not at all
     with atomic_path(engine) as tmp_engine, atomic_path(manifest_path_for(engine)) as tmp_json:
         tmp_engine.write_bytes(engine_bytes)
@@ -262,7 +263,8 @@ def engine_section(*, engine: Path, engine_sha256: str, flavour: str, version: s
                    precision: str, batch: BatchProfile, onnx_sha256: str, command: str, workspace_bytes: int,
                    opt_level: int, timing_cache: Optional[Path], strongly_typed: bool = True,
                    io: Optional[Dict[str, list]] = None) -> dict:
-    """manifest["engine"]: what the runtime checks before loading (flavour, version, SMs, I/O)."""
+    """The manifest's `engine` section (runtime.manifest.EngineSection): what the runtime checks
+    before loading (flavour, version, SMs, I/O)."""
     return {"file": engine.name, "sha256": engine_sha256, "flavour": flavour, "tensorrt_version": version,
             "targets": [normalise_sm(t) for t in targets], "gpu_name": gpu_name, "precision": precision,
             "strongly_typed": strongly_typed, "batch_profile": [batch.min, batch.opt, batch.max],

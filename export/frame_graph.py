@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from clipfuse.runtime.errors import ClipfuseError
-from clipfuse.runtime.manifest import io_spec, manifest_path_for
+from clipfuse.runtime.manifest import io_spec, manifest_path_for, parse_manifest
 from clipfuse.runtime.methods import Protocol
 from clipfuse.runtime.protocol import (cv_linear_coefficients, cv_row_coefficients, processing_size,
                                        window_boxes, window_geometry, window_starts)
@@ -164,13 +164,14 @@ def frame_manifest(window_manifest: dict, frame: Tuple[int, int], size: Tuple[in
                    num_windows: int, onnx_path: Path) -> dict:
     """The window graph's manifest, re-declared as kind "frame" with the frame contract."""
     m = dict(window_manifest)
+    meta = parse_manifest(window_manifest)
     h, w = frame
-    dynamic = m.get("vocab") == "dynamic"
-    k = "classes" if dynamic else len(m["classes"])
+    dynamic = meta.dynamic_vocab
+    k = "classes" if dynamic else len(meta.classes)
     inputs = [io_spec("frames", "uint8", ["batch", h, w, 3], "NHWC",
                       description="RGB frames, 0..255, exactly this size; everything else happens in the graph")]
     if dynamic:
-        inputs.append(io_spec("class_embeddings", "float32", ["rows", m["embed_dim"]], "RE",
+        inputs.append(io_spec("class_embeddings", "float32", ["rows", meta.embed_dim], "RE",
                               description="L2-normalised text embedding per class NAME"))
         inputs.append(io_spec("class_rows", "int64", ["classes", "names"], "KS",
                               description="row indices of each class's names, padded with its first name"))
@@ -194,12 +195,13 @@ def export_frame_graph(build, window_manifest: dict, frame: Tuple[int, int], onn
     """
     from clipfuse.runtime.protocol import protocol_from_manifest
     protocol = protocol_from_manifest(window_manifest, **(overrides or {}))
-    window_manifest = dict(window_manifest, protocol=dict(window_manifest["protocol"], **{
-        k: v for k, v in (overrides or {}).items() if v is not None}))
+    baked = dict(parse_manifest(window_manifest).protocol, **{
+        k: v for k, v in (overrides or {}).items() if v is not None})
+    window_manifest = dict(window_manifest, protocol=baked)
     dynamic = build.vocab_mode == "dynamic"
     module = FrameSegmenter(build.module, protocol, frame, build.grid, dynamic).eval()
     manifest = frame_manifest(window_manifest, frame, module.size, len(module.boxes), onnx_path)
-    manifest["protocol"] = dict(window_manifest["protocol"])
+    manifest.update(protocol=dict(baked))
     frames = torch.randint(0, 256, (1, frame[0], frame[1], 3), dtype=torch.uint8)
     args: tuple = (frames,)
     names = ["frames"]

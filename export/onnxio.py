@@ -100,14 +100,12 @@ def record_files(manifest: dict, onnx_path: "str | Path", data: Optional[Path] =
     """Put the graph's (and its data file's) name, hash and size into `manifest`; drop data fields
     that a copied manifest may carry from a graph that had a data file."""
     onnx_path = Path(onnx_path)
-    manifest["onnx_file"] = onnx_path.name
-    manifest["onnx_sha256"] = sha256_file(onnx_path)
+    manifest.update(onnx_file=onnx_path.name, onnx_sha256=sha256_file(onnx_path))
     for key in ("onnx_data_file", "onnx_data_sha256", "onnx_data_bytes"):
         manifest.pop(key, None)
     if data is not None:
-        manifest["onnx_data_file"] = data.name
-        manifest["onnx_data_sha256"] = sha256_file(data)
-        manifest["onnx_data_bytes"] = data.stat().st_size
+        manifest.update(onnx_data_file=data.name, onnx_data_sha256=sha256_file(data),
+                        onnx_data_bytes=data.stat().st_size)
 
 
 @contextlib.contextmanager

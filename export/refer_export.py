@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Dict, Optional
 
-PRECISIONS = ("fp32", "fp16")
+from .spec import PRECISIONS, ReferExportSpec  # noqa: F401 (PRECISIONS: the CLI's choices)
 
 
 def _log(msg: str, quiet: bool) -> None:
@@ -66,29 +66,32 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
                  normalization: str = "imagenet", masked_blocks: int = 3, alpha: float = 0.95,
                  fill: str = "public", precision: str = "fp32", quick_gelu: Optional[bool] = None,
                  seed: int = 0, opset: int = 17, text: bool = True, quiet: bool = True) -> Dict[str, Path]:
-    """Write OUT-global.onnx/.json and OUT-local.onnx/.json (+ OUT-text.onnx/.json, the text graph
-    of clipfuse.export.text_graph, when `text`); returns {"global": p, "local": p[, "text": p]}."""
-    from clipfuse.runtime.errors import ClipfuseError
+    """export_refer_graphs with the spec's fields as keywords (the CLI's and the tests' form)."""
+    spec = ReferExportSpec(model=model, pretrained=pretrained, normalization=normalization,
+                           masked_blocks=masked_blocks, alpha=alpha, fill=fill, precision=precision,
+                           quick_gelu=quick_gelu, seed=seed, opset=opset, text=text)
+    return export_refer_graphs(spec, out, quiet=quiet)
 
+
+def export_refer_graphs(spec: ReferExportSpec, out: "str | Path", quiet: bool = True) -> Dict[str, Path]:
+    """Write OUT-global.onnx/.json and OUT-local.onnx/.json (+ OUT-text.onnx/.json, the text graph
+    of clipfuse.export.text_graph, when `spec.text`); returns {"global": p, "local": p[, "text": p]}."""
     from .artifacts import graph_with_manifest
     from .refer_graphs import ReferGlobal, ReferLocal, export_onnx
     from .weights import load_clip
 
-    if precision not in PRECISIONS:
-        raise ClipfuseError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
-    if opset < 17:
-        raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
-    if not 0.0 <= alpha <= 1.0:
-        raise ClipfuseError(f"--alpha must be in [0, 1], got {alpha}")
+    spec.validate()
+    model, pretrained, normalization, precision, opset = (spec.model, spec.pretrained, spec.normalization,
+                                                          spec.precision, spec.opset)
+    masked_blocks = spec.masked_blocks
     out = Path(out)
     if out.suffix == ".onnx":
         out = out.with_suffix("")
     t0 = time.time()
     _log(f"loading {model} ({pretrained})", quiet)
-    clip = load_clip(model, pretrained, quick_gelu=quick_gelu, seed=seed)
+    clip = load_clip(model, pretrained, quick_gelu=spec.quick_gelu, seed=spec.seed)
     visual = clip.model.visual
-    from clipfuse.runtime.refer.pipeline import refer_section
-    refer = refer_section(alpha, masked_blocks, fill)
+    refer = spec.refer_section()
     modules = {"global": ReferGlobal(visual, normalization, masked_blocks).eval(),
                "local": ReferLocal(visual, normalization).eval()}
     written: Dict[str, Path] = {}
@@ -101,11 +104,10 @@ def export_refer(out: "str | Path", model: str = "ViT-B-32", pretrained: str = "
             export_onnx(module, str(tmp_onnx), opset)
             if precision == "fp16":
                 from .fp16 import convert_file
-                manifest["fp16"] = convert_file(tmp_onnx, tmp_onnx).to_dict()
+                manifest.update(fp16=convert_file(tmp_onnx, tmp_onnx).to_dict())
         written[part] = path
-    if text:  # the same loaded weights, so the three graphs share one CLIP
-        from .text_graph import export_text_graph
-        written["text"] = export_text_graph(out.with_name(f"{out.name}-text"), clip=clip, opset=opset,
-                                            precision=precision, quiet=quiet)
+    if spec.text:  # the same loaded weights, so the three graphs share one CLIP
+        from .text_graph import export_text
+        written["text"] = export_text(spec.text_spec(), out.with_name(f"{out.name}-text"), quiet=quiet, clip=clip)
     _log(f"wrote {', '.join(p.name for p in written.values())} in {time.time() - t0:.1f} s", quiet)
     return written

@@ -21,10 +21,9 @@ from clipfuse.runtime.manifest import io_spec, manifest_path_for, new_manifest
 from clipfuse.runtime.tokenizer import TOKENIZER_ID, VOCAB_SIZE
 
 from .artifacts import graph_with_manifest
-from .spec import OPSET
+from .spec import OPSET, PRECISIONS, TextExportSpec  # noqa: F401 (PRECISIONS re-exported)
 from .weights import LoadedClip, load_clip
 
-PRECISIONS = ("fp32", "fp16")
 INPUT, OUTPUT = "tokens", "text_features"
 
 
@@ -153,14 +152,21 @@ def export_text_graph(out: "str | Path", model: str = "ViT-B-16", pretrained: st
                       quick_gelu: Optional[bool] = None, seed: int = 0, opset: int = OPSET,
                       precision: str = "fp32", quiet: bool = True,
                       clip: Optional[LoadedClip] = None) -> Path:
-    """Write `out`.onnx + `out`.json (the text encoder); returns the .onnx path.
+    """export_text with the spec's fields as keywords (the CLI's and the tests' form)."""
+    spec = TextExportSpec(model=model, pretrained=pretrained, quick_gelu=quick_gelu, seed=seed, opset=opset,
+                          precision=precision)
+    return export_text(spec, out, quiet=quiet, clip=clip)
 
-    `clip` reuses an already loaded model (then model/pretrained/quick_gelu/seed are not read).
-    Random weights (pretrained "none") come from `seed`, exactly as the image exporter draws them,
-    so an image graph and a text graph exported with the same seed share one CLIP.
+
+def export_text(spec: TextExportSpec, out: "str | Path", quiet: bool = True,
+                clip: Optional[LoadedClip] = None) -> Path:
+    """Write `out`.onnx + `out`.json (the text encoder of `spec`); returns the .onnx path.
+
+    `clip` reuses an already loaded model (then the spec's model/pretrained/quick_gelu/seed are
+    not read: refer export shares one CLIP between its graphs).
     """
-    if precision not in PRECISIONS:
-        raise ClipfuseError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    spec.validate()
+    model, pretrained, opset, precision = spec.model, spec.pretrained, spec.opset, spec.precision
     out = Path(out)
     onnx_path = out if out.suffix == ".onnx" else out.with_name(out.name + ".onnx")
     if onnx_path.parent.exists() and not onnx_path.parent.is_dir():
@@ -169,7 +175,7 @@ def export_text_graph(out: "str | Path", model: str = "ViT-B-16", pretrained: st
     pretrained_arg = pretrained if clip is None else clip.pretrained_id
     if clip is None:
         _log(f"loading {model} ({pretrained})", quiet)
-        clip = load_clip(model, pretrained, quick_gelu=quick_gelu, seed=seed)
+        clip = load_clip(model, pretrained, quick_gelu=spec.quick_gelu, seed=spec.seed)
     check_clip_text_tower(clip)
     context_length = int(clip.model.positional_embedding.shape[0])
     embed_dim = int(clip.model.text_projection.shape[-1])
@@ -185,7 +191,7 @@ def export_text_graph(out: "str | Path", model: str = "ViT-B-16", pretrained: st
         with torch.no_grad():
             _onnx_export(module, tokens, tmp_onnx, opset)
         if precision == "fp16":
-            manifest["fp16"] = convert_text_fp16(tmp_onnx, tmp_onnx)
+            manifest.update(fp16=convert_text_fp16(tmp_onnx, tmp_onnx))
     size_mb = onnx_path.stat().st_size / 2 ** 20
     _log(f"wrote {onnx_path} ({size_mb:.1f} MiB) and {manifest_path_for(onnx_path).name} "
          f"in {time.time() - t0:.1f} s", quiet)

@@ -32,7 +32,7 @@ class TorchReferenceBackend(Backend):
             raise ClipfuseError(f"backend 'torch' needs the export extra (pip install 'clipfuse[export]'): "
                                 f"{exc}") from None
         self.model = ReferenceModel.from_manifest(manifest)
-        self.output_name = manifest["outputs"][0]["name"] if manifest.get("outputs") else "scores"
+        self.output_name = self.meta.output_name
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         import torch

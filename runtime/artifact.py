@@ -1,11 +1,13 @@
 """The one way every command opens an artifact (.onnx graph or .engine) with its manifest.
 
     art = open_artifact("engines/sclip.onnx", kinds=("image",))
-    art.manifest["classes"]
+    art.meta.classes                    # the typed manifest (clipfuse.runtime.manifest.ImageManifest)
 
 Checks, in order, each failing with one line (ClipfuseError):
 1. the file exists and is a .onnx or .engine; its manifest NAME.json sits beside it and parses;
-2. the manifest's `kind` is one the caller can use;
+2. the manifest's `kind` is one the caller can use, and its fields have their types (parsed once
+   into the kind's dataclass, `Artifact.meta`; the JSON dict stays as `Artifact.manifest` for
+   the stages that copy it and add their section: fp16, build);
 3. a graph with ONNX external data (`onnx_data_file` in the manifest, clipfuse.export.onnxio) has
    that one data file beside it, of the recorded size, always (cheap);
 3b. the file's SHA-256 equals the manifest's (`onnx_sha256`, or `engine.sha256`), and the data
@@ -37,7 +39,7 @@ from typing import Any, BinaryIO, Dict, Optional, Sequence, Tuple, Union
 
 from .errors import ClipfuseError
 from .fileio import sha256_file
-from .manifest import manifest_path_for, read_manifest
+from .manifest import Manifest, manifest_path_for, parse_manifest, read_manifest
 
 ARTIFACT_SUFFIXES = (".onnx", ".engine")
 CONTRACT_KEY = "clipfuse.contract"
@@ -172,8 +174,9 @@ def read_onnx_metadata(path: Union[str, Path]) -> Dict[str, str]:
 @dataclass
 class Artifact:
     path: Path
-    manifest: Dict[str, Any]
+    manifest: Dict[str, Any]    # the JSON object as written (copied and extended by fp16/build)
     contract_checked: bool      # False only for engines built before contracts were recorded
+    meta: Manifest              # the same, typed and validated: what every reader uses
 
     @property
     def is_engine(self) -> bool:
@@ -282,8 +285,9 @@ def open_artifact(path: Union[str, Path], kinds: Optional[Sequence[str]] = None,
     if kinds is not None and manifest.get("kind") not in kinds:
         raise ClipfuseError(f"{path.name} is a {manifest.get('kind')!r} artifact; expected "
                             f"{' or '.join(repr(k) for k in kinds)}" + (f" ({hint})" if hint else ""))
+    meta = parse_manifest(manifest, manifest_path_for(path).name)
     if verify:
         check_hash(path, manifest)
     check_data_file(path, manifest, verify)
     checked = check_contract(path, manifest)
-    return Artifact(path=path, manifest=manifest, contract_checked=checked)
+    return Artifact(path=path, manifest=manifest, contract_checked=checked, meta=meta)

@@ -26,10 +26,10 @@ def feed_vocabulary(seg, text_model: Optional[str], classes: Optional[str], temp
     options = {"device": device} if device else {}
     encoder = TextEncoder.open(text_model, backend=text_backend, backend_options=options)
     for key in ("model", "pretrained"):
-        if encoder.manifest.get(key) != seg.manifest.get(key):
-            raise ClipfuseError(f"text graph {Path(text_model).name} has {key} {encoder.manifest.get(key)!r}, "
-                                f"the image graph {seg.manifest.get(key)!r}: embeddings would not match")
-    emb = class_embeddings(encoder, vocab, templates or seg.manifest.get("templates", "imagenet80"), progress=True)
+        if getattr(encoder.meta, key) != getattr(seg.meta, key):
+            raise ClipfuseError(f"text graph {Path(text_model).name} has {key} {getattr(encoder.meta, key)!r}, "
+                                f"the image graph {getattr(seg.meta, key)!r}: embeddings would not match")
+    emb = class_embeddings(encoder, vocab, templates or seg.meta.templates or "imagenet80", progress=True)
     seg.set_class_embeddings(emb.embeddings, emb.classes)
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ClipfuseError
 from .limits import GEOMETRY_BYTES, GEOMETRY_CACHE_BYTES
+from .manifest import ImageManifest, parse_manifest  # noqa: F401 (ImageManifest: annotations)
 from .methods import Protocol
 
 # Rows of the full-size score map processed at once: bounds memory to K x ROWS x W floats.
@@ -745,11 +746,12 @@ def run_protocol(image: np.ndarray, infer: Callable[[np.ndarray], np.ndarray], p
 OVERRIDABLE = ("short_side", "stride", "long_side_max", "logit_scale", "prob_thd", "area_thd")
 
 
-def protocol_from_manifest(manifest: dict, **overrides) -> Protocol:
+def protocol_from_manifest(manifest: "ImageManifest | dict", **overrides) -> Protocol:
     """The manifest's protocol with the non-None `overrides` applied and validated."""
-    if "protocol" not in manifest:
+    section = getattr(parse_manifest(manifest), "protocol", None)
+    if section is None:
         raise ClipfuseError("manifest has no protocol section; re-export the model")
-    protocol = Protocol.from_dict(manifest["protocol"])
+    protocol = Protocol.from_dict(section)
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
         raise ClipfuseError(f"cannot override {', '.join(unknown)}; overridable: {', '.join(OVERRIDABLE)}")

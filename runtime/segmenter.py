@@ -21,6 +21,7 @@ import numpy as np
 from .artifact import open_artifact
 from .backends.base import Backend, open_backend
 from .errors import ClipfuseError
+from .manifest import FrameManifest, ImageManifest, Manifest, parse_manifest
 from .methods import Protocol
 from .protocol import OVERRIDABLE, ProtocolOutput, protocol_from_manifest, run_protocol  # noqa: F401 (re-exported)
 
@@ -36,20 +37,23 @@ class SegmentationResult:
 
 
 class Segmenter:
-    def __init__(self, artifact: Path, manifest: dict, backend: Backend, protocol: Protocol,
+    def __init__(self, artifact: Path, manifest: Union[dict, Manifest], backend: Backend, protocol: Protocol,
                  batch: Optional[int] = None) -> None:
         self.artifact = artifact
-        self.manifest = manifest
+        meta = parse_manifest(manifest, Path(artifact).name)
+        if not isinstance(meta, ImageManifest):
+            raise ClipfuseError(f"{Path(artifact).name} is a {meta.kind!r} artifact; expected an image or frame graph")
+        self.meta: ImageManifest = meta
+        self.manifest = meta.to_dict() if isinstance(manifest, Manifest) else manifest   # the JSON form
         self.backend = backend
         self.protocol = protocol
-        self.window = int(manifest["input_size"][0])
+        self.window = meta.window
         # A frame graph (kind "frame") runs the whole protocol for one fixed frame size.
-        self.frame_size: Optional[tuple] = (tuple(int(v) for v in manifest["frame_size"])
-                                            if manifest.get("kind") == "frame" else None)
+        self.frame_size: Optional[tuple] = tuple(meta.frame_size) if isinstance(meta, FrameManifest) else None
         limits = [b for b in (batch, backend.max_batch) if b]
         self.batch: Optional[int] = min(limits) if limits else None
-        self.classes: List[List[str]] = [list(names) for names in manifest.get("classes", [])]
-        self.dynamic_vocab = manifest.get("vocab") == "dynamic"
+        self.classes: List[List[str]] = [list(names) for names in meta.classes]
+        self.dynamic_vocab = meta.dynamic_vocab
         # Text-path hook: with a dynamic vocabulary the graph takes `class_embeddings` [R, E]
         # (L2-normalised rows); row r belongs to class row_class[r] and a class's score is the max
         # over its rows (synonyms), taken per window before averaging, as the baked graph does.
@@ -68,8 +72,8 @@ class Segmenter:
         """
         opened = open_artifact(artifact, kinds=("image", "frame"), verify=verify,
                                hint="`run` needs an image or frame graph from `clipfuse export`")
-        artifact, manifest = opened.path, opened.manifest
-        if manifest.get("kind") == "frame":
+        artifact, manifest = opened.path, opened.meta
+        if manifest.kind == "frame":
             changed = sorted(k for k, v in protocol_overrides.items() if v is not None)
             if changed:
                 raise ClipfuseError(f"{artifact.name} is a frame graph: its protocol is baked in, so "
@@ -99,7 +103,7 @@ class Segmenter:
         if embeddings.ndim != 2 or embeddings.shape[0] != len(row_class):
             raise ClipfuseError(f"class_embeddings must be [{len(row_class)}, E] (one row per class "
                                 f"name), got {list(embeddings.shape)}")
-        embed_dim = self.manifest.get("embed_dim")
+        embed_dim = self.meta.embed_dim
         if embed_dim and embeddings.shape[1] != int(embed_dim):
             raise ClipfuseError(f"class_embeddings have width {embeddings.shape[1]}, "
                                 f"the model needs {embed_dim}")
@@ -158,8 +162,8 @@ class Segmenter:
         return SegmentationResult(
             labels=outputs["labels"][0], class_names=self.class_names,
             scores=outputs["scores"][0] if return_scores else None,
-            processing_size=tuple(self.manifest["processing_size"]),
-            num_windows=int(self.manifest["num_windows"]),
+            processing_size=tuple(self.meta.processing_size),
+            num_windows=self.meta.num_windows,
             confidence=outputs["confidence"][0] if return_confidence else None)
 
     def segment_frames(self, frames: np.ndarray, timings: Optional[dict] = None) -> Dict[str, np.ndarray]:

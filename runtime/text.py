@@ -21,6 +21,7 @@ import numpy as np
 from .artifact import open_artifact
 from .backends import open_backend
 from .errors import ClipfuseError
+from .manifest import TextManifest, parse_manifest
 from .templates import fill, get_templates
 from .tokenizer import TOKENIZER_ID, tokenize
 from .vocab import Vocabulary, class_of_name, flat_names, validate
@@ -37,14 +38,18 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 class TextEncoder:
     """An exported text graph (tokens int64 [B, L] -> text_features float32 [B, E]) + the tokenizer."""
 
-    def __init__(self, artifact: Path, manifest: dict, runner) -> None:
+    def __init__(self, artifact: Path, manifest: "dict | TextManifest", runner) -> None:
         self.artifact = artifact
-        self.manifest = manifest
+        meta = parse_manifest(manifest, Path(artifact).name)
+        if not isinstance(meta, TextManifest) or not meta.inputs or not meta.outputs:
+            raise ClipfuseError(f"{Path(artifact).name} is not a text graph (kind {meta.kind!r})")
+        self.meta: TextManifest = meta
+        self.manifest = meta.to_dict() if isinstance(manifest, TextManifest) else manifest   # the JSON form
         self.runner = runner
-        self.context_length = int(manifest.get("context_length", 77))
-        self.embed_dim = int(manifest["embed_dim"]) if manifest.get("embed_dim") else None
-        self.input_name = manifest["inputs"][0]["name"]
-        self.output_name = manifest["outputs"][0]["name"]
+        self.context_length = meta.context_length
+        self.embed_dim = meta.embed_dim or None
+        self.input_name = meta.inputs[0].name
+        self.output_name = meta.outputs[0].name
 
     @classmethod
     def open(cls, artifact: "str | Path", backend: str = "auto", verify: bool = True,
@@ -52,11 +57,11 @@ class TextEncoder:
         """Open a text graph (.onnx, or a built .engine) with its manifest beside it."""
         opened = open_artifact(artifact, kinds=("text",), verify=verify, what="text graph",
                                hint="class embeddings need a text graph from `clipfuse export-text`")
-        artifact, manifest = opened.path, opened.manifest
-        if manifest.get("tokenizer") != TOKENIZER_ID:
-            raise ClipfuseError(f"{artifact.name} expects tokenizer {manifest.get('tokenizer')!r}; "
+        artifact, meta = opened.path, opened.meta
+        if meta.tokenizer != TOKENIZER_ID:
+            raise ClipfuseError(f"{artifact.name} expects tokenizer {meta.tokenizer!r}; "
                                 f"this runtime has {TOKENIZER_ID!r}")
-        return cls(artifact, manifest, open_backend(artifact, manifest, backend, **(backend_options or {})))
+        return cls(artifact, meta, open_backend(artifact, opened.manifest, backend, **(backend_options or {})))
 
     def encode(self, texts: Sequence[str], chunk: int = DEFAULT_CHUNK, progress: bool = False) -> np.ndarray:
         """Raw (not normalised) text features, float32 [len(texts), E]."""

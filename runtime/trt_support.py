@@ -150,29 +150,32 @@ def device_memory_in_use() -> Optional[int]:
     return int(total - free) if int(err) == 0 else None
 
 
-def check_io_contract(io: Dict[str, list], manifest: dict, label: str) -> None:
+def check_io_contract(io: Dict[str, list], manifest: "Manifest | dict", label: str) -> None:
     """Refuse an engine whose I/O tensors differ from the manifest's contract: same names in the same
     order, same dtypes, fixed dims equal, symbolic dims dynamic (-1) and covered by the profile."""
+    from .manifest import parse_manifest
+
+    meta = parse_manifest(manifest, label)
     problems = []
     for kind in ("inputs", "outputs"):
-        want, got = manifest.get(kind, []), io.get(kind, [])
-        if [w["name"] for w in want] != [g["name"] for g in got]:
-            problems.append(f"{kind} {[g['name'] for g in got]} != manifest {[w['name'] for w in want]}")
+        want, got = getattr(meta, kind), io.get(kind, [])
+        if [w.name for w in want] != [g["name"] for g in got]:
+            problems.append(f"{kind} {[g['name'] for g in got]} != manifest {[w.name for w in want]}")
             continue
         for w, g in zip(want, got):
-            if w["dtype"] != g["dtype"]:
-                problems.append(f"{g['name']} dtype {g['dtype']} != manifest {w['dtype']}")
-            if len(w["shape"]) != len(g["shape"]):
-                problems.append(f"{g['name']} rank {len(g['shape'])} != manifest {len(w['shape'])}")
+            if w.dtype != g["dtype"]:
+                problems.append(f"{g['name']} dtype {g['dtype']} != manifest {w.dtype}")
+            if len(w.shape) != len(g["shape"]):
+                problems.append(f"{g['name']} rank {len(g['shape'])} != manifest {len(w.shape)}")
                 continue
-            for axis, (wd, gd) in enumerate(zip(w["shape"], g["shape"])):
+            for axis, (wd, gd) in enumerate(zip(w.shape, g["shape"])):
                 if isinstance(wd, int) and wd != gd:
                     problems.append(f"{g['name']} axis {axis} is {gd}, manifest says {wd}")
                 if isinstance(wd, str) and gd != -1 and kind == "inputs":
                     problems.append(f"{g['name']} axis {axis} ({wd}) is fixed to {gd}, must stay dynamic")
             if kind == "inputs":
                 mn, _, mx = g["profile"]
-                for axis, wd in enumerate(w["shape"]):
+                for axis, wd in enumerate(w.shape):
                     if isinstance(wd, int) and not mn[axis] == mx[axis] == wd:
                         problems.append(f"{g['name']} profile axis {axis} {mn[axis]}..{mx[axis]} != {wd}")
     if problems:

@@ -19,3 +19,12 @@ def test_graphs_unchanged(tmp_path):
     changed = {name: differences(before[name], after[name]) if name in after else ["missing"] for name in before}
     changed = {name: what for name, what in changed.items() if what}
     assert not changed, f"graphs changed: {changed}"
+    # and each graph's contract (what its outputs mean: classes, protocol, head, I/O) is the one
+    # the manifests committed in tests/data/manifests carry
+    from pathlib import Path
+
+    from clipfuse.runtime.artifact import contract_of
+    from clipfuse.runtime.manifest import read_manifest
+    for fixture in sorted((Path(__file__).parent / "data" / "manifests").glob("*.json")):
+        want, got = (contract_of(read_manifest(p)) for p in (fixture, tmp_path / fixture.name))
+        assert got == want, f"{fixture.stem}: contract changed"

@@ -382,6 +382,30 @@ def test_manifest_mutations_are_refused_or_read(tmp_path_factory, data):
         assert "\n" not in str(exc)
 
 
+@fuzz(200)
+@given(st.data())
+def test_typed_manifest_mutations_are_refused_or_round_trip(data):
+    """A committed manifest with one field (or one engine/head/tensor field) replaced by any JSON
+    value: parse_manifest gives the kind's dataclass, which writes the same JSON back, or refuses
+    with one line."""
+    import json as _json
+    from clipfuse.runtime.manifest import parse_manifest
+    fixtures = sorted((Path(__file__).parent / "data" / "manifests").glob("*.json"))
+    raw = _json.loads(data.draw(st.sampled_from(fixtures)).read_text())
+    raw["engine"] = {"sha256": "0" * 64, "flavour": "rtx", "batch_profile": [1, 2, 4]}
+    where = data.draw(st.sampled_from(["top", "engine", "head", "input"]))
+    target = {"top": raw, "engine": raw["engine"], "head": raw.get("head") or raw,
+              "input": raw["inputs"][0]}[where]
+    key = data.draw(st.one_of(st.sampled_from(sorted(target)), st.text(max_size=6)))
+    target[key] = data.draw(JSONISH)
+    try:
+        meta = parse_manifest(raw, "m.json")
+    except ClipfuseError as exc:
+        assert "\n" not in str(exc) and str(exc).startswith("m.json")
+        return
+    assert _json.dumps(meta.to_dict(), allow_nan=True) == _json.dumps(raw, allow_nan=True)
+
+
 @fuzz(150)
 @given(st.data())
 def test_resume_file_mutations_are_refused_or_loaded(tmp_path_factory, data):

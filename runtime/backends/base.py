@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import Manifest, parse_manifest
 
 
 class Backend:
@@ -43,12 +44,22 @@ class Backend:
     # Largest batch one call accepts (engine profile max); None = no limit.
     max_batch: Optional[int] = None
 
-    def __init__(self, artifact: Path, manifest: dict, **options) -> None:
+    def __init__(self, artifact: Path, manifest: "Manifest | dict", **options) -> None:
         self.artifact = Path(artifact)
-        self.manifest = manifest
+        self._meta: Optional[Manifest] = parse_manifest(manifest, self.artifact.name)
+        # the JSON form too, for code that copies it (benchmarks' fp16 graphs)
+        self.manifest = self._meta.to_dict() if isinstance(manifest, Manifest) else manifest
         self.options = options
         # What the graph is computed in, recorded in outputs; backends that choose (openvino) set it.
-        self.precision: str = str(manifest.get("precision") or "fp32")
+        self.precision: str = str(self.meta.precision or "fp32")
+
+    @property
+    def meta(self) -> Manifest:
+        """The typed manifest (parsed once; also for a backend whose `manifest` was set directly)."""
+        meta = self.__dict__.get("_meta")
+        if meta is None:
+            meta = self._meta = parse_manifest(self.manifest, self.artifact.name)
+        return meta
 
     def run(self, feeds: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         raise NotImplementedError

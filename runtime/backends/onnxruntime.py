@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import Manifest, parse_manifest
 from .base import Backend
 
 _PROVIDER = {
@@ -34,16 +35,16 @@ def _import_ort():
     return onnxruntime
 
 
-def _profile_shapes(manifest: dict, batch_profile: List[int]) -> Dict[str, str]:
+def _profile_shapes(manifest: "Manifest | dict", batch_profile: List[int]) -> Dict[str, str]:
     """trt_profile_{min,opt,max}_shapes strings: batch varies, everything else as exported."""
     out = {}
     for key, batch in zip(("min", "opt", "max"), batch_profile):
         parts = []
-        for spec in manifest.get("inputs", []):
-            dims = [str(batch) if d == "batch" else str(d) for d in spec["shape"]]
+        for spec in parse_manifest(manifest).inputs:
+            dims = [str(batch) if d == "batch" else str(d) for d in spec.shape]
             if any(not d.isdigit() for d in dims):
                 continue  # other symbolic dims (class_embeddings' K) are left to ORT
-            parts.append(f"{spec['name']}:{'x'.join(dims)}")
+            parts.append(f"{spec.name}:{'x'.join(dims)}")
         out[f"trt_profile_{key}_shapes"] = ",".join(parts)
     return out
 
@@ -99,7 +100,7 @@ class OrtBackend(Backend):
             so.intra_op_num_threads = int(options["threads"])
         so.log_severity_level = 3  # warnings about unused initializers etc. are noise for users
         extra = {}
-        if backend == "ort-cpu" and manifest.get("precision") == "fp16":
+        if backend == "ort-cpu" and self.meta.is_fp16:
             # ONNX Runtime 1.32's CPU NchwcTransformer segfaults while loading FP16 CLIP graphs;
             # every other optimisation stays on.
             extra["disabled_optimizers"] = ["NchwcTransformer"]

@@ -30,6 +30,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import Manifest, parse_manifest
 from .base import Backend
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -72,7 +73,7 @@ def device_capabilities(core, device: str) -> List[str]:
         return []
 
 
-def resolve_precision(requested: str, manifest: dict, capabilities: List[str], device: str,
+def resolve_precision(requested: str, manifest: "Manifest | dict", capabilities: List[str], device: str,
                       allow_refused: bool = False) -> str:
     """The precision to compile with (fp32/bf16/fp16), or a ClipfuseError saying why not.
 
@@ -80,10 +81,11 @@ def resolve_precision(requested: str, manifest: dict, capabilities: List[str], d
     for deployment."""
     if requested not in PRECISIONS:
         raise ClipfuseError(f"--precision {requested!r} is not one of {', '.join(PRECISIONS)}")
-    head = (manifest.get("head") or {}).get("name") if isinstance(manifest.get("head"), dict) else None
-    image_graph = manifest.get("kind", "image") in ("image", "frame")
+    meta = parse_manifest(manifest)
+    head = meta.head_name
+    image_graph = meta.kind in ("image", "frame")
     if requested == "auto":
-        if manifest.get("kind", "image") == "image" and "BF16" in capabilities and head in BF16_ACCEPTED:
+        if meta.kind == "image" and "BF16" in capabilities and head in BF16_ACCEPTED:
             return "bf16"
         if image_graph and device.split(".")[0] in ("GPU", "NPU") and "FP16" in capabilities:
             return "fp16"
@@ -137,9 +139,9 @@ class OpenVINOBackend(Backend):
         if cache != "":
             # one sub-folder per graph content: a graph re-exported under the same name never meets
             # the blob compiled from its predecessor
-            digest = str(manifest.get("onnx_sha256") or "unhashed")[:16]
-            if manifest.get("onnx_data_sha256"):       # weights in a data file: same graph, other weights
-                digest += "-" + str(manifest["onnx_data_sha256"])[:8]
+            digest = str(self.meta.onnx_sha256 or "unhashed")[:16]
+            if self.meta.onnx_data_sha256:       # weights in a data file: same graph, other weights
+                digest += "-" + self.meta.onnx_data_sha256[:8]
             self.cache_dir = (Path(cache) if cache else default_cache_dir(self.artifact)) / digest
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,7 @@ class OpenVINOBackend(Backend):
         self.request = self.compiled.create_infer_request()
         # A port can carry several tensor names (an ONNX output that is also an internal value, as a
         # frame graph's labels): address every port by the name the manifest's contract uses.
-        declared = {t["name"] for t in manifest.get("inputs", []) + manifest.get("outputs", [])}
+        declared = {t.name for t in self.meta.inputs + self.meta.outputs}
         self._port_names = {p: _contract_name(p, declared) for p in list(self.compiled.inputs) + list(self.compiled.outputs)}
         self.input_names = [self._port_names[p] for p in self.compiled.inputs]
         self.output_names = [self._port_names[p] for p in self.compiled.outputs]

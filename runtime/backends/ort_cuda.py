@@ -27,11 +27,12 @@ from __future__ import annotations
 import ctypes
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import Manifest, TensorSpec, parse_manifest
 from .base import Backend
 from .onnxruntime import _import_ort, provider_chain
 
@@ -101,26 +102,27 @@ def open_session(create: Callable[[list], Any], with_graph: Optional[list], plai
     return create(plain), False, notes
 
 
-def bind_symbols(specs: List[dict], shapes: Dict[str, tuple]) -> Dict[str, int]:
+def bind_symbols(specs: Sequence[TensorSpec], shapes: Dict[str, tuple]) -> Dict[str, int]:
     """Symbolic dims of the manifest's inputs ("batch", "classes", ...) -> their sizes in `shapes`."""
     sizes: Dict[str, int] = {}
     for spec in specs:
-        shape = shapes.get(spec["name"])
-        if shape is None or len(shape) != len(spec["shape"]):
+        shape = shapes.get(spec.name)
+        if shape is None or len(shape) != len(spec.shape):
             continue
-        for dim, size in zip(spec["shape"], shape):
+        for dim, size in zip(spec.shape, shape):
             if isinstance(dim, str):
                 sizes.setdefault(dim, int(size))
     return sizes
 
 
-def output_shapes(manifest: dict, shapes: Dict[str, tuple]) -> Dict[str, Optional[tuple]]:
+def output_shapes(manifest: "Manifest | dict", shapes: Dict[str, tuple]) -> Dict[str, Optional[tuple]]:
     """Each output's shape for these input shapes, or None where a dim is not bound by an input."""
-    sizes = bind_symbols(manifest.get("inputs", []), shapes)
+    meta = parse_manifest(manifest)
+    sizes = bind_symbols(meta.inputs, shapes)
     out: Dict[str, Optional[tuple]] = {}
-    for spec in manifest.get("outputs", []):
-        dims = [sizes.get(d) if isinstance(d, str) else int(d) for d in spec["shape"]]
-        out[spec["name"]] = None if any(d is None for d in dims) else tuple(dims)
+    for spec in meta.outputs:
+        dims = [sizes.get(d) if isinstance(d, str) else int(d) for d in spec.shape]
+        out[spec.name] = None if any(d is None for d in dims) else tuple(dims)
     return out
 
 
@@ -215,7 +217,7 @@ class OrtCudaBackend(Backend):
             value = ort.OrtValue.ortvalue_from_numpy(arr, self.device_type, self.device_id)
             binding.bind_ortvalue_input(name, value)
             inputs[name] = value
-        shapes = output_shapes(self.manifest, {n: a.shape for n, a in arrays.items()})
+        shapes = output_shapes(self.meta, {n: a.shape for n, a in arrays.items()})
         outputs = {}
         for name in self.output_names:
             shape = shapes.get(name)

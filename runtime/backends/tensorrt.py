@@ -17,23 +17,25 @@ import numpy as np
 
 from .. import trt_support
 from ..errors import ClipfuseError
+from ..manifest import Manifest, parse_manifest
 from .base import Backend
 
 
-def engine_flavour(manifest: dict) -> str:
+def engine_flavour(manifest: "Manifest | dict") -> str:
     """The flavour that built the engine (manifests before flavours existed: enterprise TensorRT)."""
-    eng = manifest.get("engine")
-    return str(eng.get("flavour") or "tensorrt") if isinstance(eng, dict) else "tensorrt"
+    eng = parse_manifest(manifest).engine
+    return str(eng.flavour or "tensorrt") if eng is not None else "tensorrt"
 
 
-def check_engine_target(manifest: dict, flavour: str, trt_version: str, sm: Optional[str], artifact: Path) -> None:
+def check_engine_target(manifest: "Manifest | dict", flavour: str, trt_version: str, sm: Optional[str],
+                        artifact: Path) -> None:
     """One-line refusal when the engine was built by another flavour or release, or for another GPU."""
-    eng = manifest.get("engine")
-    if not isinstance(eng, dict):
+    eng = parse_manifest(manifest, artifact.name).engine
+    if eng is None:
         raise ClipfuseError(f"{artifact.name}: manifest has no 'engine' section; build engines with `clipfuse build`")
-    built_flavour = engine_flavour(manifest)
-    built_trt = str(eng.get("tensorrt_version", "?"))
-    targets = [str(t) for t in eng.get("targets") or ([eng["sm"]] if eng.get("sm") else [])]
+    built_flavour = str(eng.flavour or "tensorrt")
+    built_trt = str("?" if eng.tensorrt_version is None else eng.tensorrt_version)
+    targets = [str(t) for t in eng.targets or ([eng.sm] if eng.sm else [])]
     if built_flavour != flavour:
         raise ClipfuseError(f"{artifact.name} was built by {trt_support.flavour(built_flavour).label}, this backend "
                             f"runs {trt_support.flavour(flavour).label}: rebuild with clipfuse build --trt {flavour}")
@@ -45,7 +47,7 @@ def check_engine_target(manifest: dict, flavour: str, trt_version: str, sm: Opti
         raise ClipfuseError(f"{artifact.name} was built with {label} {built_trt}, this machine has {trt_version}: "
                             f"rebuild the engine here (clipfuse build, or the command in its manifest)")
     if sm is not None and targets and str(sm) not in targets:
-        raise ClipfuseError(f"{artifact.name} was built for GPU SM {', '.join(targets)} ({eng.get('gpu_name') or '?'}), "
+        raise ClipfuseError(f"{artifact.name} was built for GPU SM {', '.join(targets)} ({eng.gpu_name or '?'}), "
                             f"this GPU is SM {sm}: engines are not portable across GPU architectures; rebuild here")
 
 

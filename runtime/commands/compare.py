@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from ..cliargs import positive_int
+from ..manifest import Manifest
 
 ORDER = 70  # place in `clipfuse --help`
 HELP = "compare two of {PyTorch reference, ONNX FP32, ONNX FP16, TensorRT engine} on real images"
@@ -114,32 +115,33 @@ def collect_images(patterns: List[str], limit: int) -> List[Path]:
     return found[:max(1, limit)]
 
 
-def lineage(manifest: dict) -> Optional[str]:
+def lineage(meta: Manifest) -> Optional[str]:
     """The FP32 export an artifact comes from (FP16 graphs and engines record their source)."""
-    return manifest.get("source_onnx_sha256") or manifest.get("onnx_sha256")
+    return meta.source_onnx_sha256 or meta.onnx_sha256
 
 
-def is_reduced_precision(artifact: Path, manifest: dict, backend: str) -> bool:
-    return manifest.get("precision") == "fp16" or artifact.suffix == ".engine" or backend == "ort-trt"
+def is_reduced_precision(artifact: Path, meta: Manifest, backend: str) -> bool:
+    return meta.is_fp16 or artifact.suffix == ".engine" or backend == "ort-trt"
 
 
-def window_feeds(manifest: dict, images: List[Path]) -> List[Dict[str, "object"]]:
+def window_feeds(meta: Manifest, images: List[Path]) -> List[Dict[str, "object"]]:
     """One feed dict per image: all its protocol windows (uint8 [n, S, S, 3])."""
     import numpy as np
 
     from ..errors import ClipfuseError
     from ..imageio import read_image
     from ..protocol import extract_windows, processing_size, resize_image, window_boxes
-    from ..segmenter import protocol_from_manifest
+    from ..manifest import ImageManifest
+    from ..protocol import protocol_from_manifest
 
-    if manifest.get("kind") != "image" or [i["name"] for i in manifest.get("inputs", [])][:1] != ["image"]:
-        raise ClipfuseError(f"compare runs image graphs (clipfuse export); this is a {manifest.get('kind')!r} artifact")
-    protocol = protocol_from_manifest(manifest)
-    window = int(manifest["input_size"][0])
-    dynamic = manifest.get("vocab") == "dynamic"
+    if meta.kind != "image" or not isinstance(meta, ImageManifest) or [i.name for i in meta.inputs][:1] != ["image"]:
+        raise ClipfuseError(f"compare runs image graphs (clipfuse export); this is a {meta.kind!r} artifact")
+    protocol = protocol_from_manifest(meta)
+    window = meta.window
+    dynamic = meta.dynamic_vocab
     if dynamic:
-        rows = sum(len(names) for names in manifest.get("classes", [])) or 1
-        emb = np.random.default_rng(0).standard_normal((rows, int(manifest["embed_dim"]))).astype(np.float32)
+        rows = sum(len(names) for names in meta.classes) or 1
+        emb = np.random.default_rng(0).standard_normal((rows, int(meta.embed_dim or 0))).astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     feeds = []
     for path in images:
@@ -168,13 +170,14 @@ def run(args: argparse.Namespace) -> int:
     from ..artifact import open_artifact
 
     sides = [parse_side(args.a), parse_side(args.b)]
-    manifests = [open_artifact(path).manifest for path, _ in sides]
+    opened = [open_artifact(path) for path, _ in sides]
+    manifests = [art.meta for art in opened]
     if lineage(manifests[0]) != lineage(manifests[1]):
         raise ClipfuseError(f"{sides[0][0].name} and {sides[1][0].name} come from different exports "
                             "(source ONNX hashes differ): compare artifacts of one export")
     atol, atol_named = _per_output(args.atol, "--atol")
     argmax, argmax_named = _per_output(args.min_argmax, "--min-argmax", high=1.0)
-    output_names = [str(t.get("name")) for t in manifests[0].get("outputs", [])]
+    output_names = [t.name for t in manifests[0].outputs]
     _check_output_names(atol_named, "--atol", output_names)
     _check_output_names(argmax_named, "--min-argmax", output_names)
     reduced = any(is_reduced_precision(p, m, b) for (p, b), m in zip(sides, manifests))
@@ -189,8 +192,8 @@ def run(args: argparse.Namespace) -> int:
     images = collect_images(args.images, args.max_images)
     feeds = window_feeds(manifests[0], images)
     outputs = []
-    for (path, backend_name), manifest in zip(sides, manifests):
-        with open_backend(path, manifest, backend_name) as backend:
+    for (path, backend_name), art in zip(sides, opened):
+        with open_backend(path, art.manifest, backend_name) as backend:
             print(f"running {path.name} on {backend.name} ({sum(len(f['image']) for f in feeds)} windows of "
                   f"{len(images)} image(s)) ...", file=sys.stderr)
             outputs.append(run_side(backend, feeds))

@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import ClipfuseError
+from ..manifest import ImageManifest, parse_manifest
 from ..methods import METHODS, param_flag
 from .datasets import DatasetSpec, EvalDataset, classes_file, first_names, open_dataset
 from .metrics import mean_iou
@@ -42,12 +43,13 @@ def export_hint(spec: DatasetSpec, head: Optional[str]) -> str:
             f"--print-classes-file {spec.key}" + (f" --head {head}" if head else "") + "`)")
 
 
-def head_params_warning(head: Optional[str], dataset: str, manifest: dict) -> Optional[str]:
+def head_params_warning(head: Optional[str], dataset: str, manifest: "ImageManifest | dict") -> Optional[str]:
     """A warning when a graph's baked head parameters (e.g. RCS's lambda) differ from the ones the
     method's published evaluation uses on `dataset` (MethodSpec.dataset_head_params)."""
     method = METHODS.get(head or "")
     wanted = method.dataset_head_params.get(dataset, {}) if method else {}
-    baked = (manifest.get("head") or {}).get("params") or {}
+    meta = parse_manifest(manifest)
+    baked = (meta.head.params if getattr(meta, "head", None) else None) or {}
     off = {k: v for k, v in wanted.items() if k in baked and baked[k] != v}
     if not off:
         return None
@@ -172,19 +174,19 @@ def evaluate_model(model: Path, dataset: str, root: "str | Path", open_segmenter
 
     # kind + contract here; the segmenter opened below checks the file's hash
     manifest = open_artifact(model, kinds=("image",), verify=False,
-                             hint="`eval` needs an image graph from `clipfuse export`").manifest
-    head = (manifest.get("head") or {}).get("name")
+                             hint="`eval` needs an image graph from `clipfuse export`").meta
+    head = manifest.head_name
 
     data = open_dataset(dataset, root)
     spec = data.spec
-    suspicious = check_vocabulary(manifest.get("classes"), spec, head)
+    suspicious = check_vocabulary(manifest.classes or None, spec, head)
     class_names = first_names(classes_file(spec.key))
     if suspicious:
         idx = suspicious[0]
         warn(f"{len(suspicious)} class name(s) of the model differ from {spec.title}'s, e.g. class {idx}: "
-             f"model {manifest['classes'][idx]!r} vs dataset {class_names[idx]!r}; check the class order")
+             f"model {list(manifest.classes[idx])!r} vs dataset {class_names[idx]!r}; check the class order")
     overrides = protocol_overrides(head, spec.key)
-    protocol = dict(manifest.get("protocol") or {}, **overrides)
+    protocol = dict(manifest.protocol or {}, **overrides)
     for warning in (background_rule_warning(head, spec.key, protocol),
                     head_params_warning(head, spec.key, manifest)):
         if warning:
@@ -193,10 +195,10 @@ def evaluate_model(model: Path, dataset: str, root: "str | Path", open_segmenter
     method = METHODS.get(head or "")
     meta = {
         "model": str(model), "model_name": model.stem,
-        "model_id": f"{model.name}:{manifest.get('onnx_sha256')}",
-        "head": head, "pretrained": manifest.get("pretrained"),
+        "model_id": f"{model.name}:{manifest.onnx_sha256}",
+        "head": head, "pretrained": manifest.pretrained,
         "paper_pretrained": method.default_pretrained if method else None,
-        "precision": manifest.get("precision"),
+        "precision": manifest.precision,
         "dataset": spec.key, "dataset_title": spec.title, "root": str(data.root),
         "dataset_size": len(data), "limit": limit,
         "num_classes": spec.num_classes, "class_names": class_names,

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..backends.base import run_in_chunks
 from ..errors import ClipfuseError
+from ..manifest import Manifest, ReferManifest
 from .nounphrase import NounPhrase, extract_noun_phrase
 
 # The public code's fill, a constant in the normalised space (see module docstring).
@@ -209,8 +210,8 @@ def _open(path: Path, kind: str, backend: str, options: Optional[dict]):
     from ..artifact import open_artifact
     from ..backends.base import open_backend
 
-    manifest = open_artifact(path, kinds=(kind,), what="graph", hint="run `clipfuse export-refer` first").manifest
-    return open_backend(path, manifest, backend, **(options or {})), manifest
+    opened = open_artifact(path, kinds=(kind,), what="graph", hint="run `clipfuse export-refer` first")
+    return open_backend(path, opened.manifest, backend, **(options or {})), opened
 
 
 def graph_paths(prefix: "str | Path") -> Dict[str, Path]:
@@ -224,11 +225,11 @@ def graph_paths(prefix: "str | Path") -> Dict[str, Path]:
     return out
 
 
-def same_weights(a: dict, b: dict) -> bool:
+def same_weights(a: Manifest, b: Manifest) -> bool:
     """Whether two manifests were exported from one CLIP (random weights: also the same seed)."""
-    if (a.get("model"), a.get("pretrained")) != (b.get("model"), b.get("pretrained")):
+    if (a.model, a.pretrained) != (b.model, b.pretrained):
         return False
-    return a.get("pretrained") != "none" or a.get("seed") == b.get("seed")
+    return a.pretrained != "none" or a.seed == b.seed
 
 
 @dataclass
@@ -249,12 +250,14 @@ class ReferSegmenter:
     def __init__(self, global_path: "str | Path", local_path: "str | Path",
                  encode_text: Optional[EncodeText] = None, backend: str = "auto",
                  backend_options: Optional[dict] = None) -> None:
-        self.global_runner, self.global_manifest = _open(Path(global_path), "refer-global", backend,
-                                                         backend_options)
-        self.local_runner, self.local_manifest = _open(Path(local_path), "refer-local", backend,
-                                                       backend_options)
-        gm, lm = self.global_manifest, self.local_manifest
-        image_dtype = {i.get("name"): i.get("dtype") for i in gm.get("inputs", [])}.get("image")
+        self.global_runner, opened_global = _open(Path(global_path), "refer-global", backend, backend_options)
+        self.local_runner, opened_local = _open(Path(local_path), "refer-local", backend, backend_options)
+        # JSON forms (what the graphs were exported with) and the typed ones everything here reads
+        self.global_manifest, self.local_manifest = opened_global.manifest, opened_local.manifest
+        gm: ReferManifest = opened_global.meta
+        lm: ReferManifest = opened_local.meta
+        self.global_meta, self.local_meta = gm, lm
+        image_dtype = {i.name: i.dtype for i in gm.inputs}.get("image")
         if image_dtype != "float32":
             raise ClipfuseError(f"{Path(global_path).name} takes a {image_dtype} image: it was exported by an "
                                 "older clipfuse whose uint8 input rounds the public code's 224 image; "
@@ -262,11 +265,14 @@ class ReferSegmenter:
         if not same_weights(gm, lm):
             raise ClipfuseError(f"{Path(global_path).name} and {Path(local_path).name} come from different "
                                 "weights; export them together with `clipfuse export-refer`")
-        self.grid = tuple(gm["grid"])
-        self.input_size = int(gm["input_size"][0])
-        self.local_size = int(lm["input_size"][0])
-        self.mean, self.std = gm["normalization"]["mean"], gm["normalization"]["std"]
-        refer = gm.get("refer", {})
+        if not (gm.grid and gm.input_size and lm.input_size and gm.normalization):
+            raise ClipfuseError(f"{Path(global_path).name}: manifest lacks grid, input_size or normalization; "
+                                "re-export with `clipfuse export-refer`")
+        self.grid = tuple(gm.grid)
+        self.input_size = int(gm.input_size[0])
+        self.local_size = int(lm.input_size[0])
+        self.mean, self.std = gm.normalization["mean"], gm.normalization["std"]
+        refer = gm.refer or {}
         for key, supported in (("method", METHOD), ("preprocess", PREPROCESS)):
             if refer.get(key, supported) != supported:
                 raise ClipfuseError(f"{Path(global_path).name} was exported for {key} {refer[key]!r}; this "
@@ -275,8 +281,8 @@ class ReferSegmenter:
         self.alpha_by_dataset = dict(refer.get("alpha_by_dataset", DATASET_ALPHA))
         self.text_weight = float(refer.get("text_weight", TEXT_WEIGHT))
         self.masked_blocks = refer.get("masked_blocks")      # baked into the graph; reported by eval-refer
-        self.fill = lm.get("refer", {}).get("fill", "public")
-        self.public_fill = tuple(lm.get("refer", {}).get("fill_normalized", PUBLIC_FILL))
+        self.fill = (lm.refer or {}).get("fill", "public")
+        self.public_fill = tuple((lm.refer or {}).get("fill_normalized", PUBLIC_FILL))
         self.encode_text = encode_text
         self._closers = [self.global_runner, self.local_runner]
 
@@ -296,7 +302,7 @@ class ReferSegmenter:
         except BaseException:
             encoder.close()
             raise
-        if not same_weights(encoder.manifest, seg.global_manifest):
+        if not same_weights(encoder.meta, seg.global_meta):
             seg.close()
             encoder.close()
             raise ClipfuseError(f"{text_path.name} was exported from other weights than the refer graphs; "

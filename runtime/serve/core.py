@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ClipfuseError
 from ..limits import SERVE_MAX_PIXELS
+from ..manifest import FrameManifest, ImageManifest
 from ..methods import Protocol
 from ..protocol import finish_windows, infer_in_chunks, plan_windows
 
@@ -77,14 +78,14 @@ def segment_batch(images: Sequence[np.ndarray], infer: Callable[[np.ndarray], np
     return results, stats
 
 
-def model_parameters(manifest: dict, protocol: Protocol, artifact_name: str) -> Dict[str, str]:
+def model_parameters(meta: ImageManifest, protocol: Protocol, artifact_name: str) -> Dict[str, str]:
     """The metadata a client reads from the model config: class names, protocol, kind."""
     return {
-        PARAM_CLASSES: json.dumps(manifest.get("classes", [])),
+        PARAM_CLASSES: json.dumps([list(names) for names in meta.classes]),
         PARAM_PROTOCOL: json.dumps(protocol.to_dict()),
-        PARAM_KIND: str(manifest.get("kind")),
+        PARAM_KIND: str(meta.kind),
         # window graphs: the window side; frame graphs: the frame size as HxW
-        PARAM_WINDOW: ("x".join(str(int(v)) for v in manifest["frame_size"]) if manifest.get("kind") == "frame"
-                       else str(int(manifest["input_size"][0]))),
+        PARAM_WINDOW: ("x".join(str(int(v)) for v in meta.frame_size) if isinstance(meta, FrameManifest)
+                       else str(meta.window)),
         PARAM_ARTIFACT: artifact_name,
     }

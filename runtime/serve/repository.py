@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..errors import ClipfuseError
-from ..manifest import manifest_path_for
+from ..manifest import Manifest, manifest_path_for
 from .core import DEFAULT_MAX_PIXELS, INPUT, OUTPUTS, model_parameters
 from .pbtxt import Enum, parse_config, to_pbtxt
 from .server import parse_artifacts
@@ -53,7 +53,7 @@ def _dims(shape: Sequence) -> List[int]:
     return [int(d) for d in shape[1:]]  # drop the batch axis (Triton's max_batch_size covers it)
 
 
-def windows_config(name: str, manifest: dict, backend: str, max_batch: int, options: RepoOptions,
+def windows_config(name: str, meta: Manifest, backend: str, max_batch: int, options: RepoOptions,
                    artifact_name: str) -> dict:
     kind = Enum("KIND_CPU" if backend == "python" or options.device == "cpu" else "KIND_GPU")
     config: Dict = {"name": name}
@@ -64,10 +64,10 @@ def windows_config(name: str, manifest: dict, backend: str, max_batch: int, opti
     config.update({
         "max_batch_size": int(max_batch),
         # the graph's own contract, every tensor (a frame graph has labels, confidence and scores)
-        "input": [{"name": t["name"], "data_type": Enum(_TYPES[t["dtype"]]), "dims": _dims(t["shape"])}
-                  for t in manifest["inputs"]],
-        "output": [{"name": t["name"], "data_type": Enum(_TYPES[t["dtype"]]), "dims": _dims(t["shape"])}
-                   for t in manifest["outputs"]],
+        "input": [{"name": t.name, "data_type": Enum(_TYPES[t.dtype]), "dims": _dims(t.shape)}
+                  for t in meta.inputs],
+        "output": [{"name": t.name, "data_type": Enum(_TYPES[t.dtype]), "dims": _dims(t.shape)}
+                   for t in meta.outputs],
         "dynamic_batching": {"max_queue_delay_microseconds": int(options.queue_delay_us)},
         "instance_group": [{"count": int(options.windows_instances), "kind": kind}],
     })
@@ -163,17 +163,18 @@ def write_repository(artifacts: Sequence[str], out: Path, options: Optional[Repo
     return names
 
 
-def engine_max_batch(manifest: dict, artifact_name: str) -> int:
+def engine_max_batch(meta: Manifest, artifact_name: str) -> int:
     """The engine profile's max batch from `engine.batch_profile` [min, opt, max], checked: the
     field is outside the engine's contract digest, so an edited manifest must not reach a config."""
     from ..limits import WINDOW_BATCH
 
-    profile = (manifest.get("engine") or {}).get("batch_profile")
-    ok = (isinstance(profile, list) and len(profile) == 3
+    profile = meta.engine.batch_profile if meta.engine else None
+    ok = (isinstance(profile, tuple) and len(profile) == 3
           and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in profile)
           and profile[0] <= profile[1] <= profile[2])
     if not ok:
-        raise ClipfuseError(f"{artifact_name}: its manifest's engine.batch_profile {str(profile)[:40]!r} is not "
+        shown = list(profile) if isinstance(profile, tuple) else profile
+        raise ClipfuseError(f"{artifact_name}: its manifest's engine.batch_profile {str(shown)[:40]!r} is not "
                             "[min, opt, max] positive integers; restore the manifest written by clipfuse build")
     WINDOW_BATCH.check(profile[2], f"{artifact_name}: engine.batch_profile max")
     return int(profile[2])
@@ -186,9 +187,9 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
 
     artifact = open_artifact(path, kinds=("image", "frame"), verify=options.verify,
                              hint="triton-repo serves window and frame graphs")
-    manifest = artifact.manifest
+    meta = artifact.meta
     manifest_path = manifest_path_for(path)
-    if manifest.get("vocab") == "dynamic":
+    if meta.dynamic_vocab:
         raise ClipfuseError(f"{path.name} has a dynamic vocabulary; export one with baked classes")
     engine = artifact.is_engine
     backend = options.windows_backend
@@ -198,16 +199,16 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
         raise ClipfuseError(f"--windows-backend tensorrt needs a .engine, got {path.name}")
     if backend == "onnxruntime" and engine:
         raise ClipfuseError(f"--windows-backend onnxruntime needs a .onnx, got {path.name}")
-    from ..segmenter import protocol_from_manifest
-    protocol = protocol_from_manifest(manifest)
+    from ..protocol import protocol_from_manifest
+    protocol = protocol_from_manifest(meta)
     if engine:
-        max_batch = engine_max_batch(manifest, path.name)
+        max_batch = engine_max_batch(meta, path.name)
         if options.window_batch and options.window_batch > max_batch:
             raise ClipfuseError(f"--window-batch {options.window_batch} > the engine's profile max {max_batch}")
         max_batch = options.window_batch or max_batch
     else:
         max_batch = options.window_batch or 16
-    frame = manifest.get("kind") == "frame"
+    frame = meta.kind == "frame"
     # A frame graph holds the whole protocol: it is the model, served as is (no protocol model).
     windows_name = name if frame else f"{name}_windows"
     files = {"model.plan" if backend == "tensorrt" else "model.onnx": path}
@@ -215,16 +216,16 @@ def _write_artifact(root: Path, name: str, path: Path, options: RepoOptions) -> 
     if backend == "python":
         files = {path.name: path, manifest_path.name: manifest_path}
         template = "windows_model.py"
-    if not engine and manifest.get("onnx_data_file"):
+    if not engine and meta.onnx_data_file:
         # the graph names its external-data file: it travels beside the graph, under its own name
-        files[manifest["onnx_data_file"]] = path.with_name(manifest["onnx_data_file"])
-    config = windows_config(windows_name, manifest, backend, max_batch, options, path.name)
-    params = model_parameters(manifest, protocol, path.name)
+        files[meta.onnx_data_file] = path.with_name(meta.onnx_data_file)
+    config = windows_config(windows_name, meta, backend, max_batch, options, path.name)
+    params = model_parameters(meta, protocol, path.name)
     if frame:
         config["parameters"] = {**config.get("parameters", {}), **params}
         _write_model(root / name, config, files, template)
         return [name]
     _write_model(root / windows_name, config, files, template)
     _write_model(root / name, protocol_config(name, windows_name, params, max_batch,
-                                              manifest["outputs"][0]["name"], options), {}, "protocol_model.py")
+                                              meta.output_name, options), {}, "protocol_model.py")
     return [name, windows_name]

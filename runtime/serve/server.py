@@ -140,14 +140,14 @@ class ServedModel:
         self.name = name
         self.segmenter = Segmenter.open(artifact, backend=options.backend, batch=options.window_batch,
                                         backend_options=backend_options, verify=options.verify)
-        kind = self.segmenter.manifest.get("kind")
+        kind = self.segmenter.meta.kind
         if kind not in SERVED_KINDS:
             raise ClipfuseError(f"{artifact.name}: kind {kind!r} cannot be served (window or frame graphs only)")
         if self.segmenter.dynamic_vocab:
             raise ClipfuseError(f"{artifact.name} has a dynamic vocabulary; serve a graph with baked "
                                 "classes (clipfuse export --vocab baked)")
         self.options = options
-        self.parameters = model_parameters(self.segmenter.manifest, self.segmenter.protocol, artifact.name)
+        self.parameters = model_parameters(self.segmenter.meta, self.segmenter.protocol, artifact.name)
         self.lock = threading.Lock()
         self.history: List[BatchStats] = []   # bounded: the last 1000 batches
 

@@ -22,10 +22,10 @@ class TritonPythonModel:
         artifact = os.path.join(HERE, params["clipfuse_artifact"])
         # `triton-repo` hashed the artifact when it wrote the repository (unless --no-verify); here
         # the kind and the contract (cheap) catch a manifest swapped or edited in the repository.
-        manifest = open_artifact(artifact, kinds=("image", "frame"), verify=False).manifest
-        self.backend = open_backend(artifact, manifest, params.get("clipfuse_backend", "auto"))
-        self.input = manifest["inputs"][0]["name"]
-        self.outputs = [t["name"] for t in manifest["outputs"]]  # a frame graph has several
+        opened = open_artifact(artifact, kinds=("image", "frame"), verify=False)
+        self.backend = open_backend(artifact, opened.manifest, params.get("clipfuse_backend", "auto"))
+        self.input = opened.meta.inputs[0].name
+        self.outputs = [t.name for t in opened.meta.outputs]  # a frame graph has several
 
     def execute(self, requests):
         # Triton's dynamic batcher hands several requests at once: one backend call for all.
