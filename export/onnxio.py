@@ -39,6 +39,19 @@ def data_file_for(onnx_path: "str | Path") -> Path:
     return onnx_path.with_name(onnx_path.name + DATA_SUFFIX)
 
 
+def graph_content_sha256(onnx_path: "str | Path") -> Tuple[str, Optional[str], str]:
+    """(graph file hash, data file hash or None, content hash) of `onnx_path`. The content hash names
+    what the graph computes: the file's own hash when the weights are inside it, else a hash over
+    both file hashes (weights changed in NAME.onnx.data alone must change it)."""
+    import hashlib
+    onnx_sha = sha256_file(onnx_path)
+    data = data_file_for(onnx_path)
+    if not data.is_file():
+        return onnx_sha, None, onnx_sha
+    data_sha = sha256_file(data)
+    return onnx_sha, data_sha, hashlib.sha256(f"{onnx_sha}:{data_sha}".encode()).hexdigest()
+
+
 def tensor_bytes(model) -> int:
     """Bytes of the graph's initializers and Constant-node tensors (what makes a graph big)."""
     total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
