@@ -384,11 +384,14 @@ def _install_nodes(model: onnx.ModelProto, new_nodes: List[onnx.NodeProto]) -> o
     return model
 
 
-def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
-    """Return (FP16 model with FP32 islands, report). The input model is not modified."""
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (), *,
+                    inplace: bool = False) -> "tuple[onnx.ModelProto, Fp16Report]":
+    """Return (FP16 model with FP32 islands, report). The input model is not modified, unless
+    `inplace` (a caller that discards it: no second copy of every FP32 weight)."""
     _check_flat(model)
-    src, model = model, onnx.ModelProto()
-    model.CopyFrom(src)
+    if not inplace:
+        src, model = model, onnx.ModelProto()
+        model.CopyFrom(src)
     _drop_constant_identities(model.graph)
     types = tensor_types(model)
     islands = fp32_islands(model, extra_fp32_ops)
@@ -414,16 +417,19 @@ def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[
     stored in the FP16 graph (it describes itself like its source) and the written files' names,
     hashes and sizes are recorded in it (onnxio.record_files)."""
     from .artifacts import set_contract
-    from .onnxio import check_model, load_model, record_files, save_model, staged_graph
+    from .onnxio import check_model, load_model, record_files, release_memory, save_model, staged_graph
 
     model = load_model(src)
-    fp16, report = convert_to_fp16(model, extra_fp32_ops)
+    # in place: a copy of the FP32 graph next to it took the ViT-H/14 conversion past 13 GiB
+    fp16, report = convert_to_fp16(model, extra_fp32_ops, inplace=True)
     del model
+    release_memory()
     if manifest is not None:
         set_contract(fp16, manifest)
     with staged_graph(dst) as tmp:
         data = save_model(fp16, tmp)
         del fp16
+        release_memory()
         check_model(tmp)
         if manifest is not None:
             record_files(manifest, tmp, data)
