@@ -379,8 +379,18 @@ def _install_nodes(model: onnx.ModelProto, new_nodes: List[onnx.NodeProto]) -> o
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
+    # Inference and checker on a copy without the big weights (declared as graph inputs there, with
+    # their types and shapes): on the whole model each serialises and re-parses every weight, about
+    # 4x the FP32 graph at the conversion's peak. Weights only contribute their shapes; the small
+    # constants that shape arithmetic reads stay in the copy. What inference adds comes back.
+    from .folding import weightless_skeleton
+    skeleton, _ = weightless_skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
+    del skeleton
+    onnx.checker.check_model(inferred)
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.output[:]
+    graph.output.extend(inferred.graph.output)
     return model
 
 

@@ -52,3 +52,19 @@ def test_streamed_writer_on_every_field_kind(tmp_path):
     assert out.read_bytes() == model.SerializeToString()
     onnxio.write_proto_streamed(onnx.ModelProto(), out)                   # no graph at all
     assert out.read_bytes() == onnx.ModelProto().SerializeToString()
+
+
+def test_fp16_shape_inference_without_weights_equals_whole_model(exported, monkeypatch):
+    """convert_to_fp16 infers shapes on a copy without the big weights; inference on the whole
+    converted model (what it did before) must give the same graph, byte for byte."""
+    from clipfuse.export import folding
+    from clipfuse.export.fp16 import convert_to_fp16
+
+    monkeypatch.setattr(folding, "DETACH_MIN_BYTES", 1024)     # the tiny tower's weights are small
+    fp16, _ = convert_to_fp16(onnx.load(str(exported)))
+    assert len(folding.weightless_skeleton(fp16)[1]) > 10      # weights really were left out
+    whole = onnx.ModelProto()
+    whole.CopyFrom(fp16)
+    del whole.graph.value_info[:]
+    whole = onnx.shape_inference.infer_shapes(whole, strict_mode=True)
+    assert whole.SerializeToString() == fp16.SerializeToString()
