@@ -10,13 +10,12 @@ clipfuse.runtime.methods.
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 
@@ -213,34 +212,9 @@ def image_manifest(build: FusedBuild, onnx_path: Path) -> dict:
     return new_manifest("image", **fields)
 
 
-@contextlib.contextmanager
-def _no_onnxscript_reparse() -> Iterator[None]:
-    """The legacy exporter parses its whole serialised graph back into a ModelProto only to look for
-    onnxscript custom functions (`_add_onnxscript_fn`), one more copy of every weight at the export's
-    peak. clipfuse registers no custom ops (custom_opsets is empty), so that lookup finds nothing and
-    returns the bytes unchanged: skip it. Other torch versions without that hook are left as they are."""
-    try:
-        from torch.onnx._internal.torchscript_exporter import onnx_proto_utils
-    except ImportError:
-        yield
-        return
-    original = getattr(onnx_proto_utils, "_add_onnxscript_fn", None)
-    if original is None:
-        yield
-        return
-
-    def add_fn(model_bytes: bytes, custom_opsets):
-        return original(model_bytes, custom_opsets) if custom_opsets else model_bytes
-    onnx_proto_utils._add_onnxscript_fn = add_fn
-    try:
-        yield
-    finally:
-        onnx_proto_utils._add_onnxscript_fn = original
-
-
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: List[str],
                  dynamic_axes: dict, opset: int) -> None:
-    with warnings.catch_warnings(), _no_onnxscript_reparse():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: pinned on purpose
         kwargs = dict(input_names=input_names, output_names=["scores"], dynamic_axes=dynamic_axes,
                       opset_version=opset, do_constant_folding=True)
