@@ -267,11 +267,11 @@ def engine_section(*, engine: Path, engine_sha256: str, flavour: str, version: s
     """manifest["engine"]: what the runtime checks before loading (flavour, version, SMs, I/O).
     onnx_data_sha256 (only for a graph with a data file) is the hash of the weights it was built from."""
     section = {"file": engine.name, "sha256": engine_sha256, "flavour": flavour, "tensorrt_version": version,
-            "targets": [normalise_sm(t) for t in targets], "gpu_name": gpu_name, "precision": precision,
-            "strongly_typed": strongly_typed, "batch_profile": [batch.min, batch.opt, batch.max],
-            "onnx_sha256": onnx_sha256, "command": command, "workspace_bytes": workspace_bytes,
-            "opt_level": opt_level, "timing_cache": timing_cache.name if timing_cache else None,
-            "io": io}
+               "targets": [normalise_sm(t) for t in targets], "gpu_name": gpu_name, "precision": precision,
+               "strongly_typed": strongly_typed, "batch_profile": [batch.min, batch.opt, batch.max],
+               "onnx_sha256": onnx_sha256, "command": command, "workspace_bytes": workspace_bytes,
+               "opt_level": opt_level, "timing_cache": timing_cache.name if timing_cache else None,
+               "io": io}
     if onnx_data_sha256:
         section["onnx_data_sha256"] = onnx_data_sha256
     return section

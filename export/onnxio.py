@@ -124,12 +124,11 @@ _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
 def write_proto_streamed(model, path: "str | Path") -> None:
     """Write `model` (single file) byte for byte as `model.SerializeToString()` would, one
     initializer at a time: SerializeToString builds the whole file in memory (in a growing buffer,
-    then copied into a bytes object), about 3-4x the graph at the save, the export's peak on big
-    towers. Protobuf writes fields in field-number order, so the file is the fields before the
+    then copied into a bytes object), 3-4x the graph, which made the save the export's peak. Protobuf writes fields in field-number order, so the file is the fields before the
     graph, the graph (its fields before the initializers, each initializer, the fields after), then
     the fields after the graph; tests/test_lean_export.py checks the bytes against SerializeToString."""
     def part(message, keep) -> bytes:
-        # a shallow view of `message` with only the fields `keep` selects (no big tensor is copied)
+        # a copy of `message` with only the fields `keep` selects (never the initializers)
         view = type(message)()
         for field, value in message.ListFields():
             if keep(field.number):
