@@ -29,6 +29,7 @@ from .artifacts import graph_with_manifest
 from .classifier import CosineClassifier
 from .fused import FusedSegmenter
 from .heads import build_dense_head
+from .onnxio import release_memory
 from .spec import OPSET, VOCAB_MODES, ImageExportSpec
 from .text_embed import encode_names
 from .trunk import CLIP_MEAN, CLIP_STD, VisionTrunk
@@ -73,10 +74,9 @@ class FusedBuild:
 
     def release(self) -> None:
         """Drop the torch module and the weights (peak memory of what follows: folding, hashing)."""
-        import gc
         self.module = None
         self.clip.model = None
-        gc.collect()
+        release_memory()
 
     @property
     def size(self) -> int:
@@ -164,6 +164,7 @@ def build_fused(spec: ImageExportSpec, *, quiet: bool = True, clip: Optional[Loa
     _log(f"text embeddings: {time.perf_counter() - t_text:.1f} s", quiet)
     if drop_text_tower:
         _drop_text_tower(clip.model)
+        release_memory()        # the text tower's pages go back before the export stacks on them
     if spec.vocab_mode == "dynamic":
         classifier = CosineClassifier(None, None)
     else:

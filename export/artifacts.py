@@ -9,7 +9,7 @@ from clipfuse.runtime.artifact import CONTRACT_KEY, contract_json
 from clipfuse.runtime.manifest import manifest_path_for, write_manifest
 
 from .folding import fold_model
-from .onnxio import check_model, load_model, record_files, save_model, staged_graph, write_model
+from .onnxio import check_model, load_model, record_files, release_memory, save_model, staged_graph, write_model
 
 
 def set_contract(model, manifest: dict) -> None:
@@ -48,15 +48,18 @@ def graph_with_manifest(onnx_path: Path, manifest: dict, prepare: Optional[Calla
     json_path = manifest_path_for(onnx_path)
     with staged_graph(onnx_path, json_path) as tmp_onnx:
         yield tmp_onnx
+        release_memory()        # what the exporter freed (torch's graph, serialised proto) goes back first
         model = load_model(tmp_onnx)
         if prepare is not None:
             prepare(model)
         folded, folding = fold_model(model, onnx_path.name)
         manifest.update(folding=folding)
         del model
+        release_memory()        # the unfolded graph's weights: the save must not stack on them
         set_contract(folded, manifest)
         data = save_model(folded, tmp_onnx)
         del folded
+        release_memory()
         check_model(tmp_onnx)
         record_files(manifest, tmp_onnx, data)
         write_manifest(tmp_onnx.with_name(json_path.name), manifest)

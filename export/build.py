@@ -22,6 +22,7 @@ from clipfuse.runtime.fileio import atomic_path, sha256_file
 from clipfuse.runtime.manifest import manifest_path_for, parse_manifest, write_manifest
 
 from . import graph_checks, trt_build
+from .onnxio import graph_content_sha256
 from .trt_build import BatchProfile, normalise_sm
 
 
@@ -195,15 +196,16 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
         else:
             build_onnx, build_manifest = dst, fp16_manifest
 
-    onnx_sha = sha256_file(build_onnx)
+    # the name's hash covers the data file too: new weights in NAME.onnx.data make a new engine name
+    onnx_sha, data_sha, content_sha = graph_content_sha256(build_onnx)
     stem = src.name[:-len(".onnx")]
     if flavour and version and targets:
         engine = src.with_name(trt_build.engine_file_name(stem, flavour, version, targets, options.precision,
-                                                          options.batch, onnx_sha))
+                                                          options.batch, content_sha))
     else:
         prefix = trt_support.flavour(flavour).prefix if flavour else "<trt|rtx>"
         engine = src.with_name(f"{stem}.{prefix}<X.Y>-sm<NN>-{options.precision}-{options.batch.tag()}-"
-                               f"{onnx_sha[:8]}.engine")
+                               f"{content_sha[:8]}.engine")
     timing_cache = None
     if flavour != "rtx":
         default_cache = (trt_build.timing_cache_name(version, targets[0]) if version and targets
@@ -241,7 +243,7 @@ def build(onnx_path: "str | Path", manifest: dict, options: BuildOptions = Build
     section = engine_section(
         engine=engine, engine_sha256=_sha256_bytes(engine_bytes), flavour=flavour, version=version,
         targets=targets, gpu_name=gpu_name, precision=options.precision, batch=options.batch,
-        onnx_sha256=onnx_sha, command=command, workspace_bytes=options.workspace_bytes,
+        onnx_sha256=onnx_sha, onnx_data_sha256=data_sha, command=command, workspace_bytes=options.workspace_bytes,
         opt_level=options.opt_level, timing_cache=timing_cache, strongly_typed=not legacy, io=io)
     section.update(build_seconds=round(seconds, 2))
     engine_manifest.update(engine=section)
@@ -262,12 +264,16 @@ def _sha256_bytes(data: bytes) -> str:
 def engine_section(*, engine: Path, engine_sha256: str, flavour: str, version: str, targets, gpu_name,
                    precision: str, batch: BatchProfile, onnx_sha256: str, command: str, workspace_bytes: int,
                    opt_level: int, timing_cache: Optional[Path], strongly_typed: bool = True,
-                   io: Optional[Dict[str, list]] = None) -> dict:
+                   io: Optional[Dict[str, list]] = None, onnx_data_sha256: Optional[str] = None) -> dict:
     """The manifest's `engine` section (runtime.manifest.EngineSection): what the runtime checks
-    before loading (flavour, version, SMs, I/O)."""
-    return {"file": engine.name, "sha256": engine_sha256, "flavour": flavour, "tensorrt_version": version,
-            "targets": [normalise_sm(t) for t in targets], "gpu_name": gpu_name, "precision": precision,
-            "strongly_typed": strongly_typed, "batch_profile": [batch.min, batch.opt, batch.max],
-            "onnx_sha256": onnx_sha256, "command": command, "workspace_bytes": workspace_bytes,
-            "opt_level": opt_level, "timing_cache": timing_cache.name if timing_cache else None,
-            "io": io}
+    before loading (flavour, version, SMs, I/O).
+    onnx_data_sha256 (only for a graph with a data file) is the hash of the weights it was built from."""
+    section = {"file": engine.name, "sha256": engine_sha256, "flavour": flavour, "tensorrt_version": version,
+               "targets": [normalise_sm(t) for t in targets], "gpu_name": gpu_name, "precision": precision,
+               "strongly_typed": strongly_typed, "batch_profile": [batch.min, batch.opt, batch.max],
+               "onnx_sha256": onnx_sha256, "command": command, "workspace_bytes": workspace_bytes,
+               "opt_level": opt_level, "timing_cache": timing_cache.name if timing_cache else None,
+               "io": io}
+    if onnx_data_sha256:
+        section["onnx_data_sha256"] = onnx_data_sha256
+    return section

@@ -379,16 +379,29 @@ def _install_nodes(model: onnx.ModelProto, new_nodes: List[onnx.NodeProto]) -> o
     kept = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept)
-    model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    onnx.checker.check_model(model)
+    # Inference and checker on a copy without the big weights (declared as graph inputs there, with
+    # their types and shapes): on the whole model each serialises and re-parses every weight, about
+    # 4x the FP32 graph at the conversion's peak. Weights only contribute their shapes; the small
+    # constants that shape arithmetic reads stay in the copy. What inference adds comes back.
+    from .folding import weightless_skeleton
+    skeleton, _ = weightless_skeleton(model)
+    inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=True)
+    del skeleton
+    onnx.checker.check_model(inferred)
+    graph.value_info.extend(inferred.graph.value_info)
+    del graph.output[:]
+    graph.output.extend(inferred.graph.output)
     return model
 
 
-def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = ()) -> "tuple[onnx.ModelProto, Fp16Report]":
-    """Return (FP16 model with FP32 islands, report). The input model is not modified."""
+def convert_to_fp16(model: onnx.ModelProto, extra_fp32_ops: Iterable[str] = (), *,
+                    inplace: bool = False) -> "tuple[onnx.ModelProto, Fp16Report]":
+    """Return (FP16 model with FP32 islands, report). The input model is not modified, unless
+    `inplace` (a caller that discards it: no second copy of every FP32 weight)."""
     _check_flat(model)
-    src, model = model, onnx.ModelProto()
-    model.CopyFrom(src)
+    if not inplace:
+        src, model = model, onnx.ModelProto()
+        model.CopyFrom(src)
     _drop_constant_identities(model.graph)
     types = tensor_types(model)
     islands = fp32_islands(model, extra_fp32_ops)
@@ -414,16 +427,19 @@ def convert_file(src: "str | Path", dst: "str | Path", extra_fp32_ops: Iterable[
     stored in the FP16 graph (it describes itself like its source) and the written files' names,
     hashes and sizes are recorded in it (onnxio.record_files)."""
     from .artifacts import set_contract
-    from .onnxio import check_model, load_model, record_files, save_model, staged_graph
+    from .onnxio import check_model, load_model, record_files, release_memory, save_model, staged_graph
 
     model = load_model(src)
-    fp16, report = convert_to_fp16(model, extra_fp32_ops)
+    # in place: a copy of the FP32 graph next to it took the ViT-H/14 conversion past 13 GiB
+    fp16, report = convert_to_fp16(model, extra_fp32_ops, inplace=True)
     del model
+    release_memory()
     if manifest is not None:
         set_contract(fp16, manifest)
     with staged_graph(dst) as tmp:
         data = save_model(fp16, tmp)
         del fp16
+        release_memory()
         check_model(tmp)
         if manifest is not None:
             record_files(manifest, tmp, data)

@@ -39,6 +39,19 @@ def data_file_for(onnx_path: "str | Path") -> Path:
     return onnx_path.with_name(onnx_path.name + DATA_SUFFIX)
 
 
+def graph_content_sha256(onnx_path: "str | Path") -> Tuple[str, Optional[str], str]:
+    """(graph file hash, data file hash or None, content hash) of `onnx_path`. The content hash names
+    what the graph computes: the file's own hash when the weights are inside it, else a hash over
+    both file hashes (weights changed in NAME.onnx.data alone must change it)."""
+    import hashlib
+    onnx_sha = sha256_file(onnx_path)
+    data = data_file_for(onnx_path)
+    if not data.is_file():
+        return onnx_sha, None, onnx_sha
+    data_sha = sha256_file(data)
+    return onnx_sha, data_sha, hashlib.sha256(f"{onnx_sha}:{data_sha}".encode()).hexdigest()
+
+
 def tensor_bytes(model) -> int:
     """Bytes of the graph's initializers and Constant-node tensors (what makes a graph big)."""
     total = sum(_tensor_nbytes(t) for t in model.graph.initializer)
@@ -83,11 +96,80 @@ def save_model(model, path: "str | Path") -> Optional[Path]:
     data = data_file_for(path)
     data.unlink(missing_ok=True)        # onnx appends to an existing data file
     if tensor_bytes(model) <= SINGLE_FILE_LIMIT:
-        onnx.save_model(model, str(path))
+        write_proto_streamed(model, path)
         return None
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=EXTERNAL_MIN_BYTES, convert_attribute=True)
     return data
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _len_field(number: int, size: int) -> bytes:
+    """Tag and length of a length-delimited field `number` whose payload has `size` bytes."""
+    return _varint(number << 3 | 2) + _varint(size)
+
+
+# field numbers in onnx.proto (ModelProto.graph, GraphProto.initializer)
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+
+
+def write_proto_streamed(model, path: "str | Path") -> None:
+    """Write `model` (single file) byte for byte as `model.SerializeToString()` would, one
+    initializer at a time: SerializeToString builds the whole file in memory (in a growing buffer,
+    then copied into a bytes object), 3-4x the graph, which made the save the export's peak. Protobuf writes fields in field-number order, so the file is the fields before the
+    graph, the graph (its fields before the initializers, each initializer, the fields after), then
+    the fields after the graph; tests/test_lean_export.py checks the bytes against SerializeToString."""
+    def part(message, keep) -> bytes:
+        # a copy of `message` with only the fields `keep` selects (never the initializers)
+        view = type(message)()
+        for field, value in message.ListFields():
+            if keep(field.number):
+                if hasattr(value, "extend"):               # a repeated field
+                    getattr(view, field.name).extend(value)
+                elif field.message_type is not None:
+                    getattr(view, field.name).CopyFrom(value)
+                else:
+                    setattr(view, field.name, value)
+        return view.SerializeToString()
+
+    graph = model.graph
+    head = part(model, lambda n: n < _MODEL_GRAPH)
+    tail = part(model, lambda n: n > _MODEL_GRAPH)
+    graph_head = part(graph, lambda n: n < _GRAPH_INITIALIZER)
+    graph_tail = part(graph, lambda n: n > _GRAPH_INITIALIZER)
+    sizes = [t.ByteSize() for t in graph.initializer]
+    graph_size = len(graph_head) + len(graph_tail) + sum(len(_len_field(_GRAPH_INITIALIZER, n)) + n for n in sizes)
+    with open(path, "wb") as f:
+        f.write(head)
+        if model.HasField("graph"):
+            f.write(_len_field(_MODEL_GRAPH, graph_size))
+            f.write(graph_head)
+            for tensor, size in zip(graph.initializer, sizes):
+                f.write(_len_field(_GRAPH_INITIALIZER, size))
+                f.write(tensor.SerializeToString())
+            f.write(graph_tail)
+        f.write(tail)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc malloc_trim): between export
+    stages the allocator otherwise keeps the pages of a released model, and the next stage's
+    peak stacks on them. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_model(path: "str | Path") -> None:

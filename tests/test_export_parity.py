@@ -94,3 +94,30 @@ def test_vitb16_every_head_onnx_matches_reference(tmp_path, vitb16_clip, size):
         worst[head] = float(np.abs(got - expected).max())
         path.unlink()
     assert max(worst.values()) <= TOL, worst
+
+
+@pytest.fixture(scope="module")
+def vitl14_perturbed_clip():
+    """ViT-L/14 seeded random weights, biases and LayerNorm gains perturbed in memory (1.7 GB
+    of FP32 weights; no copy on disk)."""
+    from parity_inputs import perturb_
+
+    from clipfuse.export.weights import load_clip
+    clip = load_clip("ViT-L-14", "none", seed=0)
+    perturb_(clip.model, seed=1)
+    return clip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["naclip", "sclip"])
+def test_vitl14_onnx_matches_reference(tmp_path, vitl14_perturbed_clip, head):
+    """Full-size ViT-L/14 (patch 14, 24 blocks, width 1024; 224 -> 16x16 grid): the exported graph
+    (folded, as `clipfuse export` writes it) against the independent reference on perturbed
+    random weights. Two heads: NACLIP (attention and FFN surgery in the last block) and SCLIP
+    (correlative self-attention)."""
+    spec = ImageExportSpec(head, model="ViT-L-14", pretrained="none", classes=VOCAB, size=224, templates="single")
+    build = build_fused(spec, clip=vitl14_perturbed_clip)
+    onnx_path = export_image_graph(spec, tmp_path / head, clip=vitl14_perturbed_clip)
+    expected, got = match_reference(build, onnx_path, _images(1, 224, seed=11), TOL)
+    _check_scores_informative(expected)
+    assert got.shape == (1, len(VOCAB), 16, 16)

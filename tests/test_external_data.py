@@ -175,6 +175,32 @@ def test_fp16_graph_that_does_not_fit_keeps_a_data_file(pair, tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name, data.name]
 
 
+def test_engine_name_changes_when_only_the_data_file_changes(pair, tmp_path):
+    """The weights of an external-data graph live in NAME.onnx.data: new weights with an unchanged
+    NAME.onnx must give another engine name (an engine of the old weights must never be reused)."""
+    from clipfuse.export.build import BuildOptions, build
+    from clipfuse.export.trt_build import BatchProfile
+
+    copy = tmp_path / "copy"
+    shutil.copytree(pair[1].parent, copy)
+    src, data = copy / "naclip.onnx", copy / "naclip.onnx.data"
+    options = BuildOptions(precision="fp32", trt="rtx", dry_run=True, batch=BatchProfile(1, 1, 2), targets=("86",))
+
+    def engine_name() -> str:
+        return build(src, read_manifest(manifest_path_for(src)), options, log=lambda m: None).engine.name
+
+    before, graph_sha = engine_name(), sha256_file(src)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                        # one weight byte: same size, same graph file
+    data.write_bytes(bytes(raw))
+    assert sha256_file(src) == graph_sha
+    after = engine_name()
+    assert after != before
+    # the single-file graph keeps its plain file hash in the name (unchanged names for every existing engine)
+    single = build(pair[0], read_manifest(manifest_path_for(pair[0])), options, log=lambda m: None).engine.name
+    assert single.endswith(f"-{sha256_file(pair[0])[:8]}.engine")
+
+
 def test_tensorrt_rtx_parses_and_builds_the_external_data_graph(pair, tmp_path):
     pytest.importorskip("polygraphy", reason="polygraphy is not installed (dev extra): no engine builds")
     try:
@@ -192,6 +218,9 @@ def test_tensorrt_rtx_parses_and_builds_the_external_data_graph(pair, tmp_path):
                    BuildOptions(precision="fp32", trt="rtx", batch=BatchProfile(1, 1, 2), targets=("86",),
                                 workspace_bytes=1 << 30), log=lambda m: None)
     assert result.built and result.engine.stat().st_size > 1_000_000   # the weights reached the engine
+    section = read_manifest(manifest_path_for(result.engine))["engine"]
+    assert section["onnx_sha256"] == sha256_file(src)
+    assert section["onnx_data_sha256"] == sha256_file(copy / "naclip.onnx.data")
     # without the data file the parse fails with one line, not a crash
     (copy / "naclip.onnx.data").unlink()
     with pytest.raises(ClipfuseError) as exc:
