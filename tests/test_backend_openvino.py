@@ -184,6 +184,10 @@ def test_bf16_keeps_labels_or_is_refused(graphs, head):
             assert agreement >= BF16_AGREEMENT, f"{head}: bf16 labels agree on {agreement:.3%}"
 
 
+# what a frame manifest has beyond an image manifest's fields (the typed manifest requires them)
+FRAME_FIELDS = {"frame_size": [224, 224], "processing_size": [224, 224], "num_windows": 1}
+
+
 def test_precision_resolution():
     image = {"kind": "image", "head": {"name": "sclip"}}
     assert ovb.resolve_precision("fp32", image, ["FP32", "BF16"], "CPU") == "fp32"
@@ -206,7 +210,7 @@ def test_precision_resolution():
     for head in ovb.BF16_ACCEPTED:
         manifest = {"kind": "image", "head": {"name": head}}
         assert ovb.resolve_precision("auto", manifest, ["BF16"], "CPU") == "bf16"
-        assert ovb.resolve_precision("auto", dict(manifest, kind="frame"), ["BF16"], "CPU") == "fp32"
+        assert ovb.resolve_precision("auto", dict(manifest, kind="frame", **FRAME_FIELDS), ["BF16"], "CPU") == "fp32"
     assert ovb.resolve_precision("auto", {"kind": "image", "head": {"name": "new-head"}}, ["BF16"], "CPU") == "fp32"
 
 

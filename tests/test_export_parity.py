@@ -109,12 +109,13 @@ def vitl14_perturbed_clip():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["naclip", "sclip"])
+@pytest.mark.parametrize("head", ["naclip"])
 def test_vitl14_onnx_matches_reference(tmp_path, vitl14_perturbed_clip, head):
     """Full-size ViT-L/14 (patch 14, 24 blocks, width 1024; 224 -> 16x16 grid): the exported graph
     (folded, as `clipfuse export` writes it) against the independent reference on perturbed
-    random weights. Two heads: NACLIP (attention and FFN surgery in the last block) and SCLIP
-    (correlative self-attention)."""
+    random weights. One head, NACLIP (attention and FFN surgery in the last block): SCLIP too
+    passed (1e-4) but added ~1.5 min to CI for a path the tiny patch-14 tower covers for every head
+    (tests/test_backbones.py); add heads here to check them at full size."""
     spec = ImageExportSpec(head, model="ViT-L-14", pretrained="none", classes=VOCAB, size=224, templates="single")
     build = build_fused(spec, clip=vitl14_perturbed_clip)
     onnx_path = export_image_graph(spec, tmp_path / head, clip=vitl14_perturbed_clip)
