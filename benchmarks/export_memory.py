@@ -5,7 +5,8 @@
 
 Each export runs in a fresh child process (`clipfuse export ...`), so the
 peak resident set size (the child's ru_maxrss, from wait4) is the export's alone, imports
-included. The FP32 graph size (graph + external-data file) is read from what the export wrote,
+included. (Linux carries ru_maxrss across fork + exec: the figure is max(this parent's RSS at the
+fork, the export's peak), so this parent stays small: it imports neither torch nor onnx.) The FP32 graph size (graph + external-data file) is read from what the export wrote,
 and the ratio peak / graph is the figure the lean-export target is stated in (<= 3x). The text
 embedding time is parsed from the export's log. An address-space limit (--limit-gb, RLIMIT_AS)
 keeps a runaway export from taking a shared machine down.
