@@ -116,3 +116,41 @@ _STUB_ANSWER = (
 def test_one_line_keeps_the_exception_message_and_drops_stacks_and_paths(message, expected):
     from clipfuse.runtime.serve.front import one_line
     assert one_line(message) == expected
+
+
+def test_backend_ports_never_take_a_public_port(monkeypatch):
+    """tritonserver's private ports are picked before the front binds the public ones; the kernel
+    may hand a just-released public port out again (seen as 'Address already in use')."""
+    from clipfuse.runtime.serve import server as serve_server
+
+    handed_out = iter([8000, 5001, 8002, 8001, 5002])
+
+    class FakeSocket:
+        def __init__(self, *args):
+            self.port = None
+
+        def bind(self, address):
+            self.port = next(handed_out)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(serve_server.socket, "socket", FakeSocket)
+    assert serve_server._free_loopback_ports(2, avoid={8000, 8001, 8002}) == [5001, 5002]
+
+
+def test_taken_http_port_is_one_line():
+    import socket
+
+    from clipfuse.runtime.serve.front import Front, RequestBounds
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ClipfuseError, match=rf"^cannot listen on 127.0.0.1:{port} for HTTP "
+                                                r"\(Address already in use\); choose another --http-port$"):
+            Front("127.0.0.1", port, None, 1, 2, RequestBounds(max_pixels=100, max_batch=1))

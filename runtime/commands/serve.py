@@ -73,14 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import signal
-
     from ..serve.core import DEFAULT_MAX_PIXELS
-    from ..serve.server import ClipfuseTriton, ServeOptions, _raise_keyboard_interrupt
+    from ..serve.server import ClipfuseTriton, ServeOptions, interrupt_on_sigterm
 
     # Until the server is ready, SIGTERM interrupts start-up like Ctrl-C: what was started
     # (tritonserver, its stubs, shared memory, the workspace) is stopped and removed on the way out.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    interrupt_on_sigterm()
     options = ServeOptions(host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                            metrics_port=args.metrics_port, instances=args.instances,
                            max_batch_size=args.max_batch_size, queue_delay_us=args.queue_delay_us,

@@ -312,7 +312,11 @@ def _make_http_server(front: Front, host: str, port: int) -> ThreadingHTTPServer
     if ":" in host:
         import socket
         Server.address_family = socket.AF_INET6
-    return Server((host, port), Handler)
+    try:
+        return Server((host, port), Handler)
+    except OSError as exc:   # taken since start-up checked it (another process, or a race)
+        raise ClipfuseError(f"cannot listen on {host}:{port} for HTTP ({exc.strerror or exc}); "
+                            "choose another --http-port") from None
 
 
 # --- gRPC ---------------------------------------------------------------------------------------

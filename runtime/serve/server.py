@@ -40,6 +40,15 @@ from .core import (DEFAULT_MAX_PIXELS, INPUT, OUTPUTS, BatchStats, check_images,
 LOG = logging.getLogger("clipfuse.serve")
 SERVED_KINDS = ("image", "frame")  # window graphs (protocol here) and frame graphs (protocol inside)
 
+# PyTriton 0.7's proxy: instance 0 of a model binds a unix socket and only then listens on it; the
+# other instances connect as soon as the file exists. One that connects in between gets
+# ECONNREFUSED (one that finds no file within 1 s, a timeout) and Triton fails the whole model.
+# Seen with --instances >= 2 on loaded 2-core machines (1 start in 8 with 4 instances and the
+# cores busy). Nothing outside PyTriton can close that gap, so a start that failed this way is
+# retried with a fresh server; any other start failure is reported at once.
+HANDSHAKE_RACE = "get_config_from_handshake_server"
+START_ATTEMPTS = 3
+
 
 @dataclass
 class ServeOptions:
@@ -228,7 +237,7 @@ class ClipfuseTriton:
         from .front import split_ports
 
         self.options = options or ServeOptions()
-        Triton, TritonConfig, ModelConfig, DynamicBatcher, Tensor = _import_pytriton()
+        _import_pytriton()  # before any work: the install hint when PyTriton is missing
         python_libdir_first()
         _pytriton_libs_on_path()
         o = self.options
@@ -242,35 +251,46 @@ class ClipfuseTriton:
         self._stopped = False
         self._shm: set = set()
         self._children: set = set()
+        # children the embedding process had before the server: never ours to stop
+        self._foreign: set = _descendants(os.getpid())
         self.models: Dict[str, ServedModel] = {}
         specs = parse_artifacts(artifacts)
         try:
             for name, path in specs:
                 self.models[name] = ServedModel(name, path, o)
-            self._backend_http, self._backend_grpc = _free_loopback_ports(2)
-            config = TritonConfig(http_address="127.0.0.1", grpc_address="127.0.0.1", metrics_address=o.host,
-                                  http_port=self._backend_http, grpc_port=self._backend_grpc,
-                                  metrics_port=o.metrics_port, exit_timeout_secs=o.exit_timeout_s,
-                                  log_verbose=o.log_verbose, strict_readiness=True)
-            # PyTriton's own workspace (its binary finds its libraries relative to PYTRITON_HOME);
-            # removed in _cleanup also when the server does not stop cleanly
-            self.triton = Triton(config=config)
-            for name, model in self.models.items():
-                self.triton.bind(
-                    model_name=name,
-                    # one wrapper per instance: PyTriton keys its per-instance state by function
-                    infer_func=[_as_triton_error(model.infer) for _ in range(o.instances)],
-                    inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
-                    outputs=[Tensor(name=OUTPUTS[0], dtype=np.int32, shape=(-1, -1)),
-                             Tensor(name=OUTPUTS[1], dtype=np.float32, shape=(-1, -1))],
-                    config=ModelConfig(max_batch_size=o.max_batch_size,
-                                       batcher=DynamicBatcher(max_queue_delay_microseconds=o.queue_delay_us)),
-                    strict=True,
-                )
-                _add_config_parameters(self.triton, name, model.parameters)
+            self.triton = self._bind_triton()
         except BaseException:
             self._cleanup()
             raise
+
+    def _bind_triton(self):
+        """A PyTriton server (not started) with every model bound, on fresh private ports."""
+        Triton, TritonConfig, ModelConfig, DynamicBatcher, Tensor = _import_pytriton()
+        o = self.options
+        self._backend_http, self._backend_grpc = _free_loopback_ports(
+            2, avoid={o.http_port, o.grpc_port, o.metrics_port})
+        config = TritonConfig(http_address="127.0.0.1", grpc_address="127.0.0.1", metrics_address=o.host,
+                              http_port=self._backend_http, grpc_port=self._backend_grpc,
+                              metrics_port=o.metrics_port, exit_timeout_secs=o.exit_timeout_s,
+                              log_verbose=o.log_verbose, strict_readiness=True)
+        # PyTriton's own workspace (its binary finds its libraries relative to PYTRITON_HOME);
+        # removed in _cleanup also when the server does not stop cleanly
+        triton = Triton(config=config)
+        self.triton = triton   # _cleanup finds the workspace here if binding fails
+        for name, model in self.models.items():
+            triton.bind(
+                model_name=name,
+                # one wrapper per instance: PyTriton keys its per-instance state by function
+                infer_func=[_as_triton_error(model.infer) for _ in range(o.instances)],
+                inputs=[Tensor(name=INPUT, dtype=np.uint8, shape=(-1, -1, 3))],
+                outputs=[Tensor(name=OUTPUTS[0], dtype=np.int32, shape=(-1, -1)),
+                         Tensor(name=OUTPUTS[1], dtype=np.float32, shape=(-1, -1))],
+                config=ModelConfig(max_batch_size=o.max_batch_size,
+                                   batcher=DynamicBatcher(max_queue_delay_microseconds=o.queue_delay_us)),
+                strict=True,
+            )
+            _add_config_parameters(triton, name, model.parameters)
+        return triton
 
     @property
     def access_token(self) -> Optional[str]:
@@ -284,11 +304,21 @@ class ClipfuseTriton:
 
         o = self.options
         try:
-            try:
-                self.triton.run()
-            except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
-                raise ClipfuseError(f"Triton did not start: {type(exc).__name__}: {one_line_error(exc)} "
-                                    "(--log-verbose 1 shows the server's log)") from None
+            for attempt in range(1, START_ATTEMPTS + 1):
+                try:
+                    self.triton.run()
+                    break
+                except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
+                    logs = _server_logs(self.triton)
+                    if attempt < START_ATTEMPTS and HANDSHAKE_RACE in logs:
+                        LOG.warning("Triton start %d/%d: a model instance lost PyTriton's start-up "
+                                    "handshake race; starting again", attempt, START_ATTEMPTS)
+                        self._discard_triton()
+                        self.triton = self._bind_triton()
+                        continue
+                    reason = load_failure(logs) or f"{type(exc).__name__}: {one_line_error(exc)}"
+                    raise ClipfuseError(f"Triton did not start: {reason} "
+                                        "(--log-verbose 1 shows the server's log)") from None
             self._remember_resources()
             self._front = Front(o.host, o.http_port, o.grpc_port, self._backend_http, self._backend_grpc,
                                 RequestBounds(max_pixels=o.max_pixels, max_batch=o.max_batch_size)).start()
@@ -332,15 +362,27 @@ class ClipfuseTriton:
             if self._front is not None:
                 self._front.gate.draining = True
             self._remember_resources()
-            try:
-                self.triton.stop()
-            except Exception as exc:  # a dead server cannot be stopped cleanly; clean up anyway
-                LOG.warning("stopping Triton: %s", one_line_error(exc))
+            self._stop_triton()
             if self._front is not None:
                 self._front.close()
         finally:
             self.close()
             self._cleanup()
+
+    def _stop_triton(self) -> None:
+        try:
+            self.triton.stop()
+        except Exception as exc:  # a dead server cannot be stopped cleanly; clean up anyway
+            LOG.warning("stopping Triton: %s", one_line_error(exc))
+
+    def _discard_triton(self) -> None:
+        """Stop a server that failed to start and remove what it left (processes, /dev/shm,
+        workspace); the models stay open for the next attempt."""
+        self._remember_resources()
+        self._stop_triton()
+        self._cleanup()
+        self._children.clear()
+        self._shm.clear()
 
     def close(self) -> None:
         for model in self.models.values():
@@ -349,7 +391,7 @@ class ClipfuseTriton:
     def _remember_resources(self) -> None:
         """Note our child processes and the /dev/shm segments they (or we) map, so stop() can
         remove exactly those: other servers on the machine keep theirs."""
-        pids = _descendants(os.getpid())
+        pids = {p for p in _descendants(os.getpid()) - self._foreign if not _is_resource_tracker(p)}
         self._children |= pids
         for pid in pids | {os.getpid()}:
             self._shm |= _shm_mapped(pid)
@@ -390,6 +432,34 @@ class ClipfuseTriton:
         self.stop()
 
 
+def _server_logs(triton) -> str:
+    """What tritonserver printed so far ("" where PyTriton does not keep it)."""
+    server = getattr(triton, "_triton_server", None)
+    try:
+        return server.logs() if server is not None else ""
+    except Exception:  # a PyTriton without logs(): no diagnosis, the generic error stays
+        return ""
+
+
+_LOAD_FAILED = re.compile(r"failed to load '([^']+)' version \d+: (.*)")
+
+
+def load_failure(logs: str) -> Optional[str]:
+    """The first model-load failure in Triton's log as one line ("model 'x' failed to load:
+    ValueError: ..."), the exception without the stub's traceback; None when there is none."""
+    from .front import one_line
+
+    found = _LOAD_FAILED.search(logs)
+    if found is None:
+        return None
+    name, text = found.group(1), found.group(2).rstrip('"').replace("\\n", "\n")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "At:" in lines:
+        lines = lines[:lines.index("At:")]
+    reason = lines[-1] if lines else text
+    return f"model {name!r} failed to load: {one_line(reason)}"
+
+
 def one_line_error(exc: BaseException) -> str:
     from .front import one_line
     return one_line(str(exc))
@@ -406,12 +476,17 @@ def _check_bounds(o: ServeOptions) -> None:
         limit.check(int(value), "serve")
 
 
-def _free_loopback_ports(count: int) -> List[int]:
-    socks = []
+def _free_loopback_ports(count: int, avoid: "set[int]" = frozenset()) -> List[int]:
+    """`count` free 127.0.0.1 ports for tritonserver, none of `avoid` (the public ports: free now,
+    the front binds them only after Triton has started, and the kernel may hand them out again)."""
+    socks: list = []
     try:
-        for _ in range(count):
+        while len(socks) < count:
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
+            if sock.getsockname()[1] in avoid:
+                sock.close()
+                continue
             socks.append(sock)
         return [sock.getsockname()[1] for sock in socks]
     finally:
@@ -439,6 +514,16 @@ def _descendants(root: int) -> set:
                 out.add(child)
                 todo.append(child)
     return out
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    """multiprocessing's tracker serves the whole process (it unlinks leaked shared memory when
+    the process ends); stopping it only makes multiprocessing start another one, with a warning."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.resource_tracker" in f.read()
+    except OSError:
+        return False
 
 
 def _shm_mapped(pid: int) -> set:
@@ -472,6 +557,24 @@ def _check_port_free(host: str, port: int, what: str) -> None:
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM interrupts start-up like Ctrl-C (for `clipfuse serve`, whose process this is).
+
+    tritonclient's HTTP client runs on gevent; a signal that lands while gevent's hub runs is
+    printed by the hub as a traceback before the hub passes it on to the waiting code. A
+    KeyboardInterrupt is how this process stops, not an error: the hub is told so, and the
+    interruption still reaches start() (which stops what it started)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        from gevent.hub import Hub
+    except ImportError:
+        return
+    if not issubclass(KeyboardInterrupt, Hub.NOT_ERROR):
+        Hub.NOT_ERROR = (*Hub.NOT_ERROR, KeyboardInterrupt)
 
 
 def _add_config_parameters(triton, name: str, parameters: Dict[str, str]) -> None:
