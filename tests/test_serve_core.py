@@ -138,7 +138,8 @@ def test_backend_ports_never_take_a_public_port(monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(serve_server.socket, "socket", FakeSocket)
+    import types
+    monkeypatch.setattr(serve_server, "socket", types.SimpleNamespace(socket=FakeSocket))
     assert serve_server._free_loopback_ports(2, avoid={8000, 8001, 8002}) == [5001, 5002]
 
 

@@ -24,20 +24,26 @@ from clipfuse.runtime import Segmenter  # noqa: E402
 from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
 from clipfuse.runtime.serve import server as serve_server  # noqa: E402
 
-# What Triton 2.51 printed when instance tiny_0_1 lost the race (CI, 2026-12-04), one log line.
-RACE_LOG = (
-    "E1204 21:23:55.808162 22161 model_lifecycle.cc:642] \"failed to load 'tiny' version 1: Internal: "
-    "TritonModelException: Model initialize error: Traceback (most recent call last):\\n  File "
-    "\\\"/tmp/folderfIJ3sk/1/model.py\\\", line 425, in initialize\\n    inference_handler_config = "
-    "get_config_from_handshake_server(handshake_socket)\\n  File \\\"/tmp/folderfIJ3sk/1/communication.py\\\", "
-    "line 550, in get_config_from_handshake_server\\n    sock.connect(socket_path.as_posix())\\n"
-    "ConnectionRefusedError: [Errno 111] Connection refused\\n\\n\\nAt:\\n  "
-    "/tmp/folderfIJ3sk/1/model.py(454): initialize\\n\"\n")
-OTHER_LOG = (
-    "E1204 21:23:55.808162 22161 model_lifecycle.cc:642] \"failed to load 'tiny' version 1: Internal: "
-    "TritonModelException: Model initialize error: Traceback (most recent call last):\\n  File "
-    "\\\"/tmp/folderX/1/model.py\\\", line 401, in initialize\\nValueError: no GPU for this engine"
-    "\\n\\n\\nAt:\\n  /tmp/folderX/1/model.py(454): initialize\\n\"\n")
+# What Triton 2.51 printed when instance tiny_0_1 lost the race (CI, 2026-12-04): the stub's line,
+# then the model's. The traceback is one log line with escaped newlines.
+_TB = ("Model initialize error: Traceback (most recent call last):\\n  File \\\"/tmp/folderfIJ3sk/1/model.py\\\", "
+       "line 425, in initialize\\n    inference_handler_config = get_config_from_handshake_server(handshake_socket)"
+       "\\n  File \\\"/tmp/folderfIJ3sk/1/communication.py\\\", line 550, in get_config_from_handshake_server"
+       "\\n    sock.connect(socket_path.as_posix())\\nConnectionRefusedError: [Errno 111] Connection refused"
+       "\\n\\n\\nAt:\\n  /tmp/folderfIJ3sk/1/model.py(454): initialize\\n\"\n")
+RACE_LOG = ("I1204 21:23:53.582058 22161 pb_stub.cc:366] \"Failed to initialize Python stub: TritonModelException: "
+            + _TB + "E1204 21:23:55.808162 22161 model_lifecycle.cc:642] \"failed to load 'tiny' version 1: "
+            "Internal: TritonModelException: " + _TB)
+# instance 0 failed for a reason of its own: the others then time out in the handshake
+_OWN = ("Model initialize error: Traceback (most recent call last):\\n  File \\\"/tmp/folderX/1/model.py\\\", "
+        "line 401, in initialize\\nValueError: no GPU for this engine\\n\\n\\nAt:\\n  "
+        "/tmp/folderX/1/model.py(454): initialize\\n\"\n")
+OTHER_LOG = ("I1204 21:23:53.1 22161 pb_stub.cc:366] \"Failed to initialize Python stub: TritonModelException: "
+             + _OWN + "I1204 21:23:53.5 22161 pb_stub.cc:366] \"Failed to initialize Python stub: "
+             "TritonModelException: " + _TB.replace("ConnectionRefusedError: [Errno 111] Connection refused",
+                                                    "TimeoutError: Timeout occurred while waiting for config file")
+             + "E1204 21:23:55.8 22161 model_lifecycle.cc:642] \"failed to load 'tiny' version 1: Internal: "
+             "TritonModelException: " + _OWN)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,7 @@ def _failing_run(monkeypatch, log_text, failures):
         if len(seen) > failures:
             return real_run(self)
         self._run_server()
-        self._triton_server._tritonserver_logs += log_text
+        self._triton_server._record_logs(log_text)      # as if tritonserver had printed it
         raise RuntimeError("internal error while running the model (see the server log)")
 
     monkeypatch.setattr(Triton, "run", run)
@@ -79,11 +85,9 @@ def _tritonservers() -> list:
         try:
             with open(f"/proc/{pid}/comm") as f:
                 comm = f.read().strip()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if "tritonserver" in comm and state != "Z":
+        if "tritonserver" in comm and serve_server._alive(pid):
             names.append(pid)
     return names
 
@@ -119,7 +123,8 @@ def test_race_on_every_attempt_gives_up_after_the_limit(artifact, monkeypatch):
         serve_server.ClipfuseTriton([f"tiny={artifact}"], _options()).start()
     assert len(seen) == serve_server.START_ATTEMPTS
     assert str(err.value) == ("Triton did not start: model 'tiny' failed to load: ConnectionRefusedError: "
-                              "[Errno 111] Connection refused (--log-verbose 1 shows the server's log)")
+                              "[Errno 111] Connection refused after 3 attempts (PyTriton's instance start-up "
+                              "race; --instances 1 avoids it) (--log-verbose 1 shows the server's log)")
     assert not any(path.exists() for path in seen) and _tritonservers() == []
 
 
@@ -137,6 +142,12 @@ def test_load_failure_reads_the_first_failed_model_only():
     assert serve_server.load_failure("I1204 model_lifecycle.cc:472] \"loading: tiny:1\"\n") is None
     two = OTHER_LOG + RACE_LOG.replace("'tiny'", "'other'")
     assert serve_server.load_failure(two) == "model 'tiny' failed to load: ValueError: no GPU for this engine"
+
+
+def test_only_a_handshake_failure_of_every_failed_instance_is_a_lost_race():
+    assert serve_server.lost_handshake_race(RACE_LOG)
+    assert not serve_server.lost_handshake_race(OTHER_LOG)      # instance 0's own error: not retried
+    assert not serve_server.lost_handshake_race("")
 
 
 def test_sigterm_while_gevent_waits_interrupts_without_a_traceback():
@@ -159,4 +170,5 @@ def test_sigterm_while_gevent_waits_interrupts_without_a_traceback():
         "    print('interrupted', file=sys.stderr)\n"
         "    sys.exit(130)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 130 and proc.stderr == "interrupted\n", proc.stderr
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.rstrip().endswith("interrupted"), proc.stderr

@@ -180,7 +180,11 @@ class Front:
         self.timeout_s = timeout_s
         self._http = _make_http_server(self, host, http_port)
         self._threads: List[threading.Thread] = []
-        self._grpc = _make_grpc_server(self, host, grpc_port) if grpc_port is not None else None
+        try:
+            self._grpc = _make_grpc_server(self, host, grpc_port) if grpc_port is not None else None
+        except BaseException:
+            self._http.server_close()    # bound above: give the port back
+            raise
 
     def start(self) -> "Front":
         thread = threading.Thread(target=self._http.serve_forever, name="clipfuse-http-front", daemon=True)
@@ -315,8 +319,13 @@ def _make_http_server(front: Front, host: str, port: int) -> ThreadingHTTPServer
     try:
         return Server((host, port), Handler)
     except OSError as exc:   # taken since start-up checked it (another process, or a race)
-        raise ClipfuseError(f"cannot listen on {host}:{port} for HTTP ({exc.strerror or exc}); "
-                            "choose another --http-port") from None
+        raise port_taken(host, port, "HTTP", exc) from None
+
+
+def port_taken(host: str, port: int, what: str, exc: OSError) -> ClipfuseError:
+    """The one line for an endpoint that cannot listen (`what`: HTTP, gRPC, metrics)."""
+    return ClipfuseError(f"cannot listen on {host}:{port} for {what} ({exc.strerror or exc}); "
+                         f"choose another --{what.lower()}-port")
 
 
 # --- gRPC ---------------------------------------------------------------------------------------

@@ -251,8 +251,9 @@ class ClipfuseTriton:
         self._stopped = False
         self._shm: set = set()
         self._children: set = set()
-        # children the embedding process had before the server: never ours to stop
+        # children and shared memory the embedding process had before the server: not ours
         self._foreign: set = _descendants(os.getpid())
+        self._foreign_shm: set = _shm_mapped(os.getpid())
         self.models: Dict[str, ServedModel] = {}
         specs = parse_artifacts(artifacts)
         try:
@@ -310,14 +311,16 @@ class ClipfuseTriton:
                     break
                 except Exception as exc:  # PyTriton's startup errors are timeouts and its own types
                     logs = _server_logs(self.triton)
-                    if attempt < START_ATTEMPTS and HANDSHAKE_RACE in logs:
+                    if attempt < START_ATTEMPTS and lost_handshake_race(logs):
                         LOG.warning("Triton start %d/%d: a model instance lost PyTriton's start-up "
                                     "handshake race; starting again", attempt, START_ATTEMPTS)
                         self._discard_triton()
                         self.triton = self._bind_triton()
                         continue
                     reason = load_failure(logs) or f"{type(exc).__name__}: {one_line_error(exc)}"
-                    raise ClipfuseError(f"Triton did not start: {reason} "
+                    tries = (f" after {attempt} attempts (PyTriton's instance start-up race; "
+                             "--instances 1 avoids it)") if attempt > 1 else ""
+                    raise ClipfuseError(f"Triton did not start: {reason}{tries} "
                                         "(--log-verbose 1 shows the server's log)") from None
             self._remember_resources()
             self._front = Front(o.host, o.http_port, o.grpc_port, self._backend_http, self._backend_grpc,
@@ -394,7 +397,7 @@ class ClipfuseTriton:
         pids = {p for p in _descendants(os.getpid()) - self._foreign if not _is_resource_tracker(p)}
         self._children |= pids
         for pid in pids | {os.getpid()}:
-            self._shm |= _shm_mapped(pid)
+            self._shm |= _shm_mapped(pid) - self._foreign_shm
 
     def _cleanup(self) -> None:
         import shutil
@@ -430,6 +433,14 @@ class ClipfuseTriton:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def lost_handshake_race(logs: str) -> bool:
+    """Whether every model instance that failed in `logs` failed in PyTriton's config handshake.
+    An instance 0 that failed for a reason of its own also makes the others time out there;
+    starting again would fail the same way, so that is not a lost race."""
+    failed = [ln for ln in logs.splitlines() if "Failed to initialize Python stub" in ln]
+    return bool(failed) and all(HANDSHAKE_RACE in ln for ln in failed)
 
 
 def _server_logs(triton) -> str:
@@ -545,14 +556,15 @@ def _alive(pid: int) -> bool:
 
 def _check_port_free(host: str, port: int, what: str) -> None:
     """A taken port makes tritonserver exit and PyTriton wait for it: say so at once instead."""
+    from .front import port_taken
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise ClipfuseError(f"cannot listen on {host}:{port} for {what} ({exc.strerror}); "
-                                f"choose another --{what.lower()}-port") from None
+            raise port_taken(host, port, what, exc) from None
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
@@ -566,8 +578,6 @@ def interrupt_on_sigterm() -> None:
     printed by the hub as a traceback before the hub passes it on to the waiting code. A
     KeyboardInterrupt is how this process stops, not an error: the hub is told so, and the
     interruption still reaches start() (which stops what it started)."""
-    import signal
-
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         from gevent.hub import Hub
