@@ -1,7 +1,7 @@
 """Peak memory and wall time of `clipfuse export`, one child process per model.
 
     python -m clipfuse.benchmarks.export_memory --model ViT-B-16 --model ViT-L-14 \
-        --out benchmarks/results/export-memory-cpu
+        --exporter legacy --exporter dynamo --out benchmarks/results/export-memory-cpu
 
 Each export runs in a fresh child process (`clipfuse export ...`), so the
 peak resident set size (the child's ru_maxrss, from wait4) is the export's alone, imports
@@ -46,12 +46,14 @@ def _limit(limit_gb: Optional[float]):
 
 
 def measure_export(model: str, head: str, size: Optional[int], classes: str, templates: str,
-                   limit_gb: Optional[float] = None, keep: Optional[Path] = None) -> Dict[str, object]:
+                   limit_gb: Optional[float] = None, keep: Optional[Path] = None,
+                   exporter: str = "legacy") -> Dict[str, object]:
     """Run one export in a child process; returns wall seconds, peak RSS and the graph's size."""
     with tempfile.TemporaryDirectory(prefix="clipfuse-export-mem-", dir=keep) as tmp:
         out = Path(tmp) / f"{head}-{model}"
         cmd = [_clipfuse_script(), "export", "--head", head, "--model", model,
-               "--pretrained", "none", "--classes", classes, "--templates", templates, "-o", str(out)]
+               "--pretrained", "none", "--classes", classes, "--templates", templates, "--exporter", exporter,
+               "-o", str(out)]
         if size:
             cmd += ["--size", str(size)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
@@ -69,7 +71,7 @@ def measure_export(model: str, head: str, size: Optional[int], classes: str, tem
         data_bytes = data.stat().st_size if ok and data.is_file() else 0
         text = re.search(r"text embeddings: ([0-9.]+) s", log)
         return {
-            "model": model, "head": head, "size": size, "classes": classes.count(",") + 1,
+            "model": model, "head": head, "exporter": exporter, "size": size, "classes": classes.count(",") + 1,
             "templates": templates, "ok": ok, "returncode": proc.returncode,
             "wall_seconds": round(wall, 1), "peak_rss_bytes": peak,
             "peak_rss_gib": round(peak / 2 ** 30, 2), "graph_bytes": graph + data_bytes,
@@ -89,20 +91,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--templates", default="imagenet80")
     ap.add_argument("--limit-gb", type=float, default=None, help="address-space cap of each child (RLIMIT_AS)")
     ap.add_argument("--out", type=Path, default=None, help="write OUT.json and OUT.md")
+    ap.add_argument("--exporter", action="append", choices=("legacy", "dynamo"),
+                    help="clipfuse export --exporter (repeatable; default: legacy)")
     ap.add_argument("--label", default="", help="what code was measured (e.g. a commit)")
     args = ap.parse_args(argv)
     rows = []
     for model in args.model:
-        # a fresh process per model: RUSAGE_CHILDREN is a maximum over all children so far
-        cmd = [sys.executable, "-c",
-               "import json,sys; from clipfuse.benchmarks.export_memory import measure_export as m; "
-               "print(json.dumps(m(*json.loads(sys.argv[1]))))",
-               json.dumps([model, args.head, args.size, args.classes, args.templates, args.limit_gb])]
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        row = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {
-            "model": model, "ok": False, "error": res.stderr.strip().splitlines()[-1:]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for exporter in args.exporter or ["legacy"]:
+            # a fresh process per export: RUSAGE_CHILDREN is a maximum over all children so far
+            cmd = [sys.executable, "-c",
+                   "import json,sys; from clipfuse.benchmarks.export_memory import measure_export as m; "
+                   "print(json.dumps(m(*json.loads(sys.argv[1]))))",
+                   json.dumps([model, args.head, args.size, args.classes, args.templates, args.limit_gb, None,
+                               exporter])]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            row = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else {
+                "model": model, "exporter": exporter, "ok": False, "error": res.stderr.strip().splitlines()[-1:]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.out:
         import torch
         meta = {"what": "peak RSS and wall time of `clipfuse export` (child process ru_maxrss), random weights "
@@ -114,13 +120,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
         lines = [f"# clipfuse export memory ({meta['label']})", "", f"{meta['what']}; {meta['machine']}; "
                  f"torch {meta['torch']}; {meta['date']}", "",
-                 "| model | head | classes x templates | wall s | text emb s | peak RSS GiB | FP32 graph GiB | peak / graph |",
-                 "|---|---|---|---|---|---|---|---|"]
+                 "| model | head | exporter | classes x templates | wall s | text emb s | peak RSS GiB | FP32 graph GiB | peak / graph |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for r in rows:
             if not r.get("ok"):
-                lines.append(f"| {r['model']} | failed: {r.get('log_tail') or r.get('error')} |")
+                lines.append(f"| {r['model']} | {r.get('exporter')} | failed: {r.get('log_tail') or r.get('error')} |")
                 continue
-            lines.append(f"| {r['model']} | {r['head']} | {r['classes']} x {r['templates']} | {r['wall_seconds']} | "
+            lines.append(f"| {r['model']} | {r['head']} | {r.get('exporter', 'legacy')} | {r['classes']} x "
+                         f"{r['templates']} | {r['wall_seconds']} | "
                          f"{r['text_embedding_seconds']} | {r['peak_rss_gib']} | "
                          f"{r['graph_bytes'] / 2 ** 30:.2f}{' (ext. data)' if r['external_data'] else ''} | "
                          f"{r['peak_over_graph']} |")

@@ -30,7 +30,7 @@ from .classifier import CosineClassifier
 from .fused import FusedSegmenter
 from .heads import build_dense_head
 from .onnxio import release_memory
-from .spec import OPSET, VOCAB_MODES, ImageExportSpec
+from .spec import DYNAMO_MIN_OPSET, EXPORTERS, OPSET, VOCAB_MODES, ImageExportSpec
 from .text_embed import encode_names
 from .trunk import CLIP_MEAN, CLIP_STD, VisionTrunk
 from .weights import LoadedClip, load_clip
@@ -73,7 +73,15 @@ class FusedBuild:
         return self.spec.method
 
     def release(self) -> None:
-        """Drop the torch module and the weights (peak memory of what follows: folding, hashing)."""
+        """Drop the torch module and the weights (peak memory of what follows: folding, hashing).
+
+        The tensors' storage is emptied first: onnxscript 0.7's rewrite rules (dynamo exporter)
+        are module-level objects that keep their last match, through it the exported graph, and
+        through that the module's parameters, so dropping our references alone frees nothing."""
+        if self.module is not None:
+            with torch.no_grad():
+                for tensor in [*self.module.parameters(), *self.module.buffers()]:
+                    tensor.data = torch.empty(0, dtype=tensor.dtype)
         self.module = None
         self.clip.model = None
         release_memory()
@@ -95,6 +103,7 @@ def _check_spec(spec: ImageExportSpec) -> Vocabulary:
     get_templates(spec.templates)
     vocabulary = validate([list(names) for names in spec.classes or []], "vocabulary", spec.allow_duplicates)
     check_size(spec.size, patch_size_of(spec.model))
+    _check_exporter(spec)
     from .weights import check_pretrained
     check_pretrained(spec.model, spec.pretrained)
     if spec.heads_checkpoint not in (None, "none"):
@@ -105,6 +114,21 @@ def _check_spec(spec: ImageExportSpec) -> Vocabulary:
         if not Path(spec.heads_checkpoint).is_file():
             raise ClipfuseError(f"CLIP-DINOiser heads checkpoint not found: {spec.heads_checkpoint}")
     return vocabulary
+
+
+def _check_exporter(spec: ImageExportSpec) -> None:
+    if spec.exporter not in EXPORTERS:
+        raise ClipfuseError(f"--exporter must be one of {', '.join(EXPORTERS)}, not {spec.exporter!r}")
+    if spec.exporter != "dynamo":
+        return
+    if spec.opset < DYNAMO_MIN_OPSET:
+        raise ClipfuseError(f"--exporter dynamo writes opset >= {DYNAMO_MIN_OPSET}, not {spec.opset}")
+    if spec.frame is not None:
+        raise ClipfuseError("--exporter dynamo exports window graphs; frame graphs use the legacy exporter")
+    try:
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter is built on it)
+    except ImportError:
+        raise ClipfuseError("--exporter dynamo needs onnxscript: pip install onnxscript") from None
 
 
 def _dense_head_params(spec: ImageExportSpec, vocabulary: Vocabulary) -> dict:
@@ -213,15 +237,69 @@ def image_manifest(build: FusedBuild, onnx_path: Path) -> dict:
 
 
 def _onnx_export(module: torch.nn.Module, args: tuple, path: Path, input_names: List[str],
-                 dynamic_axes: dict, opset: int) -> None:
+                 dynamic_axes: dict, opset: int, exporter: str = "legacy") -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice: pinned on purpose
+        if exporter == "dynamo":
+            _dynamo_export(module, args, path, input_names, dynamic_axes, opset)
+            return
         kwargs = dict(input_names=input_names, output_names=["scores"], dynamic_axes=dynamic_axes,
                       opset_version=opset, do_constant_folding=True)
         try:
             torch.onnx.export(module, args, str(path), dynamo=False, **kwargs)
         except TypeError:  # torch < 2.5 has no `dynamo` argument and is legacy-only anyway
             torch.onnx.export(module, args, str(path), **kwargs)
+
+
+def _dynamo_export(module: torch.nn.Module, args: tuple, path: Path, input_names: List[str],
+                   dynamic_axes: dict, opset: int) -> None:
+    """torch.export + onnxscript, weights written as external data (graph_with_manifest then
+    writes one file where the graph fits). The legacy exporter's dynamic axes become torch.export
+    dims, one per axis name."""
+    dims: Dict[str, object] = {}
+    shapes = tuple({axis: dims.setdefault(name, torch.export.Dim(name, min=1))
+                    for axis, name in dynamic_axes.get(input_name, {}).items()} for input_name in input_names)
+    try:
+        # optimize: onnxscript's rewriter turns torch.split's SplitToSequence/SequenceAt (not in
+        # TensorRT's operator list) into Split, among others
+        program = torch.onnx.export(module, args, str(path), dynamo=True, external_data=True,
+                                    input_names=input_names, output_names=["scores"], opset_version=opset,
+                                    dynamic_shapes=shapes, optimize=True, verbose=False)
+        # the graph's initializers wrap aliases of the module's tensors, and onnxscript keeps the
+        # graph alive (FusedBuild.release): let go of them now that the file is written
+        for value in program.model.graph.initializers.values():
+            value.const_value = None
+        del program
+    except Exception as exc:   # torch.export's and onnxscript's errors are many types, each long
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ClipfuseError(f"the dynamo exporter failed ({type(exc).__name__}: {first}); "
+                            "--exporter legacy exports every head") from None
+
+
+def _shapes_after_casts(model) -> None:
+    """Let Shape nodes read a uint8 input through its Cast (same shape). The dynamo exporter reads
+    the batch size straight from the uint8 image; TensorRT takes a UInt8 input only into a Cast
+    (export.trt_support checks it). Legacy graphs have no such node: nothing changes for them."""
+    import onnx
+
+    graph = model.graph
+    uint8 = {i.name for i in graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.UINT8}
+    casts = {n.input[0]: n for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in uint8}
+    moved = [(n, casts[n.input[0]]) for n in graph.node
+             if n.op_type == "Shape" and n.input and n.input[0] in casts]
+    if not moved:
+        return
+    out = []
+    for node in graph.node:
+        if any(node is shape for shape, _ in moved):
+            continue
+        out.append(node)
+        for shape, cast in moved:       # right after its Cast: the order stays topological
+            if node is cast:
+                shape.input[0] = cast.output[0]
+                out.append(shape)
+    del graph.node[:]
+    graph.node.extend(out)
 
 
 def _declare_output_shape(model, dims: list) -> None:
@@ -263,9 +341,13 @@ def write_image_graph(build: FusedBuild, out: "str | Path", *, quiet: bool = Tru
     _log(f"exporting ONNX opset {opset} ({build.method}, {build.size}x{build.size}, "
          f"grid {build.grid[0]}x{build.grid[1]})", quiet)
     dims = list(parse_manifest(manifest).outputs[0].shape)
-    with graph_with_manifest(onnx_path, manifest, prepare=lambda m: _declare_output_shape(m, dims)) as tmp_onnx:
+    def prepare(model) -> None:
+        _shapes_after_casts(model)
+        _declare_output_shape(model, dims)
+
+    with graph_with_manifest(onnx_path, manifest, prepare=prepare) as tmp_onnx:
         with torch.no_grad():
-            _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset)
+            _onnx_export(build.module, args, tmp_onnx, input_names, dynamic_axes, opset, build.spec.exporter)
         del args
         if release:
             build.release()     # the graph is on disk: folding should not share memory with torch

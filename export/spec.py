@@ -27,6 +27,12 @@ from clipfuse.runtime.manifest import FrameManifest, ImageManifest, ReferManifes
 from clipfuse.runtime.methods import get_method
 
 OPSET = 17
+# torch.onnx's exporters: "legacy" (TorchScript; the default, whose graphs the identity test pins)
+# and "dynamo" (torch.export + onnxscript; opset >= 18). The dynamo exporter writes the weights
+# straight from torch's storage into an external-data file; the legacy one serialises the whole
+# model in memory (several copies of the weights), which sets the export's peak on big towers.
+EXPORTERS = ("legacy", "dynamo")
+DYNAMO_MIN_OPSET = 18
 VOCAB_MODES = ("baked", "dynamic")
 PRECISIONS = ("fp32", "fp16")        # of text and refer graphs (image graphs: fp16 at build time)
 
@@ -50,6 +56,7 @@ class ImageExportSpec:
     # graph, with these protocol fields baked in (logit_scale, prob_thd, area_thd, short_side, stride).
     frame: Optional[Tuple[int, int]] = None
     frame_protocol: Dict[str, float] = field(default_factory=dict)
+    exporter: str = "legacy"                       # one of EXPORTERS
 
     def resolved(self) -> "ImageExportSpec":
         """The spec with the method's defaults filled in (pretrained, size)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipfuse.export.spec import DYNAMO_MIN_OPSET, EXPORTERS
 from clipfuse.runtime.cliargs import fraction, int_range, logit_scale, non_negative_int, on_off, opset, pixels
 
 ORDER = 20  # place in `clipfuse --help`
@@ -71,7 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from clipfuse.export.head_args import add_head_arguments
     add_head_arguments(parser)           # --attn, --gaussian-sigma, ...: from the parameter dataclasses
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
-    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--opset", type=opset, default=None,
+                        help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+    parser.add_argument("--exporter", choices=EXPORTERS, default="legacy",
+                        help="torch.onnx exporter: legacy (TorchScript, default) or dynamo (torch.export + "
+                             "onnxscript: writes the weights without in-memory copies, about half the peak "
+                             "memory on ViT-L/14; needs onnxscript; window graphs only)")
     parser.add_argument("-o", "--output", required=True,
                         help="output path without suffix: writes OUTPUT.onnx and OUTPUT.json")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress output")
@@ -85,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         vocabulary = parse_classes(args.classes, allow_duplicates=args.allow_duplicate_names)
     else:
         vocabulary = read_classes_file(args.classes_file, args.allow_duplicate_names)
+    if args.opset is None:
+        args.opset = DYNAMO_MIN_OPSET if args.exporter == "dynamo" else 17
     if args.opset < 17:
         raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import ImageExportSpec, export_image_graph
@@ -104,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
                            size=args.size, templates=args.templates, vocab_mode=args.vocab,
                            heads_checkpoint=args.heads, head_params=head_overrides(args),
                            quick_gelu=args.quick_gelu, seed=args.seed, opset=args.opset,
-                           allow_duplicates=args.allow_duplicate_names, frame=frame, frame_protocol=baked)
+                           allow_duplicates=args.allow_duplicate_names, frame=frame, frame_protocol=baked,
+                           exporter=args.exporter)
     export_image_graph(spec, args.output, quiet=args.quiet)
     return 0
