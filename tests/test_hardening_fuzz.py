@@ -185,6 +185,14 @@ COMMAND_NUMERIC = {
 }
 
 
+def _dest(command: str, option: str) -> str:
+    """Where argparse stores `option` of `command` (head options have prefixed dests)."""
+    import argparse
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return next(a.dest for a in sub._actions if option in a.option_strings)
+
+
 @fuzz(250)  # ~20 per command
 @given(st.sampled_from(sorted(COMMAND_NUMERIC)), st.data())
 def test_every_commands_numbers_parse_to_finite_values_or_one_line(command, data):
@@ -201,7 +209,7 @@ def test_every_commands_numbers_parse_to_finite_values_or_one_line(command, data
             assert exc.code == 2
             assert len(capture.getvalue().strip().splitlines()) == 1
             return
-    parsed = getattr(args, option.lstrip("-").replace("-", "_"))
+    parsed = getattr(args, _dest(command, option))
     assert isinstance(parsed, (int, float)) and math.isfinite(parsed)
     assert parsed >= 0, (option, value, parsed)
 
