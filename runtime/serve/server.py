@@ -259,13 +259,14 @@ class ClipfuseTriton:
         try:
             for name, path in specs:
                 self.models[name] = ServedModel(name, path, o)
-            self.triton = self._bind_triton()
+            self._new_triton()
         except BaseException:
             self._cleanup()
             raise
 
-    def _bind_triton(self):
-        """A PyTriton server (not started) with every model bound, on fresh private ports."""
+    def _new_triton(self) -> None:
+        """`self.triton`: a PyTriton server (not started) with every model bound, on fresh private
+        ports. Set before binding, so that _cleanup finds its workspace if binding fails."""
         Triton, TritonConfig, ModelConfig, DynamicBatcher, Tensor = _import_pytriton()
         o = self.options
         self._backend_http, self._backend_grpc = _free_loopback_ports(
@@ -276,8 +277,7 @@ class ClipfuseTriton:
                               log_verbose=o.log_verbose, strict_readiness=True)
         # PyTriton's own workspace (its binary finds its libraries relative to PYTRITON_HOME);
         # removed in _cleanup also when the server does not stop cleanly
-        triton = Triton(config=config)
-        self.triton = triton   # _cleanup finds the workspace here if binding fails
+        triton = self.triton = Triton(config=config)
         for name, model in self.models.items():
             triton.bind(
                 model_name=name,
@@ -291,7 +291,6 @@ class ClipfuseTriton:
                 strict=True,
             )
             _add_config_parameters(triton, name, model.parameters)
-        return triton
 
     @property
     def access_token(self) -> Optional[str]:
@@ -315,7 +314,7 @@ class ClipfuseTriton:
                         LOG.warning("Triton start %d/%d: a model instance lost PyTriton's start-up "
                                     "handshake race; starting again", attempt, START_ATTEMPTS)
                         self._discard_triton()
-                        self.triton = self._bind_triton()
+                        self._new_triton()
                         continue
                     reason = load_failure(logs) or f"{type(exc).__name__}: {one_line_error(exc)}"
                     tries = (f" after {attempt} attempts (PyTriton's instance start-up race; "
