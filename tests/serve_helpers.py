@@ -182,7 +182,7 @@ class CliServer:
         # `.ses`: a 51-byte session-id file the inference library writes under TMPDIR when a
         # session opens (`clipfuse run` writes it too); reused, not a server resource
         tmp = [p for p in self.tmpdir.iterdir() if p.name != ".ses"] + list(self.home.iterdir())
-        return {"processes": sorted(alive), "shm": sorted(p for p in self.shm if os.path.exists(p)),
+        return {"processes": sorted(_describe(p) for p in alive), "shm": sorted(p for p in self.shm if os.path.exists(p)),
                 "tmp": sorted(str(p) for p in tmp)}
 
     def close(self) -> None:
@@ -198,6 +198,15 @@ class CliServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
 
+
+
+def _describe(pid: int) -> str:
+    """`pid: command line`, so a leftover process in a CI log says what it was."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{pid}: " + f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:200]
+    except OSError:
+        return f"{pid}: (exited)"
 
 
 def _fail(message: str) -> None:

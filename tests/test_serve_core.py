@@ -155,3 +155,32 @@ def test_taken_http_port_is_one_line():
         with pytest.raises(ClipfuseError, match=rf"^cannot listen on 127.0.0.1:{port} for HTTP "
                                                 r"\(Address already in use\); choose another --http-port$"):
             Front("127.0.0.1", port, None, 1, 2, RequestBounds(max_pixels=100, max_batch=1))
+
+
+def test_resource_tracker_is_gone_when_release_returns():
+    """`clipfuse serve` ends with release_resource_tracker(): the tracker PyTriton's shared memory
+    starts must not outlive the process (CI saw it alive just after serve exited)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    program = textwrap.dedent("""
+        import os
+        from multiprocessing import resource_tracker, shared_memory
+        from clipfuse.runtime.serve.server import release_resource_tracker
+        shm = shared_memory.SharedMemory(create=True, size=64)
+        shm.close()
+        shm.unlink()
+        pid = resource_tracker._resource_tracker._pid
+        release_resource_tracker(timeout_s=30)
+        state = "gone"
+        if os.path.exists(f"/proc/{pid}"):
+            state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        print(pid, state)
+        release_resource_tracker()   # a second call (or none started) does nothing
+    """)
+    out = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    pid, state = out.stdout.split()
+    assert int(pid) > 0 and state == "gone", out.stdout
+    assert out.stderr == "", out.stderr

@@ -73,6 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..serve.server import release_resource_tracker
+
+    # PyTriton's shared memory starts multiprocessing's resource tracker in this process; it must
+    # not outlive `clipfuse serve`, whichever way serve ends
+    try:
+        return _serve(args)
+    finally:
+        release_resource_tracker()
+
+
+def _serve(args: argparse.Namespace) -> int:
     from ..serve.core import DEFAULT_MAX_PIXELS
     from ..serve.server import ClipfuseTriton, ServeOptions, interrupt_on_sigterm
 

@@ -26,6 +26,7 @@ import signal
 import socket
 import sysconfig
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -400,7 +401,6 @@ class ClipfuseTriton:
 
     def _cleanup(self) -> None:
         import shutil
-        import time as _time
 
         self._remember_resources()
         alive = {p for p in self._children if _alive(p)}
@@ -410,9 +410,9 @@ class ClipfuseTriton:
                     os.kill(pid, sig)
                 except OSError:
                     pass
-            end = _time.monotonic() + 5
-            while alive and _time.monotonic() < end:
-                _time.sleep(0.1)
+            end = time.monotonic() + 5
+            while alive and time.monotonic() < end:
+                time.sleep(0.1)
                 alive = {p for p in alive if _alive(p)}
             if not alive:
                 break
@@ -534,6 +534,38 @@ def _is_resource_tracker(pid: int) -> bool:
             return b"multiprocessing.resource_tracker" in f.read()
     except OSError:
         return False
+
+
+def release_resource_tracker(timeout_s: float = 10.0) -> None:
+    """Close multiprocessing's resource tracker of this process and wait until it has exited.
+
+    For a process about to end (`clipfuse serve`). The tracker outlives its process by the time it
+    takes to read end-of-file and unlink what was leaked; a supervisor that stops the container or
+    cgroup when the main process ends would kill it half way. Python has no public call for this;
+    `ResourceTracker._stop` (3.8+) waits without a limit, so the pipe is closed here and the wait
+    is bounded."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+    if fd is None or pid is None:
+        return
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+    tracker._fd = None
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                break
+        except ChildProcessError:  # not our child (already reaped)
+            break
+        time.sleep(0.02)
+    else:
+        LOG.warning("multiprocessing's resource tracker (pid %d) did not exit within %.0f s", pid, timeout_s)
+    tracker._pid = None
 
 
 def _shm_mapped(pid: int) -> set:
