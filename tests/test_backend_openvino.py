@@ -23,7 +23,7 @@ from clipfuse.runtime.backends import open_backend  # noqa: E402
 from clipfuse.runtime.backends import openvino as ovb  # noqa: E402
 from clipfuse.runtime.cli import main  # noqa: E402
 from clipfuse.runtime.errors import ClipfuseError  # noqa: E402
-from clipfuse.runtime.manifest import manifest_path_for, read_manifest  # noqa: E402
+from clipfuse.runtime.manifest import manifest_path_for, parse_manifest, read_manifest  # noqa: E402
 from clipfuse.runtime.segmenter import Segmenter  # noqa: E402
 
 from clipfuse.runtime.methods import METHODS  # noqa: E402
@@ -230,7 +230,26 @@ def test_compilation_is_cached_and_reused(graphs, tmp_path):
     # default: beside the graph
     third = open_backend(graphs["sclip"], manifest, "openvino", precision="fp32")
     assert third.cache_dir.parent == graphs["sclip"].parent / "sclip.openvino-cache"
-    assert third.cache_dir.name == manifest["onnx_sha256"][:16] and any(third.cache_dir.iterdir())
+    assert third.cache_dir.name == manifest["onnx_sha256"][:16] + "-fp32" and any(third.cache_dir.iterdir())
+
+
+def test_each_precision_has_its_own_cache_folder(graphs, tmp_path):
+    """OpenVINO's blob key leaves out the precision hint: a BF16 compile that met the FP32 blob of the
+    same graph loaded it and returned NaN (OpenVINO 2026.4.1 on an AMX CPU), so the folder carries it."""
+    manifest = read_manifest(manifest_path_for(graphs["naclip"]))
+    meta = parse_manifest(manifest)
+    folders = {p: ovb.cache_folder(tmp_path, meta, p) for p in ("fp32", "bf16", "fp16")}
+    assert len(set(folders.values())) == 3 and all(f.parent == tmp_path for f in folders.values())
+    if not HAS_BF16:
+        pytest.skip("the BF16-after-FP32 compile needs a CPU with BF16 support in OpenVINO "
+                    "(OPTIMIZATION_CAPABILITIES); the folder rule is checked above")
+    feeds = {"image": _windows(2, seed=5)}
+    open_backend(graphs["naclip"], manifest, "openvino", precision="fp32", cache_dir=str(tmp_path)).run(feeds)
+    cached = open_backend(graphs["naclip"], manifest, "openvino", precision="bf16", cache_dir=str(tmp_path))
+    fresh = open_backend(graphs["naclip"], manifest, "openvino", precision="bf16", cache_dir="")
+    got = cached.run(feeds)["scores"]
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, fresh.run(feeds)["scores"])
 
 
 def test_run_cli_records_precision_and_runs_the_text_graph_on_openvino(graphs, tmp_path):

@@ -18,8 +18,11 @@ The precision the compiled model actually uses is read back from OpenVINO and re
 (`Backend.precision`), so outputs say what ran.
 
 Compiled models are cached (OpenVINO CACHE_DIR): by default beside the graph in
-`<stem>.openvino-cache/<sha256 of the graph, 16 hex>/`, or under ~/.cache/clipfuse/openvino when
-that folder is not writable; the second start then skips compilation.
+`<stem>.openvino-cache/<sha256 of the graph, 16 hex>-<precision>/`, or under
+~/.cache/clipfuse/openvino when that folder is not writable; the second start then skips
+compilation. The precision is part of the folder because OpenVINO's blob key is not: a BF16 compile
+that met an FP32 blob of the same graph loaded it and returned NaN scores (OpenVINO 2026.4.1, AMX
+CPU; tests/test_backend_openvino.py::test_each_precision_has_its_own_cache_folder).
 """
 from __future__ import annotations
 
@@ -107,6 +110,15 @@ def default_cache_dir(artifact: Path) -> Path:
     return base / "clipfuse" / "openvino"
 
 
+def cache_folder(root: Path, meta: Manifest, precision: str) -> Path:
+    """One folder per graph content and precision under `root`: a graph re-exported under the same
+    name never meets its predecessor's blob, and a precision never meets another's (see above)."""
+    digest = str(meta.onnx_sha256 or "unhashed")[:16]
+    if meta.onnx_data_sha256:       # weights in a data file: same graph, other weights
+        digest += "-" + meta.onnx_data_sha256[:8]
+    return root / f"{digest}-{precision}"
+
+
 class OpenVINOBackend(Backend):
     """One compiled model + one infer request. Options: device (CPU, GPU, GPU.1, NPU, AUTO:...:
     passed to OpenVINO as given), precision (auto/fp32/bf16/fp16), threads, cache_dir (None: the
@@ -137,12 +149,8 @@ class OpenVINOBackend(Backend):
         cache = options.get("cache_dir")
         self.cache_dir: Optional[Path] = None
         if cache != "":
-            # one sub-folder per graph content: a graph re-exported under the same name never meets
-            # the blob compiled from its predecessor
-            digest = str(self.meta.onnx_sha256 or "unhashed")[:16]
-            if self.meta.onnx_data_sha256:       # weights in a data file: same graph, other weights
-                digest += "-" + self.meta.onnx_data_sha256[:8]
-            self.cache_dir = (Path(cache) if cache else default_cache_dir(self.artifact)) / digest
+            self.cache_dir = cache_folder(Path(cache) if cache else default_cache_dir(self.artifact),
+                                          self.meta, wanted)
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
