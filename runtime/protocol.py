@@ -706,6 +706,18 @@ def infer_in_chunks(infer: Callable[[np.ndarray], np.ndarray], crops: np.ndarray
     return np.concatenate(parts, axis=0), len(parts)
 
 
+def require_finite_scores(scores: np.ndarray) -> None:
+    """One line instead of labels computed from NaN/Inf: every head's scores are finite (cosines or
+    probabilities), so a non-finite value is a backend fault (a precision it cannot hold, a stale
+    compiled blob, a broken engine), never a property of the image."""
+    finite = np.isfinite(scores)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise ClipfuseError(f"the backend returned non-finite scores ({bad} of {finite.size} values are NaN "
+                            "or Inf), so no labels were made; use an FP32 graph or engine (OpenVINO: "
+                            "--precision fp32) or another --backend")
+
+
 def finish_windows(scores: np.ndarray, plan: WindowPlan, protocol: Protocol, return_scores: bool = True,
                    return_confidence: bool = False, timings: Optional[dict] = None) -> ProtocolOutput:
     """[B, K, g, g] scores of `plan`'s windows -> labels (+ confidence, + averaged scores) at the
@@ -714,6 +726,7 @@ def finish_windows(scores: np.ndarray, plan: WindowPlan, protocol: Protocol, ret
     if scores.ndim != 4 or scores.shape[0] != len(plan.boxes):
         raise ClipfuseError(f"backend returned scores of shape {scores.shape}, "
                             f"expected [{len(plan.boxes)}, K, h, w]")
+    require_finite_scores(scores)
     clock = {} if timings is None else timings
     labels, confidence = labels_from_window_scores(scores, plan.processing_size, plan.image_size, protocol,
                                                    plan.window, return_confidence, clock)

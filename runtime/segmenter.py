@@ -23,7 +23,8 @@ from .backends.base import Backend, open_backend
 from .errors import ClipfuseError
 from .manifest import FrameManifest, ImageManifest, Manifest, parse_manifest
 from .methods import Protocol
-from .protocol import OVERRIDABLE, ProtocolOutput, protocol_from_manifest, run_protocol  # noqa: F401 (re-exported)
+from .protocol import (OVERRIDABLE, ProtocolOutput, protocol_from_manifest,  # noqa: F401 (re-exported)
+                       require_finite_scores, run_protocol)
 
 
 @dataclass
@@ -188,6 +189,7 @@ class Segmenter:
         if outputs["scores"].shape[1] != len(self.classes):
             raise ClipfuseError(f"graph returned {outputs['scores'].shape[1]} classes but the manifest "
                                 f"lists {len(self.classes)}")
+        require_finite_scores(outputs["scores"])   # the graph's labels came from these scores
         return {"labels": np.asarray(outputs["labels"], dtype=np.int32),
                 "confidence": np.asarray(outputs["confidence"], dtype=np.float32),
                 "scores": outputs["scores"]}

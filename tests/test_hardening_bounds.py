@@ -365,3 +365,41 @@ def test_cached_geometry_tables_are_read_only():
             table[0, 0] = 1
     again = protocol.window_geometry(40, 60, 64, 96, 32, 16, 2, 2)
     assert again[0] is rows
+
+
+# --- Non-finite scores from a backend --------------------------------------------------------------
+# OpenVINO once loaded an FP32-compiled blob for a BF16 compile and returned NaN everywhere; the
+# protocol then crashed in numpy (argmax of an empty sequence). Labels are never made from NaN/Inf.
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+def test_run_refuses_non_finite_scores_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch, poison):
+    from PIL import Image
+    from clipfuse.runtime.backends.onnxruntime import OrtBackend
+    real_run = OrtBackend.run
+
+    def poisoned(self, feeds):
+        out = real_run(self, feeds)
+        out["scores"] = out["scores"].copy()
+        out["scores"].flat[7] = poison          # one value is enough to corrupt a window's labels
+        return out
+
+    monkeypatch.setattr(OrtBackend, "run", poisoned)
+    graph = Path(__file__).parent / "data" / "tiny-naclip" / "naclip.onnx"
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["run", str(graph), str(tmp_path / "a.png"), "-o", str(out)]) == 2
+    one_error_line(capsys, "non-finite scores", "1 of")
+    assert not out.exists()
+
+
+def test_frame_graph_scores_are_checked_too():
+    from types import SimpleNamespace
+    from clipfuse.runtime.segmenter import Segmenter
+    scores = np.zeros((1, 2, 4, 4), np.float32)
+    scores[0, 1, 2, 3] = np.nan
+    backend = SimpleNamespace(run=lambda feeds: {"scores": scores, "labels": np.zeros((1, 8, 8), np.int32),
+                                                 "confidence": np.ones((1, 8, 8), np.float32)})
+    seg = SimpleNamespace(frame_size=(8, 8), artifact=Path("f.onnx"), classes=[["a"], ["b"]], backend=backend,
+                          _vocabulary_feeds=dict)
+    with pytest.raises(ClipfuseError, match="non-finite scores"):
+        Segmenter.segment_frames(seg, np.zeros((1, 8, 8, 3), np.uint8))
