@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_head_arguments(parser)           # --attn, --gaussian-sigma, ...: from the parameter dataclasses
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
     parser.add_argument("--opset", type=opset, default=None,
-                        help="ONNX opset (default: 17; 18 with --exporter dynamo)")
+                        help=f"ONNX opset (default: {OPSET}; {DYNAMO_MIN_OPSET} with --exporter dynamo)")
     parser.add_argument("--exporter", choices=EXPORTERS, default="legacy",
                         help="torch.onnx exporter: legacy (TorchScript, default) or dynamo (torch.export + "
                              "onnxscript: writes the weights without in-memory copies; ViT-L/14 export peak "
@@ -93,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
         vocabulary = read_classes_file(args.classes_file, args.allow_duplicate_names)
     if args.opset is None:
         args.opset = DYNAMO_MIN_OPSET if args.exporter == "dynamo" else OPSET
-    if args.opset < OPSET:
-        raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.api import ImageExportSpec, export_image_graph
     from clipfuse.export.head_args import head_overrides
     frame = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipfuse.export.spec import OPSET
 from clipfuse.runtime.cliargs import fraction, non_negative_int, opset, positive_int
 
 from ..refer_export import PRECISIONS
@@ -61,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "Default: decided by the weights (tag, OpenAI-format file, *-quickgelu model); "
                              "required for open_clip-format files, which do not record it")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of random init with --pretrained none")
-    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset (default: %(default)s)")
+    parser.add_argument("--opset", type=opset, default=OPSET, help="ONNX opset (default: %(default)s)")
     parser.add_argument("--no-text", action="store_true",
                         help="do not write OUTPUT-text.onnx (e.g. when it exists from `clipfuse export-text`)")
     parser.add_argument("-o", "--output", required=True,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from clipfuse.export.spec import OPSET
 from clipfuse.runtime.cliargs import non_negative_int, on_off, opset
 
 ORDER = 30  # place in `clipfuse --help`
@@ -42,15 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of random init with --pretrained none; the same seed as the image graph "
                              "gives the same CLIP (default: %(default)s)")
-    parser.add_argument("--opset", type=opset, default=17, help="ONNX opset, >= 17 (default: %(default)s)")
+    parser.add_argument("--opset", type=opset, default=OPSET, help="ONNX opset, >= 17 (default: %(default)s)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipfuse.runtime.errors import ClipfuseError
-
-    if args.opset < 17:
-        raise ClipfuseError("--opset must be >= 17 (LayerNormalization maps to TensorRT's normalisation layer)")
     from clipfuse.export.text_graph import export_text_graph
 
     export_text_graph(args.output, model=args.model, pretrained=args.pretrained, quick_gelu=args.quick_gelu,
