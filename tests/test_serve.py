@@ -240,11 +240,17 @@ def test_client_killed_mid_request(server, local):
     assert srv.triton.is_alive()
 
 
+# The drain test's in-flight request. At 3000 x 4000 a 2-core Intel (AMX) machine answered 0.15 s
+# after the SIGTERM sent at 1.0 s, under the test's 0.2 s bar; at 4000 x 6000 it answered 2.5 s
+# after, so the request is in flight well past the signal on fast machines too.
+BIG = (4000, 6000)
+
+
 def _start_cli(artifact, ports, log):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "clipfuse.runtime.cli", "serve", f"tiny={artifact}",
            "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-           "--drain-timeout", "20", "--threads", "1"]
+           "--drain-timeout", "20", "--threads", "1", "--max-pixels", str(BIG[0] * BIG[1])]
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -268,7 +274,7 @@ def test_taken_port_is_one_clear_error(artifact, capsys):
 
 def test_cli_sigterm_drains_then_restart_serves(artifact, local, tmp_path):
     ports = free_ports(3)
-    big = smooth_image(3000, 4000, 5)  # ~1-2 s of work on the server: still in flight at SIGTERM
+    big = smooth_image(*BIG, 5)        # seconds of work on the server: still in flight at SIGTERM
     small = smooth_image(100, 150, 6)
     for round_ in range(2):            # the second round is the restart, on the same ports
         log = open(tmp_path / f"serve{round_}.log", "wb")
@@ -283,11 +289,12 @@ def test_cli_sigterm_drains_then_restart_serves(artifact, local, tmp_path):
                 sender = threading.Thread(target=lambda: got.update(labels=http_infer(ports[0], big)[0]))
                 sender.start()
                 time.sleep(1.0)
+                assert sender.is_alive(), "the request was answered before SIGTERM: make BIG bigger"
                 proc.send_signal(signal.SIGTERM)
                 sent = time.monotonic()
                 sender.join(120)
                 # the answer came well after SIGTERM: the request was in flight and was drained
-                assert time.monotonic() - sent > 0.2 and "labels" in got
+                assert time.monotonic() - sent > 0.2 and "labels" in got, time.monotonic() - sent
                 np.testing.assert_array_equal(got["labels"], local.segment(big).labels)
             else:
                 labels, _ = http_infer(ports[0], small)
